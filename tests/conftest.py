@@ -21,3 +21,40 @@ def _seed():
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def _atlas_lung_patches():
+    """(581, 32, 32, 32) bool: the atlas lung mask inside every landmark patch."""
+    import nibabel as nib
+    import numpy as np
+
+    from custom.atlas import atlas_mask_path, landmark_corners
+
+    mask = np.asarray(nib.load(str(atlas_mask_path())).dataobj) > 0
+    return np.stack([mask[x : x + 32, y : y + 32, z : z + 32] for x, y, z in landmark_corners()])
+
+
+_LUNG_PATCHES = None
+
+
+def write_patch_cache(cache_dir: Path, num_subjects: int, seed: int = 0) -> Path:
+    """A small prepared cache in the documented format (``<id>/patches.npy`` int16 + ``manifest.csv``):
+    atlas anatomy, lung at about -850 HU with per-subject noise and low-attenuation spots."""
+    import numpy as np
+    import pandas as pd
+
+    global _LUNG_PATCHES
+    if _LUNG_PATCHES is None:
+        _LUNG_PATCHES = _atlas_lung_patches()
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(num_subjects):
+        sid = f"sub{s:03d}"
+        hu = np.where(_LUNG_PATCHES, -850.0, 40.0) + rng.normal(0, 25 + 10 * s, _LUNG_PATCHES.shape)
+        spots = rng.random(_LUNG_PATCHES.shape) < 0.002 * (s + 1)
+        hu[spots & _LUNG_PATCHES] = -990
+        (cache_dir / sid).mkdir(parents=True, exist_ok=True)
+        np.save(cache_dir / sid / "patches.npy", hu.astype(np.int16))
+        rows.append({"subject_id": sid, "status": "ok"})
+    pd.DataFrame(rows).to_csv(cache_dir / "manifest.csv", index=False)
+    return cache_dir

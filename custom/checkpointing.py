@@ -1,0 +1,139 @@
+"""Full-state checkpoints of a pre-training run, exact resume, and the export of the query encoder.
+
+A checkpoint holds the model (both encoders, queues and pointers), optimizer, scheduler, the engine's
+iteration/epoch and the RNG states. ``TrainingCheckpoint`` adds the engine it is attached to, which a bundle
+config cannot reference from inside the engine's own handler list.
+
+``RNGState`` carries Python, NumPy and torch generator states so a resumed run draws the same numbers (the
+views themselves are seeded per sample, see ``custom.augmentation``). ``latest_checkpoint`` picks the file
+with the highest iteration among those ignite's ModelCheckpoint wrote (``*_iteration=N.pt`` or
+``*_epoch=E.pt``, where an epoch file's iteration is read from inside it).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+
+class RNGState:
+    def state_dict(self) -> dict:
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+
+
+def _iteration_of(path: Path) -> int:
+    match = re.search(r"iteration=(\d+)", path.name)
+    if match:
+        return int(match.group(1))
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return int(state.get("trainer", {}).get("iteration", -1))
+
+
+def latest_checkpoint(checkpoint_dir: str | Path) -> Optional[str]:
+    """Path of the most advanced checkpoint in ``checkpoint_dir``, or None when there is none."""
+    files = sorted(Path(checkpoint_dir).glob("*.pt")) if Path(checkpoint_dir).is_dir() else []
+    if not files:
+        return None
+    return str(max(files, key=lambda p: (_iteration_of(p), p.stat().st_mtime)))
+
+
+def resume_path(checkpoint_dir: str | Path, resume: bool) -> Optional[str]:
+    """The checkpoint to resume from when ``resume`` is set (error if asked to resume with none there)."""
+    if not resume:
+        return None
+    path = latest_checkpoint(checkpoint_dir)
+    if path is None:
+        raise FileNotFoundError(f"resume requested but {checkpoint_dir} holds no checkpoint")
+    return path
+
+
+class ExportQueryEncoder:
+    """At each epoch end and at completion, write the query encoder as ``models/model.pt`` for inference
+    (the state dict of ``custom.network.DrasCLRNetwork``), atomically. Rank 0 only."""
+
+    def __init__(self, model, path: str | Path):
+        self.model = model
+        self.path = Path(path)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine=None) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return
+        model = getattr(self.model, "module", self.model)
+        state = {f"encoder.{k}": v.detach().cpu() for k, v in model.encoder_q.state_dict().items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)
+
+
+class TrainingCheckpoint:
+    """Save the full state every ``every_n_iterations`` and at every epoch end (written by rank 0; keeps the newest
+    ``n_saved``). Pass the unwrapped model (not its DDP wrapper) so checkpoints load anywhere."""
+
+    def __init__(self, save_dir: str | Path, objects: dict, every_n_iterations: int = 0, n_saved: int = 2):
+        self.save_dir, self.objects = Path(save_dir), dict(objects)
+        self.every_n_iterations, self.n_saved = int(every_n_iterations or 0), n_saved
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+        from ignite.handlers import Checkpoint, DiskSaver
+
+        # Built on every rank: ignite's Checkpoint syncs its distributed context collectively, and its
+        # DiskSaver writes on rank 0 only.
+        to_save = {**self.objects, "trainer": engine}
+        checkpoint = Checkpoint(
+            to_save,
+            DiskSaver(str(self.save_dir), require_empty=False, atomic=True),
+            filename_prefix="checkpoint",
+            n_saved=self.n_saved,
+            global_step_transform=lambda e, _: e.state.iteration,
+            filename_pattern="{filename_prefix}_iteration={global_step}.{ext}",
+        )
+        engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
+        if self.every_n_iterations:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), checkpoint)
+
+
+class ResumeFromCheckpoint:
+    """At start, load a full-state checkpoint into the objects and the engine (no-op when path is None)."""
+
+    def __init__(self, path: Optional[str], objects: dict):
+        self.path, self.objects = path, dict(objects)
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        if self.path:
+            engine.add_event_handler(Events.STARTED, self._load)
+
+    def _load(self, engine) -> None:
+        from ignite.handlers import Checkpoint
+
+        checkpoint = torch.load(self.path, map_location="cpu", weights_only=False)
+        Checkpoint.load_objects(to_load={**self.objects, "trainer": engine}, checkpoint=checkpoint)
+        engine.logger.info(f"resumed from {self.path} at iteration {engine.state.iteration}")
+
+
+def dump_rank_state(model, directory: Optional[str]) -> None:
+    """Write this rank's model state (weights, queues, pointers) to ``directory/rank{r}.pt`` (if given)."""
+    if not directory:
+        return
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    torch.save(getattr(model, "module", model).state_dict(), Path(directory) / f"rank{rank}.pt")

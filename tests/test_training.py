@@ -1,0 +1,110 @@
+"""The pre-training workflow through the bundle config: a real ignite engine, checkpoints, exact resume,
+MLflow (a real SQLite tracking store read back with the client) and a 2-process gloo run via torchrun."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from conftest import REPO_ROOT, write_patch_cache
+
+TRAIN = str(REPO_ROOT / "bundle" / "configs" / "train.yaml")
+MULTI = str(REPO_ROOT / "bundle" / "configs" / "multi_gpu_train.yaml")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_patch_cache(tmp_path_factory.mktemp("cache"), num_subjects=4)
+
+
+def _workflow(cache, out, **overrides):
+    settings = dict(
+        dataset_dir=str(cache), output_dir=str(out), model_path=str(out / "model.pt"), batch_size=4,
+        num_workers=0, max_epochs=1, epoch_length=4, queue_size=16, checkpoint_every=2, mlflow=False,
+    )
+    settings.update(overrides)
+    workflow = ConfigWorkflow(config_file=TRAIN, workflow_type="train", **settings)
+    workflow.initialize()
+    return workflow
+
+
+def _final_state(workflow):
+    return {k: v.clone() for k, v in workflow.parser.get_parsed_content("network_def").state_dict().items()}
+
+
+def test_check_properties_for_training(cache, tmp_path):
+    workflow = _workflow(cache, tmp_path)
+    missing = workflow.check_properties()
+    assert not missing, missing
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(cache, tmp_path):
+    straight = _workflow(cache, tmp_path / "straight")
+    straight.run()
+    expected = _final_state(straight)
+    straight.finalize()
+
+    interrupted = _workflow(cache, tmp_path / "resumed")
+    trainer = interrupted.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda engine: engine.terminate())
+    interrupted.run()
+    assert trainer.state.iteration == 2
+    interrupted.finalize()
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint_iteration=2.pt").is_file()
+
+    resumed = _workflow(cache, tmp_path / "resumed", resume=True)
+    resumed.run()
+    assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 4
+    state = _final_state(resumed)
+    resumed.finalize()
+    # Tolerance: exact on CPU (same ops, same order); allow 1e-6 absolute for library-level nondeterminism.
+    for name, value in expected.items():
+        assert torch.allclose(state[name].float(), value.float(), atol=1e-6, rtol=0), name
+    assert torch.equal(state["queue.ptr"], expected["queue.ptr"])
+    assert int(expected["queue.ptr"].sum()) == 4 * 4  # 4 iterations x batch 4 keys, none lost on resume
+    assert (tmp_path / "resumed" / "model.pt").is_file()
+
+
+def test_mlflow_store_holds_params_and_metric_histories(cache, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    workflow = _workflow(cache, tmp_path, mlflow=True, epoch_length=3, checkpoint_every=0)
+    workflow.run()
+    workflow.finalize()
+    client = MlflowClient(tracking_uri=workflow.parser.get_parsed_content("tracking_uri"))
+    experiment = client.get_experiment_by_name("drasclr_pretraining")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["batch_size"] == "4" and run.data.params["queue_size"] == "16"
+    for metric in ("loss", "loss_local", "loss_neighbour", "acc_local", "acc_neighbour", "lr", "patches_per_s"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert [m.step for m in history] == [1, 2, 3], metric
+    lr = [m.value for m in client.get_metric_history(run.info.run_id, "lr")]
+    assert lr[0] == pytest.approx(0.01) and lr[2] < lr[0]  # cosine schedule, stepped per iteration
+
+
+def test_two_process_gloo_training_through_torchrun(cache, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN}','{MULTI}']",
+        "--dataset_dir", str(cache), "--output_dir", str(tmp_path / "out"), "--model_path", str(tmp_path / "model.pt"),
+        "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1", "--epoch_length", "2", "--queue_size", "16",
+        "--checkpoint_every", "0", "--mlflow", "false", "--rank_state_dir", str(tmp_path / "ranks"),
+    ]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rank0 = torch.load(tmp_path / "ranks" / "rank0.pt")
+    rank1 = torch.load(tmp_path / "ranks" / "rank1.pt")
+    # Weights and queues are identical; BatchNorm running statistics are each rank's own (buffers are not
+    # broadcast: that would also ship the queues every step), and rank 0's are the ones saved.
+    compared = [n for n in rank0 if "running_" not in n and "num_batches_tracked" not in n]
+    assert "queue.keys" in compared and "encoder_q.conv1.weight" in compared and "encoder_k.fc.2.bias" in compared
+    for name in compared:
+        assert torch.equal(rank0[name], rank1[name]), name
+    # 2 iterations x 2 ranks x batch 2: the queues hold the keys gathered from both ranks.
+    assert int(rank0["queue.ptr"].sum()) == 8
+    assert (tmp_path / "model.pt").is_file() and (tmp_path / "out" / "checkpoints").is_dir()
