@@ -58,3 +58,16 @@ def write_patch_cache(cache_dir: Path, num_subjects: int, seed: int = 0) -> Path
         rows.append({"subject_id": sid, "status": "ok"})
     pd.DataFrame(rows).to_csv(cache_dir / "manifest.csv", index=False)
     return cache_dir
+
+
+@pytest.fixture(scope="session")
+def demo_cohort(tmp_path_factory):
+    """A small SYNTHETIC demo cohort (4 subjects, 2 mm), generated and prepared with the real workflows."""
+    from custom.prepare.workflow import prepare_cohort
+    from custom.synthetic import generate_cohort
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_cohort(root / "synthetic", num_subjects=4, seed=0, dicom_every=0, progress=False)
+    manifest = prepare_cohort(root / "synthetic" / "cohort.csv", root / "prepared", num_workers=1, progress=False)
+    assert (manifest["status"] == "ok").all(), manifest
+    return root

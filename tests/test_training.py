@@ -108,3 +108,16 @@ def test_two_process_gloo_training_through_torchrun(cache, tmp_path):
     # 2 iterations x 2 ranks x batch 2: the queues hold the keys gathered from both ranks.
     assert int(rank0["queue.ptr"].sum()) == 8
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "out" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_a_few_dozen_iterations_lower_the_loss_on_the_demo_cohort(demo_cohort, tmp_path):
+    workflow = _workflow(demo_cohort / "prepared", tmp_path, batch_size=8, epoch_length=32, checkpoint_every=0)
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    losses = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"]))
+    workflow.run()
+    workflow.finalize()
+    assert len(losses) == 32
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.9 * first, (first, last)

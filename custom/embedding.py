@@ -1,0 +1,75 @@
+"""Patch and subject embeddings from prepared subjects (paper eq. 10-11).
+
+For every prepared subject: e(x^j, p^j) for all J landmarks (J x 128, saved per subject as ``<id>.npy``) and
+the subject embedding, their mean, gathered into one table (``subject_embeddings.csv``: subject_id + e0..e127)
+that pandas loads directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from custom.atlas import landmark_locations
+from custom.intensity import hu_to_network
+from custom.network import DrasCLRNetwork, network_input
+from custom.patch_dataset import prepared_patch_files
+
+
+def load_network(model_path: str | Path, device: str | torch.device = "cpu") -> DrasCLRNetwork:
+    """The inference network with ``models/model.pt`` weights (a DrasCLRNetwork state dict)."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"model weights not found: {model_path} (train first, or import official weights)")
+    network = DrasCLRNetwork()
+    network.load_state_dict(torch.load(model_path, map_location="cpu"))
+    return network.to(device).eval()
+
+
+@torch.no_grad()
+def embed_patches(network: DrasCLRNetwork, patches_hu: np.ndarray, locations: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(J, S, S, S) HU patches at (J, 3) locations -> (J, 128) representations."""
+    device = next(network.parameters()).device
+    out = []
+    for start in range(0, len(patches_hu), batch_size):
+        hu = torch.as_tensor(np.asarray(patches_hu[start : start + batch_size], dtype=np.float32))
+        x = network_input(hu_to_network(hu).unsqueeze(1), torch.as_tensor(locations[start : start + batch_size]))
+        out.append(network(x.to(device)).cpu())
+    return torch.cat(out).numpy()
+
+
+def embed_cohort(
+    cache_dir: str | Path,
+    model_path: str | Path,
+    out_dir: str | Path,
+    device: Optional[str] = None,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Embed every prepared subject of ``cache_dir``; returns (and writes) the subject embedding table."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    network = load_network(model_path, device)
+    locations = landmark_locations()
+    out_dir = Path(out_dir)
+    (out_dir / "patch_embeddings").mkdir(parents=True, exist_ok=True)
+    rows = []
+    files = prepared_patch_files(cache_dir)
+    for patch_file in tqdm(files, desc="embed", unit="subject", disable=not progress):
+        subject_id = patch_file.parent.name
+        patch_embeddings = embed_patches(network, np.load(patch_file, mmap_mode="r"), locations, batch_size)
+        target = out_dir / "patch_embeddings" / f"{subject_id}.npy"
+        tmp = target.with_name(target.name + ".tmp.npy")
+        np.save(tmp, patch_embeddings.astype(np.float32))
+        tmp.replace(target)
+        rows.append([subject_id] + patch_embeddings.mean(0).tolist())
+    dim = len(rows[0]) - 1
+    table = pd.DataFrame(rows, columns=["subject_id"] + [f"e{i}" for i in range(dim)])
+    tmp = out_dir / "subject_embeddings.csv.tmp"
+    table.to_csv(tmp, index=False)
+    tmp.replace(out_dir / "subject_embeddings.csv")
+    return table
