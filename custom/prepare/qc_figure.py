@@ -1,0 +1,76 @@
+"""A picture of a prepared subject: CT, lung mask and mapped landmarks on a coronal and an axial slice.
+
+Used for the docs (``bundle/docs/images/prepare_*.png``) and to eyeball a subject whose QC looks odd.
+Display follows the radiological habit: patient's right on the left of the image, anterior / superior up.
+Landmarks within ``slab_mm`` of the slice are drawn: filled when inside the lung mask, hollow otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from custom.intensity import HU_MAX, HU_MIN
+
+
+def plot_subject(hu: np.ndarray, lung: np.ndarray, landmarks_vox: np.ndarray, title: str, out_file: str | Path,
+                 slab_mm: float = 6.0) -> Path:
+    """Write a two-panel PNG (coronal, axial) of an (x, y, z) LAS 1 mm volume."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    inside_lm = landmarks_vox[_inside(landmarks_vox, lung)]
+    y_cut = int(np.median(inside_lm[:, 1])) if len(inside_lm) else hu.shape[1] // 2
+    z_cut = int(np.median(inside_lm[:, 2])) if len(inside_lm) else hu.shape[2] // 2
+    inside = _inside(landmarks_vox, lung)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4))
+    views = [("coronal", hu[:, y_cut, :], lung[:, y_cut, :], 1, y_cut, (0, 2), "z (superior)"),
+             ("axial", hu[:, :, z_cut], lung[:, :, z_cut], 2, z_cut, (0, 1), "y (anterior)")]
+    for ax, (name, image, mask, axis, cut, (u, v), ylabel) in zip(axes, views):
+        ax.imshow(image.T, cmap="gray", vmin=HU_MIN, vmax=HU_MAX, origin="lower", interpolation="nearest")
+        ax.contour(mask.T.astype(float), levels=[0.5], colors=["#00c8ff"], linewidths=1.0, origin="lower")
+        near = np.abs(landmarks_vox[:, axis] - cut) <= slab_mm
+        ax.scatter(landmarks_vox[near & inside, u], landmarks_vox[near & inside, v], s=14, c="#ffb000",
+                   edgecolors="k", linewidths=0.3, label="landmark in lung")
+        ax.scatter(landmarks_vox[near & ~inside, u], landmarks_vox[near & ~inside, v], s=14, facecolors="none",
+                   edgecolors="#ff3060", linewidths=0.8, label="landmark outside lung")
+        ax.set_title(f"{name} slice {cut} (landmarks within {slab_mm:g} mm)", fontsize=10)
+        ax.set_xlabel("x (patient left)")
+        ax.set_ylabel(ylabel)
+    axes[1].legend(loc="lower right", fontsize=8, framealpha=0.7)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_file, dpi=90)
+    plt.close(fig)
+    return out_file
+
+
+def _inside(points: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    idx = np.rint(points).astype(np.int64)
+    valid = np.all((idx >= 0) & (idx < np.asarray(mask.shape)), axis=1)
+    out = np.zeros(len(points), dtype=bool)
+    out[valid] = mask[idx[valid, 0], idx[valid, 1], idx[valid, 2]] > 0
+    return out
+
+
+def plot_cache_entry(cache_dir: str | Path, subject_id: str, out_file: str | Path, title: str | None = None) -> Path:
+    """Picture of a prepared subject: reloads its scan and lung mask the way preparation made them."""
+    from custom.prepare.io import load_ct, load_mask_like
+    from custom.prepare.lung_mask import segment_lungs
+
+    entry = Path(cache_dir) / subject_id
+    qc = json.loads((entry / "qc.json").read_text())
+    ct = load_ct(qc["source"], axcodes=qc["axcodes"])
+    lung = (segment_lungs(ct.hu, source=ct.source) if qc["lung_mask"] == "auto"
+            else load_mask_like(qc["lung_mask"], ct, axcodes=qc["axcodes"]))
+    landmarks = np.load(entry / "landmarks_vox.npy")
+    title = title or subject_id
+    title += (f"  |  Dice {qc['dice']:.2f}, landmarks in lung {qc['share_inside_lung']:.0%} "
+              f"(atlas {qc['atlas_share_inside_lung']:.0%})")
+    return plot_subject(ct.hu, lung, landmarks, title, out_file)
