@@ -2,7 +2,8 @@
 
 W(p) = sum_n alpha_n(p) W_n with alpha = sigmoid(Linear(3 -> N)(p)); one conv bias is shared by the experts.
 The reference evaluates this one sample at a time. Here the whole batch runs in one call, either as one
-grouped convolution with a per-sample kernel (``mode="grouped"``) or, using linearity, as one ordinary
+grouped convolution with a per-sample kernel (``mode="grouped"``; a batch that shares one location, as in the
+reference's batch order, takes a single ordinary convolution) or, using linearity, as one ordinary
 convolution with all N expert kernels followed by the alpha-weighted sum of the N outputs
 (``mode="experts"``). Both give the numbers of the one-sample definition (``mode="per_sample"``, kept for
 tests and benchmarks).
@@ -86,6 +87,10 @@ class LocCondConv3d(nn.Module):
 
     def _forward_grouped(self, x: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
+        if b > 1 and bool((location == location[0:1]).all()):
+            # One location for the whole batch (the reference's batch order): one kernel, one plain conv.
+            kernel = self.mixed_kernels(location[0:1])[0]
+            return F.conv3d(x, kernel, self.bias, self.stride, self.padding)
         kernels = self.mixed_kernels(location).reshape(
             b * self.out_channels, self.in_channels, self.kernel_size, self.kernel_size, self.kernel_size
         )

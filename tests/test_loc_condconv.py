@@ -75,3 +75,18 @@ def test_whole_encoder_batched_equals_per_sample(mode):
 def test_bad_mode_is_rejected():
     with pytest.raises(ValueError, match="mode"):
         LocCondConv3d(1, 1, mode="loop")
+
+
+def test_shared_location_batch_takes_one_kernel_and_matches_definition():
+    reference = LocCondConv3d(4, 8, stride=2, mode="per_sample")
+    batched = copy.deepcopy(reference)
+    batched.mode = "grouped"
+    x = torch.randn(6, 4, 10, 10, 10)
+    location = torch.tensor([[0.2, -0.5, 0.8]]).expand(6, 3)
+    x_ref, x_bat = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_bat = reference(x_ref, location), batched(x_bat, location)
+    assert relative_error(out_bat, out_ref) < 1e-5
+    out_ref.square().sum().backward()
+    out_bat.square().sum().backward()
+    for g_bat, g_ref in zip(_grads(batched, x_bat), _grads(reference, x_ref)):
+        assert relative_error(g_bat, g_ref) < 1e-5

@@ -29,7 +29,7 @@ def _stage(name: str, start: float) -> None:
     print(f"\n=== {name} ({time.perf_counter() - start:.0f} s elapsed) ===", flush=True)
 
 
-def main(num_subjects: int = 8, seed: int = 0, max_epochs: int = 4, epoch_length: int = 50, batch_size: int = 16,
+def main(num_subjects: int = 8, seed: int = 0, max_epochs: int = 3, epoch_length: int = 40, batch_size: int = 16,
          num_workers: int = 2):
     start = time.perf_counter()
     data = BUNDLE / "demo_data"

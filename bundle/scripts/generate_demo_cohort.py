@@ -2,8 +2,8 @@
 masks, known atlas->subject transforms, a clinical table, emphysema box annotations, some DICOM series, and
 optionally the COVID-like cohort. See bundle/docs/synthetic_cohort.md.
 
-    python bundle/scripts/generate_demo_cohort.py --out_dir demo_output/synthetic --num_subjects 8 --seed 0
-    python bundle/scripts/generate_demo_cohort.py --out_dir demo_output/synthetic --cohort both --covid_subjects 5
+    python bundle/scripts/generate_demo_cohort.py --out_dir bundle/demo_data/synthetic --num_subjects 8 --seed 0
+    python bundle/scripts/generate_demo_cohort.py --out_dir bundle/demo_data/synthetic --cohort both --covid_subjects 5
     python bundle/scripts/generate_demo_cohort.py --out_dir /tmp/x --num_subjects 4 --pictures_dir bundle/docs/images
 
 Same seed, same arguments -> identical files. ``--voxel_size 1`` gives full-resolution subjects (slow, large).
@@ -47,7 +47,7 @@ def showcase_pictures(pictures_dir, seed: int = 0, voxel_size: float = 2.0) -> N
 
 
 def main(
-    out_dir: str = "demo_output/synthetic",
+    out_dir: str = "bundle/demo_data/synthetic",
     num_subjects: int = 8,
     seed: int = 0,
     voxel_size: float = 2.0,
