@@ -20,6 +20,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from custom.atomic_io import atomic_path
+
 
 class RNGState:
     def state_dict(self) -> dict:
@@ -76,10 +78,8 @@ class ExportQueryEncoder:
             return
         model = getattr(self.model, "module", self.model)
         state = {f"encoder.{k}": v.detach().cpu() for k, v in model.encoder_q.state_dict().items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
 
 
 class TrainingCheckpoint:

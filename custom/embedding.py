@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from custom.atlas import landmark_locations
+from custom.atomic_io import atomic_path
 from custom.intensity import hu_to_network
 from custom.network import DrasCLRNetwork, network_input
 from custom.patch_dataset import prepared_patch_files
@@ -62,14 +63,11 @@ def embed_cohort(
     for patch_file in tqdm(files, desc="embed", unit="subject", disable=not progress):
         subject_id = patch_file.parent.name
         patch_embeddings = embed_patches(network, np.load(patch_file, mmap_mode="r"), locations, batch_size)
-        target = out_dir / "patch_embeddings" / f"{subject_id}.npy"
-        tmp = target.with_name(target.name + ".tmp.npy")
-        np.save(tmp, patch_embeddings.astype(np.float32))
-        tmp.replace(target)
+        with atomic_path(out_dir / "patch_embeddings" / f"{subject_id}.npy") as tmp:
+            np.save(tmp, patch_embeddings.astype(np.float32))
         rows.append([subject_id] + patch_embeddings.mean(0).tolist())
     dim = len(rows[0]) - 1
     table = pd.DataFrame(rows, columns=["subject_id"] + [f"e{i}" for i in range(dim)])
-    tmp = out_dir / "subject_embeddings.csv.tmp"
-    table.to_csv(tmp, index=False)
-    tmp.replace(out_dir / "subject_embeddings.csv")
+    with atomic_path(out_dir / "subject_embeddings.csv") as tmp:
+        table.to_csv(tmp, index=False)
     return table

@@ -15,6 +15,7 @@ from typing import Dict, Mapping, Union
 
 import torch
 
+from custom.atomic_io import atomic_path
 from custom.drasclr import DrasCLR
 from custom.encoder import DrasCLREncoder
 
@@ -88,8 +89,6 @@ def import_to_network(source: Union[str, Path, Mapping], output_path: Union[str,
     network = DrasCLRNetwork(**network_kwargs)
     network.encoder.load_state_dict(convert_encoder_state(_load(source), "encoder_q"), strict=True)
     output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_path.with_suffix(output_path.suffix + ".tmp")
-    torch.save(network.state_dict(), tmp)
-    tmp.replace(output_path)
+    with atomic_path(output_path) as tmp:
+        torch.save(network.state_dict(), tmp)
     return output_path

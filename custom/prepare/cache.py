@@ -47,6 +47,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from custom.atomic_io import atomic_path
+
 FORMAT_VERSION = 1
 PATCHES = "patches.npy"
 LANDMARKS = "landmarks_vox.npy"
@@ -157,9 +159,8 @@ def remove_stale_temporaries(cache_dir: str | Path) -> list:
 
 
 def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
 
 
 def write_manifest(cache_dir: str | Path, rows: list) -> pd.DataFrame:

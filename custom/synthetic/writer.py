@@ -19,12 +19,9 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from custom.atomic_io import atomic_path
+
 SYNTHETIC_NOTE = "SYNTHETIC DrasCLR demo data - not a real patient"
-
-
-def _temp_path(path: Path) -> Path:
-    # keep the real suffixes (nibabel picks the format from them)
-    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
 
 def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype=np.int16) -> Path:
@@ -37,36 +34,32 @@ def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype=np
     image.header["descrip"] = b"SYNTHETIC DrasCLR demo"
     if dtype == np.int16:
         image.header["cal_min"], image.header["cal_max"] = -1024, 240
-    tmp = _temp_path(path)
-    nib.save(image, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
     return path
 
 
 def save_json(path: str | Path, payload: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=False))
     return path
 
 
 def save_csv(path: str | Path, table: pd.DataFrame) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False)
     return path
 
 
 def save_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
