@@ -33,8 +33,9 @@ def prepared_patch_files(cache_dir: str | Path) -> List[Path]:
         table = pd.read_csv(manifest, dtype={"subject_id": str})
         if "status" in table.columns:
             table = table[table["status"] == "ok"]
-        subjects = sorted(table["subject_id"].astype(str))
-        files = [cache_dir / s / "patches.npy" for s in subjects]
+        # ``path`` is the subject's folder relative to the cache (ids may have been made folder-safe).
+        folders = table["path"] if "path" in table.columns else table["subject_id"]
+        files = sorted(cache_dir / str(folder) / "patches.npy" for folder in folders.dropna())
     else:
         files = sorted(cache_dir.glob("*/patches.npy"))
     files = [f for f in files if f.is_file()]
