@@ -5,9 +5,8 @@ iteration/epoch and the RNG states. ``TrainingCheckpoint`` adds the engine it is
 config cannot reference from inside the engine's own handler list.
 
 ``RNGState`` carries Python, NumPy and torch generator states so a resumed run draws the same numbers (the
-views themselves are seeded per sample, see ``custom.augmentation``). ``latest_checkpoint`` picks the file
-with the highest iteration among those ignite's ModelCheckpoint wrote (``*_iteration=N.pt`` or
-``*_epoch=E.pt``, where an epoch file's iteration is read from inside it).
+views themselves are seeded per sample, see ``custom.augmentation``). Checkpoints are named by iteration
+(``checkpoint_iteration=N.pt``), so the newest is the one with the largest N.
 """
 
 from __future__ import annotations
@@ -33,20 +32,13 @@ class RNGState:
         torch.set_rng_state(state["torch"])
 
 
-def _iteration_of(path: Path) -> int:
-    match = re.search(r"iteration=(\d+)", path.name)
-    if match:
-        return int(match.group(1))
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return int(state.get("trainer", {}).get("iteration", -1))
-
-
 def latest_checkpoint(checkpoint_dir: str | Path) -> Optional[str]:
-    """Path of the most advanced checkpoint in ``checkpoint_dir``, or None when there is none."""
-    files = sorted(Path(checkpoint_dir).glob("*.pt")) if Path(checkpoint_dir).is_dir() else []
+    """Path of the most advanced ``checkpoint_iteration=N.pt`` in ``checkpoint_dir``, or None when there is none."""
+    checkpoint_dir = Path(checkpoint_dir)
+    files = list(checkpoint_dir.glob("checkpoint_iteration=*.pt")) if checkpoint_dir.is_dir() else []
     if not files:
         return None
-    return str(max(files, key=lambda p: (_iteration_of(p), p.stat().st_mtime)))
+    return str(max(files, key=lambda p: int(re.search(r"iteration=(\d+)", p.name).group(1))))
 
 
 def resume_path(checkpoint_dir: str | Path, resume: bool) -> Optional[str]:

@@ -1,8 +1,8 @@
 """What DDP needs for MoCo-style training, harmless in one process.
 
 Keys from every rank are gathered before they are enqueued, so all ranks hold the same queues. BatchNorm in
-the key encoder would let a batch "cheat" through batch statistics; MoCo's remedy is to shuffle the key batch
-across ranks (``shuffle_across_ranks``), the alternative is SyncBatchNorm (``use_sync_batchnorm``).
+the key encoder would let a batch "cheat" through batch statistics; MoCo's remedy, used here, is to shuffle
+the key batch across ranks (``shuffle_across_ranks``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from typing import List, Tuple
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 def is_distributed() -> bool:
@@ -54,8 +53,3 @@ def unshuffle_across_ranks(tensor: torch.Tensor, unshuffle_index: torch.Tensor) 
     gathered = concat_all_gather(tensor)
     world, rank = dist.get_world_size(), dist.get_rank()
     return gathered[unshuffle_index.view(world, -1)[rank]]
-
-
-def use_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace BatchNorm layers by SyncBatchNorm (statistics over all ranks)."""
-    return nn.SyncBatchNorm.convert_sync_batchnorm(module)
