@@ -1,0 +1,75 @@
+"""Dense network input for a whole scan: every voxel gets its intensity and its atlas location.
+
+The emphysema map classifies the 32^3 patch centred at a voxel v; its routing location is that of the patch
+corner in atlas space: p(v) = 2 * (A v - 16) / c_max - 1 (DESIGN.md "Location"), with A the prepared
+subject-to-atlas voxel transform (``transform.json``). ``scan_channels`` stacks, on the prepared 1 mm grid,
+channel 0 = normalised intensity, 1-3 = p(v), 4 = lung mask; the network reads channels 0-3 of a patch,
+the sliding-window inferer uses channel 4 to decide where to look.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from custom.intensity import hu_to_network
+from custom.location import PATCH_SIZE, centre_to_location
+
+LUNG_CHANNEL = 4
+HALF = PATCH_SIZE // 2
+
+
+def location_channels(shape, subject_to_atlas_vox: np.ndarray) -> torch.Tensor:
+    """(3, X, Y, Z) float32: p of the patch centred at every voxel of a grid of ``shape``."""
+    matrix = torch.as_tensor(np.asarray(subject_to_atlas_vox, dtype=np.float64)[:3], dtype=torch.float32)
+    axes = [torch.arange(n, dtype=torch.float32) for n in shape]
+    out = torch.empty((3, *shape), dtype=torch.float32)
+    for row in range(3):
+        a, b, c, t = matrix[row]
+        # affine map is separable in x, y, z: broadcast the three 1-d terms instead of a (N, 3) matmul
+        atlas = a * axes[0][:, None, None] + b * axes[1][None, :, None] + c * axes[2][None, None, :] + t
+        out[row] = atlas
+    return centre_to_location(out.permute(1, 2, 3, 0)).permute(3, 0, 1, 2).contiguous()
+
+
+def scan_channels(hu: np.ndarray, lung: np.ndarray, subject_to_atlas_vox: np.ndarray) -> torch.Tensor:
+    """(5, X, Y, Z) float32: intensity, location (3) and lung mask of a prepared-grid scan."""
+    hu_t = torch.as_tensor(np.asarray(hu, dtype=np.float32))
+    if hu_t.shape != tuple(np.asarray(lung).shape):
+        raise ValueError(f"CT {tuple(hu_t.shape)} and lung mask {np.asarray(lung).shape} differ in shape")
+    intensity = hu_to_network(hu_t)[None]
+    lung_t = torch.as_tensor(np.asarray(lung) > 0, dtype=torch.float32)[None]
+    return torch.cat([intensity, location_channels(hu_t.shape, subject_to_atlas_vox), lung_t], dim=0)
+
+
+def patches_at(channels: torch.Tensor, centres: torch.Tensor, pad_intensity: float = -1.0) -> torch.Tensor:
+    """(N, 4, 32, 32, 32) network inputs for the patches centred at integer voxels ``centres`` (N, 3).
+
+    Intensity outside the scan is air (-1 after normalisation); the location channels are filled with the
+    patch-centre location, the only value the network reads from them.
+    """
+    centres = torch.as_tensor(centres, dtype=torch.long)
+    padded = torch.nn.functional.pad(channels[0:1], (HALF,) * 6, value=pad_intensity)[0]
+    offsets = torch.arange(PATCH_SIZE)
+    # corner in the padded volume = centre - 16 + 16 = centre
+    ix = (centres[:, 0, None] + offsets)[:, :, None, None]
+    iy = (centres[:, 1, None] + offsets)[:, None, :, None]
+    iz = (centres[:, 2, None] + offsets)[:, None, None, :]
+    intensity = padded[ix, iy, iz]
+    loc = channels[1:4, centres[:, 0], centres[:, 1], centres[:, 2]].T
+    n = len(centres)
+    return torch.cat([intensity[:, None], loc.view(n, 3, 1, 1, 1).expand(n, 3, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)], 1)
+
+
+@torch.no_grad()
+def probabilities_at(network: torch.nn.Module, channels: torch.Tensor, centres: torch.Tensor,
+                     batch_size: int = 64) -> torch.Tensor:
+    """(N, C) class probabilities (softmax) of the patches centred at ``centres`` of a (5|4, X, Y, Z) scan."""
+    device = next(network.parameters()).device
+    out = []
+    for start in range(0, len(centres), batch_size):
+        x = patches_at(channels, centres[start : start + batch_size]).to(device)
+        out.append(torch.softmax(network(x).float(), dim=1).cpu())
+    if not out:
+        return torch.zeros((0, network.classifier.out_features))
+    return torch.cat(out)

@@ -1,0 +1,68 @@
+"""The emphysema patch classifier: DrasCLR encoder + one linear layer (paper §4.3.1).
+
+Same single-tensor input as ``DrasCLRNetwork`` (B, 4, 32, 32, 32): normalised intensity + 3 atlas-location
+channels, location read at the patch centre. Output: class logits (B, C) for ``EMPHYSEMA_CLASSES``.
+The state dict holds ``encoder.*`` (the same keys as ``models/model.pt`` from pre-training, so pre-trained
+weights load with ``load_pretrained_encoder``) and ``classifier.*``.
+
+``freeze_encoder=True`` is the paper's linear readout: the encoder is a fixed feature extractor (eval mode,
+no gradients); ``False`` is full fine-tuning.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from custom.network import DrasCLRNetwork
+
+EMPHYSEMA_CLASSES = ("healthy", "centrilobular", "paraseptal")
+
+
+class EmphysemaNetwork(DrasCLRNetwork):
+    def __init__(
+        self,
+        num_classes: int = len(EMPHYSEMA_CLASSES),
+        representation_dim: int = 128,
+        projection_dim: int = 128,
+        num_experts: int = 8,
+        freeze_encoder: bool = False,
+        mode: str = "grouped",
+    ):
+        super().__init__(representation_dim, projection_dim, num_experts, output="representation", mode=mode)
+        self.classifier = nn.Linear(representation_dim, num_classes)
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()  # a fixed feature extractor keeps its BatchNorm statistics
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.freeze_encoder:
+            with torch.no_grad():
+                h = super().forward(x)
+        else:
+            h = super().forward(x)
+        return self.classifier(h)
+
+
+def load_pretrained_encoder(network: EmphysemaNetwork, model_path: str | Path) -> EmphysemaNetwork:
+    """Copy pre-trained ``encoder.*`` weights (``models/model.pt`` of pre-training) into ``network``.
+
+    Raises when an encoder key is missing, so a wrong file fails loudly instead of leaving random weights.
+    """
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"pre-trained encoder weights not found: {model_path}")
+    state = torch.load(model_path, map_location="cpu")
+    encoder_state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder_state:
+        raise ValueError(f"{model_path} holds no 'encoder.*' weights (keys start with {next(iter(state), None)!r})")
+    network.encoder.load_state_dict(encoder_state, strict=True)
+    return network
