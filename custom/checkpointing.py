@@ -52,7 +52,7 @@ def resume_path(checkpoint_dir: str | Path, resume: bool) -> Optional[str]:
 
 
 class ExportQueryEncoder:
-    """At each epoch end and at completion, write the query encoder as ``models/model.pt`` for inference
+    """At each epoch end and at completion, write the query encoder as ``models/pretrained.pt`` (the pre-trained encoder)
     (the state dict of ``custom.network.DrasCLRNetwork``), atomically. Rank 0 only."""
 
     def __init__(self, model, path: str | Path):

@@ -23,7 +23,7 @@ from custom.patch_dataset import prepared_patch_files
 
 
 def load_network(model_path: str | Path, device: str | torch.device = "cpu") -> DrasCLRNetwork:
-    """The inference network with ``models/model.pt`` weights (a DrasCLRNetwork state dict)."""
+    """The inference network with ``models/pretrained.pt`` weights (a DrasCLRNetwork state dict)."""
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"model weights not found: {model_path} (train first, or import official weights)")

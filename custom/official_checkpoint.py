@@ -83,7 +83,7 @@ def load_official_model(source: Union[str, Path, Mapping], **model_kwargs) -> Dr
 
 
 def import_to_network(source: Union[str, Path, Mapping], output_path: Union[str, Path], **network_kwargs) -> Path:
-    """Write ``models/model.pt`` for the bundle's ``network_def`` from released weights."""
+    """Write ``models/pretrained.pt`` for the bundle's ``network_def`` from released weights."""
     from custom.network import DrasCLRNetwork
 
     network = DrasCLRNetwork(**network_kwargs)

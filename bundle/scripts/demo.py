@@ -6,7 +6,7 @@
 Each stage is the bundle's own workflow (generate.yaml, prepare.yaml, train.yaml through ConfigWorkflow, as
 ``python -m monai.bundle run`` would run them) and is resumable: a second run reuses what is finished.
 Outputs go under bundle/demo_data (cohort, prepared cache, embeddings) and bundle/runs/train (checkpoints,
-MLflow store, curves); the query encoder lands in bundle/models/model.pt.
+MLflow store, curves); the query encoder lands in bundle/models/pretrained.pt.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Same single-tensor input as ``DrasCLRNetwork`` (B, 4, 32, 32, 32): normalised intensity + 3 atlas-location
 channels, location read at the patch centre. Output: class logits (B, C) for ``EMPHYSEMA_CLASSES``.
-The state dict holds ``encoder.*`` (the same keys as ``models/model.pt`` from pre-training, so pre-trained
+The state dict holds ``encoder.*`` (the same keys as ``models/pretrained.pt`` from pre-training, so pre-trained
 weights load with ``load_pretrained_encoder``) and ``classifier.*``.
 
 ``freeze_encoder=True`` is the paper's linear readout: the encoder is a fixed feature extractor (eval mode,
@@ -53,7 +53,7 @@ class EmphysemaNetwork(DrasCLRNetwork):
 
 
 def load_pretrained_encoder(network: EmphysemaNetwork, model_path: str | Path) -> EmphysemaNetwork:
-    """Copy pre-trained ``encoder.*`` weights (``models/model.pt`` of pre-training) into ``network``.
+    """Copy pre-trained ``encoder.*`` weights (``models/pretrained.pt``) into ``network``.
 
     Raises when an encoder key is missing, so a wrong file fails loudly instead of leaving random weights.
     """
