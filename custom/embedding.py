@@ -8,7 +8,6 @@ that pandas loads directly.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -23,12 +22,20 @@ from custom.patch_dataset import prepared_patch_files
 
 
 def load_network(model_path: str | Path, device: str | torch.device = "cpu") -> DrasCLRNetwork:
-    """The inference network with ``models/pretrained.pt`` weights (a DrasCLRNetwork state dict)."""
+    """The representation network with the ``encoder.*`` weights of ``model_path``.
+
+    Accepts ``models/pretrained.pt`` (a DrasCLRNetwork state dict) and ``models/model.pt`` (the fine-tuned
+    emphysema classifier, whose extra ``classifier.*`` weights are not needed for embeddings).
+    """
     model_path = Path(model_path)
     if not model_path.is_file():
         raise FileNotFoundError(f"model weights not found: {model_path} (train first, or import official weights)")
+    state = torch.load(model_path, map_location="cpu")
+    encoder_state = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    if not encoder_state:
+        raise ValueError(f"{model_path} holds no 'encoder.*' weights: not a DrasCLR bundle model file")
     network = DrasCLRNetwork()
-    network.load_state_dict(torch.load(model_path, map_location="cpu"))
+    network.load_state_dict(encoder_state, strict=True)
     return network.to(device).eval()
 
 
@@ -48,7 +55,7 @@ def embed_cohort(
     cache_dir: str | Path,
     model_path: str | Path,
     out_dir: str | Path,
-    device: Optional[str] = None,
+    device: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> pd.DataFrame:
