@@ -23,7 +23,9 @@ def resources_dir() -> Path:
     env = os.environ.get("DRASCLR_ATLAS_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "bundle" / "resources" / "atlas"
+    from custom import bundle_root
+
+    return Path(bundle_root()) / "resources" / "atlas"
 
 
 def atlas_mask_path(atlas_dir: str | Path | None = None) -> Path:

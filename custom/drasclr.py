@@ -3,6 +3,9 @@
 One ``forward`` is one MoCo step of the paper (eq. 5-9): embed the query patch and its l neighbours with the
 query encoder, update the key encoder by EMA (m = 0.999, no gradients), embed the second view with it, score
 both against the queue of the query's landmark, then enqueue the keys (gathered from every rank under DDP).
+For the ablations (paper §4.4): ``conditioning`` swaps the encoder's location conditioning, and
+``global_queue=True`` keeps plain MoCo's single dictionary shared by all landmarks (a key from any landmark is
+a negative for every query).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class DrasCLR(nn.Module):
         neighbour_loss: str = "paper",
         half_precision_queue: bool = False,
         conv_mode: str = "grouped",
+        conditioning: str = "loc_condconv",
+        global_queue: bool = False,
     ):
         super().__init__()
         if not 0.0 <= momentum < 1.0:
@@ -40,11 +45,16 @@ class DrasCLR(nn.Module):
         self.momentum = momentum
         self.temperature = temperature
         self.neighbour_loss = neighbour_loss
-        self.encoder_q = DrasCLREncoder(1, representation_dim, projection_dim, num_experts, conv_mode)
+        self.encoder_q = DrasCLREncoder(1, representation_dim, projection_dim, num_experts, conv_mode, conditioning)
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for parameter in self.encoder_k.parameters():
             parameter.requires_grad_(False)
-        self.queue = LandmarkQueue(num_landmarks, queue_size, projection_dim, half_precision_queue)
+        self.global_queue = global_queue
+        self.queue = LandmarkQueue(1 if global_queue else num_landmarks, queue_size, projection_dim, half_precision_queue)
+
+    def queue_ids(self, landmark_ids: torch.Tensor) -> torch.Tensor:
+        """The dictionary each landmark reads and writes: its own, or the single shared one (plain MoCo)."""
+        return torch.zeros_like(landmark_ids) if self.global_queue else landmark_ids
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -80,19 +90,20 @@ class DrasCLR(nn.Module):
             self.momentum_update()
         k = self.embed_keys(key, location)
         out: Dict[str, torch.Tensor] = {}
-        negatives = self.queue.similarities(q.unsqueeze(1), landmark_ids).squeeze(1)
+        queue_ids = self.queue_ids(landmark_ids)
+        negatives = self.queue.similarities(q.unsqueeze(1), queue_ids).squeeze(1)
         out["loss_local"], out["acc_local"] = local_contrastive_loss(q, k, negatives, self.temperature)
         loss = out["loss_local"]
         if neighbours is not None and neighbours.shape[1] > 0:
             b, num_neighbours = neighbours.shape[:2]
             r = self.embed_queries(neighbours.flatten(0, 1), neighbour_locations.reshape(-1, 3))
             r = r.view(b, num_neighbours, -1)
-            neighbour_negatives = self.queue.similarities(r, landmark_ids)
+            neighbour_negatives = self.queue.similarities(r, queue_ids)
             out["loss_neighbour"], out["acc_neighbour"] = neighbour_contrastive_loss(
                 r, k, neighbour_negatives, self.temperature, self.neighbour_loss
             )
             loss = loss + out["loss_neighbour"]
         out["loss"] = loss
         if update:
-            self.queue.enqueue(concat_all_gather(k), concat_all_gather(landmark_ids.to(k.device)))
+            self.queue.enqueue(concat_all_gather(k), concat_all_gather(queue_ids.to(k.device)))
         return out

@@ -54,13 +54,15 @@ class LandmarkQueue(nn.Module):
     def similarities(self, queries: torch.Tensor, landmark_ids: torch.Tensor) -> torch.Tensor:
         """Dot products of queries (B, M, D) with the keys of each row's landmark: (B, M, K).
 
-        When the batch holds one landmark (the reference's batch order) the bank is read once, not B times.
+        When the batch holds one landmark (the reference's batch order) the bank is read once, not B times. It is
+        copied, not viewed: the enqueue later in the step writes the buffer in place, which would invalidate a
+        view that autograd saved for the backward pass.
         """
         bank_dtype = queries.dtype
         landmark_ids = landmark_ids.to(self.keys.device).view(-1)
         first = landmark_ids[0]
         if bool((landmark_ids == first).all()):
-            bank = self.keys[first].to(bank_dtype).detach()  # (K, D)
+            bank = self.keys[first].to(bank_dtype, copy=True).detach()  # (K, D)
             return torch.matmul(queries, bank.t())
         bank = self.keys[landmark_ids].to(bank_dtype).detach()  # (B, K, D)
         return torch.bmm(queries, bank.transpose(1, 2))

@@ -3,7 +3,8 @@
 Input (B, 4, S, S, S): channel 0 is the normalised intensity, channels 1-3 the normalised atlas location p of
 every voxel (DESIGN.md "Location"). The location routing the Loc-CondConv kernels is read at the patch centre
 voxel (index S // 2: a landmark's patch spans centre - 16 .. centre + 15). Output: the 128-d representation
-e(x, p) (paper eq. 10), or the projection z when ``output="projection"``.
+e(x, p) (paper eq. 10), or the projection z when ``output="projection"``. ``conditioning`` selects an ablation
+encoder (``custom.conditioning``); the default is the method's Loc-CondConv encoder.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class DrasCLRNetwork(nn.Module):
         num_experts: int = 8,
         output: str = "representation",
         mode: str = "grouped",
+        conditioning: str = "loc_condconv",
     ):
         super().__init__()
         if output not in OUTPUTS:
@@ -35,9 +37,15 @@ class DrasCLRNetwork(nn.Module):
             projection_dim=projection_dim,
             num_experts=num_experts,
             mode=mode,
+            conditioning=conditioning,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The representation (or projection) of the 4-channel input; subclasses call this instead of
+        ``super().forward``, which TorchScript cannot compile."""
         if x.dim() != 5 or x.shape[1] != 4:
             raise ValueError("DrasCLRNetwork expects (B, 4, S, S, S): intensity + 3 atlas-location channels")
         centre = x.shape[2] // 2, x.shape[3] // 2, x.shape[4] // 2

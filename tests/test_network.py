@@ -44,15 +44,15 @@ def test_works_under_monai_inferers():
         assert projection.shape == (2, 128)
 
 
-def test_verify_net_in_out_with_bundle_config():
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(CONFIGS / "metadata.json"),
-        config_file=str(CONFIGS / "network.yaml"),
-        device="cpu",
-    )
+def test_verify_net_in_out_on_the_representation_network(tmp_path):
+    """network.yaml's representation network against the bundle metadata's input format and a 128-d output
+    (metadata.json itself describes the deployable classifier: tests/test_bundle_conformance.py)."""
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 4
+    meta["network_data_format"]["outputs"]["pred"].update(num_channels=128, channel_def={"0": "representation"})
+    (tmp_path / "metadata.json").write_text(json.dumps(meta))
+    verify_net_in_out(net_id="network_def", meta_file=str(tmp_path / "metadata.json"),
+                      config_file=str(CONFIGS / "network.yaml"), device="cpu")
 
 
 def test_config_builds_the_network():

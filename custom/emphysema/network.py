@@ -46,9 +46,9 @@ class EmphysemaNetwork(DrasCLRNetwork):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.freeze_encoder:
             with torch.no_grad():
-                h = super().forward(x)
+                h = self.embed(x)
         else:
-            h = super().forward(x)
+            h = self.embed(x)
         return self.classifier(h)
 
 

@@ -1,0 +1,109 @@
+"""Pre-train and embed the baselines and ablations of paper §4.4 (Tables 6-8) on a prepared cohort.
+
+    python bundle/scripts/run_ablations.py --dataset_dir bundle/demo_data/prepared --out_dir /tmp/ablations \\
+        --variants plain_moco,conditioning_none,conditioning_concatenation,conditioning_hypernetwork,neighbours_0 \\
+        --max_epochs 1 --epoch_length 20
+    python bundle/scripts/run_ablations.py --dataset_dir /data/prepared --out_dir /data/ablations --paper true
+
+Each variant (``custom.ablation.VARIANTS``; default: all) is pre-trained with the bundle's training workflow
+(train.yaml + ablation.yaml, with paper.yaml between them under ``--paper true``) and its encoder embeds every
+subject: ``<out_dir>/<variant>/subject_embeddings.csv`` and ``patch_embeddings/<id>.npy``, the layout of the
+embed workflow, so the evaluation reads each folder as one embedding set. ``random_location`` embeds the
+weights of ``neighbours_2`` (trained first if not asked for weights) or those of ``--random_location_weights``.
+Resumable: finished variants are skipped and a stopped pre-training continues from its checkpoint. A variant
+that fails is recorded and the others go on. ``<out_dir>/ablations.csv`` lists each variant's status and the
+wall and CPU seconds spent training and embedding; MLflow runs go to ``<out_dir>/mlruns.db`` (experiment drasclr_ablation,
+one run per variant).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from pathlib import Path
+
+import fire
+import pandas as pd
+from monai.utils import path_to_sqlite_uri
+
+import custom
+from custom.ablation import VARIANTS, get_variant, run_variant, variant_done
+from custom.atomic_io import atomic_path
+
+BUNDLE = Path(custom.bundle_root())
+
+
+def plan_variants(variants: str | list | tuple | None, external_weights: bool = False) -> list[str]:
+    """Canonical names to run, in order; a variant whose weights another one reuses comes first, unless the
+    reused weights are given from outside (``external_weights``)."""
+    if variants is None or variants == "all":
+        names = list(VARIANTS)
+    else:
+        names = [n.strip() for n in (variants.split(",") if isinstance(variants, str) else variants)]
+    asked = [get_variant(n).name for n in names if n]
+    plan: list[str] = []
+    for name in asked:
+        source = VARIANTS[name].weights_from
+        needed = [source] if source and not external_weights else []
+        plan.extend(n for n in needed + [name] if n not in plan)
+    return plan
+
+
+def main(
+    dataset_dir: str = str(BUNDLE / "demo_data" / "prepared"),
+    out_dir: str = str(BUNDLE / "runs" / "ablations"),
+    variants: str | None = None,
+    paper: bool = False,
+    max_epochs: int | None = None,
+    epoch_length: int | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    mlflow: bool = True,
+    random_location_weights: str | None = None,
+    seed: int = 0,
+):
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_variants(variants, external_weights=random_location_weights is not None)
+    schedule = {"max_epochs": max_epochs, "epoch_length": epoch_length, "batch_size": batch_size,
+                "num_workers": num_workers}
+    overrides = {k: v for k, v in schedule.items() if v is not None}
+    overrides.update(mlflow=mlflow, tracking_uri=path_to_sqlite_uri(str(out / "mlruns.db")))
+    print(f"ablation variants: {', '.join(plan)} -> {out}", flush=True)
+    rows = []
+    for name in plan:
+        folder = out / name
+        if variant_done(folder):
+            print(f"[{name}] finished in an earlier run: skipped", flush=True)
+            rows.append(_row(name, "ok (earlier run)", json.loads((folder / "variant.json").read_text()), folder))
+            continue
+        print(f"\n=== {name}: {VARIANTS[name].description} ===", flush=True)
+        start = time.perf_counter()
+        try:
+            weights = random_location_weights if not VARIANTS[name].trainable else None
+            record = run_variant(name, dataset_dir, out, weights=weights, seed=seed, paper=paper, **overrides)
+        except Exception as error:  # noqa: BLE001 - a batch job records the failure and goes on with the other variants
+            traceback.print_exc()
+            rows.append({"variant": name, "status": f"failed: {type(error).__name__}: {error}"})
+            continue
+        rows.append(_row(name, "ok", record, folder))
+        print(f"[{name}] train {record['train_seconds']:.1f} s (CPU {record['train_cpu_seconds']:.0f} s), embed "
+              f"{record['embed_seconds']:.1f} s (CPU {record['embed_cpu_seconds']:.0f} s), total "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    table = pd.DataFrame(rows)
+    with atomic_path(out / "ablations.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    print("\n" + table.to_string(index=False), flush=True)
+    if table["status"].str.startswith("failed").any():
+        raise SystemExit(1)
+
+
+def _row(name: str, status: str, record: dict, folder: Path) -> dict:
+    times = ("train_seconds", "train_cpu_seconds", "embed_seconds", "embed_cpu_seconds")
+    return {"variant": name, "status": status, **{k: record.get(k) for k in times}, "weights": record.get("weights"),
+            "embeddings": str(folder)}
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

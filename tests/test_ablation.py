@@ -1,0 +1,200 @@
+"""Ablations of paper §4.4: location-conditioning variants, plain MoCo's global queue, no neighbour loss,
+random-location embedding, the ablation config and the runner (a real short pre-training and embedding)."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO_ROOT, write_patch_cache
+from monai.bundle import ConfigParser
+
+from custom.ablation import VARIANTS, embed_cohort_variant, get_variant, load_variant_network, random_locations
+from custom.atlas import atlas_mask_path, landmark_locations
+from custom.conditioning import CONDITIONINGS, HyperConv3d
+from custom.drasclr import DrasCLR
+from custom.embedding import embed_patches
+from custom.encoder import DrasCLREncoder
+from custom.loc_condconv import LocCondConv3d
+from custom.location import location_to_centre
+from custom.network import DrasCLRNetwork
+
+CONFIGS = REPO_ROOT / "bundle" / "configs"
+
+
+def _runner():
+    spec = importlib.util.spec_from_file_location("run_ablations", REPO_ROOT / "bundle/scripts/run_ablations.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_patch_cache(tmp_path_factory.mktemp("ablation_cache"), num_subjects=1)
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_each_conditioning_gives_128d_and_uses_the_location_as_designed(conditioning):
+    encoder = DrasCLREncoder(conditioning=conditioning).eval()
+    patch = torch.randn(1, 1, 32, 32, 32).expand(2, 1, 32, 32, 32)
+    locations = torch.tensor([[-0.5, 0.2, 0.1], [0.6, -0.3, 0.4]])
+    with torch.no_grad():
+        h, z = encoder(patch, locations)
+    assert h.shape == (2, 128) and z.shape == (2, 128)
+    if conditioning == "none":
+        assert torch.equal(h[0], h[1])
+    else:
+        assert (h[0] - h[1]).abs().max() > 1e-4
+
+
+def test_default_encoder_is_unchanged_loc_condconv():
+    encoder = DrasCLREncoder()
+    convs = [m for name, m in encoder.named_modules() if name.rsplit(".", 1)[-1].startswith("conv")]
+    assert len(convs) == 13 and all(isinstance(m, LocCondConv3d) for m in convs)
+    keys = set(encoder.state_dict())
+    assert "conv1.routing.fc.weight" in keys and not any("fusion" in k or "generator" in k for k in keys)
+    assert "location_fusion.fc.weight" in DrasCLREncoder(conditioning="concatenation").state_dict()
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        DrasCLREncoder(conditioning="film")
+
+
+def test_hypernetwork_conv_batched_equals_its_per_sample_definition():
+    layer = HyperConv3d(3, 5, stride=2)
+    x, p = torch.randn(4, 3, 8, 8, 8), torch.rand(4, 3) * 2 - 1
+    expected = torch.cat([
+        torch.nn.functional.conv3d(x[i : i + 1], layer.kernels(p[i : i + 1])[0], layer.bias, 2, 1) for i in range(4)
+    ])
+    torch.testing.assert_close(layer(x, p), expected, atol=1e-5, rtol=1e-4)
+    shared = p[:1].expand(4, 3)
+    torch.testing.assert_close(layer(x, shared), torch.nn.functional.conv3d(x, layer.kernels(p[:1])[0], layer.bias, 2, 1))
+    assert not torch.allclose(layer.kernels(p[:1]), layer.kernels(p[1:2]))
+
+
+def _local_loss_at(model, landmark):
+    torch.manual_seed(1)
+    query, key = torch.randn(2, 1, 32, 32, 32), torch.randn(2, 1, 32, 32, 32)
+    location = torch.tensor(landmark_locations()[[landmark, landmark]])
+    with torch.no_grad():
+        return model(query, key, location, torch.tensor([landmark, landmark]), update=False)["loss_local"]
+
+
+@pytest.mark.parametrize("global_queue", [True, False])
+def test_plain_moco_queue_is_shared_by_all_landmarks(global_queue):
+    model = DrasCLR(num_landmarks=5, queue_size=8, conditioning="none", global_queue=global_queue).eval()
+    assert model.queue.keys.shape[0] == (1 if global_queue else 5)
+    before = _local_loss_at(model, 3)
+    batch = torch.randn(2, 1, 32, 32, 32)
+    location = torch.tensor(landmark_locations()[[1, 1]])
+    with torch.no_grad():
+        model(batch, batch, location, torch.tensor([1, 1]))  # enqueues two keys from landmark 1
+    after = _local_loss_at(model, 3)
+    if global_queue:
+        assert int(model.queue.ptr[0]) == 2
+        assert not torch.allclose(before, after)  # the landmark-1 keys are negatives for landmark 3
+    else:
+        assert int(model.queue.ptr[1]) == 2 and int(model.queue.ptr[3]) == 0
+        torch.testing.assert_close(before, after)
+
+
+@pytest.mark.parametrize("global_queue", [True, False])
+def test_a_batch_reading_one_queue_trains(global_queue):
+    """Every plain-MoCo batch, and every batch in the reference's one-landmark order, reads a single queue that
+    the same step then writes: the backward pass must still work."""
+    model = DrasCLR(num_landmarks=4, queue_size=8, conditioning="none", global_queue=global_queue)
+    batch = torch.randn(2, 1, 32, 32, 32)
+    out = model(batch, batch, torch.zeros(2, 3), torch.tensor([2, 2]))
+    out["loss"].backward()
+    assert model.encoder_q.conv1.weight.grad.abs().sum() > 0
+
+
+def test_zero_neighbours_disables_the_neighbour_loss():
+    model = DrasCLR(num_landmarks=4, queue_size=8, conditioning="none").eval()
+    query = torch.randn(2, 1, 32, 32, 32)
+    location = torch.tensor(landmark_locations()[[0, 2]])
+    with torch.no_grad():
+        out = model(query, query, location, torch.tensor([0, 2]), neighbours=torch.zeros(2, 0, 1, 32, 32, 32),
+                    neighbour_locations=torch.zeros(2, 0, 3))
+    assert "loss_neighbour" not in out and torch.equal(out["loss"], out["loss_local"])
+
+
+def test_ablation_config_sets_each_variant(cache):
+    files = [str(CONFIGS / "train.yaml"), str(CONFIGS / "ablation.yaml")]
+    expected = {"plain_moco": ("none", 1, 4096, 0), "neighbours_3": ("loc_condconv", 581, 16, 3),
+                "conditioning_hypernetwork": ("hypernetwork", 581, 16, 0)}
+    for name, (conditioning, queues, size, neighbours) in expected.items():
+        parser = ConfigParser(ConfigParser.load_config_files(files))
+        parser.update({"variant": name, "dataset_dir": str(cache)})
+        model = parser.get_parsed_content("network_def")
+        assert model.encoder_q.conditioning == conditioning
+        assert tuple(model.queue.keys.shape[:2]) == (queues, size)
+        item = parser.get_parsed_content("train#dataset")[5]
+        assert item["neighbours"].shape[0] == neighbours, name
+    parser = ConfigParser(ConfigParser.load_config_files(files))
+    parser.update({"variant": "random_location"})
+    with pytest.raises(RuntimeError) as error:  # MONAI wraps the error of a config expression
+        parser.get_parsed_content("conditioning")
+    assert "not trained" in str(error.value.__cause__)
+    with pytest.raises(ValueError, match="unknown ablation variant"):
+        get_variant("mocov3")
+
+
+def test_random_locations_come_from_other_landmarks_or_the_lung():
+    table = landmark_locations()
+    rng = np.random.default_rng(0)
+    drawn = random_locations(len(table), rng, "landmarks", own=np.arange(len(table)))
+    assert not np.any(np.all(drawn == table, axis=1))  # never the patch's own landmark
+    assert len(np.unique(drawn, axis=0)) > 300
+    import nibabel as nib
+
+    mask = np.asarray(nib.load(str(atlas_mask_path())).dataobj) > 0
+    centres = np.rint(location_to_centre(random_locations(200, rng, "lung"))).astype(int)
+    assert mask[centres[:, 0], centres[:, 1], centres[:, 2]].all()
+
+
+def test_weights_that_do_not_fit_the_variant_are_refused(tmp_path):
+    torch.save({f"encoder.{k}": v for k, v in DrasCLREncoder(conditioning="none").state_dict().items()},
+               tmp_path / "none.pt")
+    with pytest.raises(ValueError, match="do not fit the 'loc_condconv' encoder"):
+        load_variant_network(tmp_path / "none.pt", "loc_condconv")
+    with pytest.raises(FileNotFoundError, match="pre-train the variant first"):
+        load_variant_network(tmp_path / "absent.pt")
+
+
+def test_runner_pretrains_plain_moco_embeds_random_locations_and_resumes(cache, tmp_path, capsys):
+    weights = tmp_path / "drasclr.pt"
+    network = DrasCLRNetwork()
+    torch.save(network.state_dict(), weights)
+    out = tmp_path / "ablations"
+    run = _runner().main
+    run(dataset_dir=str(cache), out_dir=str(out), variants="plain_moco,random_location", max_epochs=1,
+        epoch_length=2, batch_size=4, num_workers=0, mlflow=False, random_location_weights=str(weights))
+    for name in ("plain_moco", "random_location"):
+        table = pd.read_csv(out / name / "subject_embeddings.csv", dtype={"subject_id": str})
+        assert list(table["subject_id"]) == ["sub000"] and table.shape == (1, 129)
+        patches = np.load(out / name / "patch_embeddings" / "sub000.npy")
+        assert patches.shape == (581, 128) and np.isfinite(patches).all()
+        np.testing.assert_allclose(table.iloc[0, 1:].to_numpy(float), patches.mean(0), rtol=1e-5, atol=1e-6)
+    record = json.loads((out / "plain_moco" / "variant.json").read_text())
+    assert record["variant"]["global_queue"] and record["variant"]["conditioning"] == "none"
+    trained = torch.load(out / "plain_moco" / "pretrained.pt")
+    assert "encoder.conv1.weight" in trained and trained["encoder.conv1.weight"].shape == (8, 1, 3, 3, 3)
+    assert not (out / "neighbours_2").exists()  # the given weights stood in for the method's
+    # Without conditioning, random locations change nothing: the same table as the true-location one.
+    random = embed_cohort_variant(cache, out / "plain_moco" / "pretrained.pt", tmp_path / "moco_random", "none",
+                                  location="random", progress=False)
+    pd.testing.assert_frame_equal(random, pd.read_csv(out / "plain_moco" / "subject_embeddings.csv",
+                                                      dtype={"subject_id": str}), rtol=1e-6, atol=1e-7)
+    # Random locations change a Loc-CondConv encoder's embeddings (true ones computed here for 64 patches).
+    patches_hu = np.load(cache / "sub000" / "patches.npy")[:64]
+    true = embed_patches(network.eval(), patches_hu, landmark_locations()[:64])
+    shuffled = np.load(out / "random_location" / "patch_embeddings" / "sub000.npy")[:64]
+    assert np.abs(true - shuffled).max() > 1e-3
+    # A second run skips the finished variants.
+    stamp = (out / "plain_moco" / "variant.json").stat().st_mtime_ns
+    run(dataset_dir=str(cache), out_dir=str(out), variants="plain_moco", mlflow=False)
+    assert (out / "plain_moco" / "variant.json").stat().st_mtime_ns == stamp
+    assert "finished in an earlier run" in capsys.readouterr().out
+    assert set(VARIANTS) >= {"plain_moco", "neighbours_0", "random_location"}

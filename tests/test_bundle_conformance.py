@@ -1,0 +1,182 @@
+"""Model Zoo conformance of bundle/: metadata against the vendored schema, licences and model card, large files,
+verify_net_in_out on network_def and the TorchScript export (ckpt_export) round trip."""
+
+import copy
+import hashlib
+import json
+from importlib import metadata as package_metadata
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from monai.bundle import ConfigParser, verify_net_in_out
+from packaging.requirements import Requirement
+
+from custom import conformance
+from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLE = REPO_ROOT / "bundle"
+INFERENCE_CONFIG = BUNDLE / "configs" / "inference.yaml"
+SCHEMA = json.loads((BUNDLE / conformance.SCHEMA_RELPATH).read_text())
+METADATA = json.loads((BUNDLE / conformance.METADATA_RELPATH).read_text())
+
+
+def _write_json(path: Path, content: dict) -> Path:
+    path.write_text(json.dumps(content))
+    return path
+
+
+@pytest.fixture(scope="module")
+def network_config(tmp_path_factory) -> Path:
+    """The config holding ``network_def``: configs/inference.yaml, or a one-entry config until it exists."""
+    if INFERENCE_CONFIG.is_file():
+        return INFERENCE_CONFIG
+    path = tmp_path_factory.mktemp("config") / "network_def.yaml"
+    path.write_text(yaml.safe_dump({
+        "imports": ["$import custom"],
+        "network_def": {"_target_": "custom.emphysema.network.EmphysemaNetwork"},
+    }))
+    return path
+
+
+def test_bundle_has_the_files_the_zoo_requires():
+    assert conformance.check_layout(BUNDLE) == BUNDLE
+    card = (BUNDLE / "docs" / "README.md").read_text()
+    for section in ("Intended use", "Inputs and outputs", "Training data", "Limitations", "Licen"):
+        assert section in card, f"model card lacks a '{section}' section"
+    licence = (BUNDLE / "LICENSE").read_text()
+    assert "Apache License" in licence and "batmanlab" in licence and "resources/atlas/LICENSE" in licence
+    assert "MIT License" in (BUNDLE / "resources" / "atlas" / "LICENSE").read_text()
+
+
+def test_metadata_satisfies_the_vendored_schema_offline():
+    meta = conformance.verify_bundle_metadata(BUNDLE)
+    assert meta["version"] == "0.2.0" and "0.2.0" in meta["changelog"]
+
+
+@pytest.mark.parametrize("field", SCHEMA["required"])
+def test_schema_rejects_metadata_without_a_required_field(tmp_path, field):
+    broken = {k: v for k, v in METADATA.items() if k != field}
+    with pytest.raises(ValueError, match="does not satisfy"):
+        conformance.verify_bundle_metadata(BUNDLE, meta_file=_write_json(tmp_path / "metadata.json", broken))
+
+
+@pytest.mark.parametrize(
+    "where, key",
+    [(("inputs", "image"), "num_channels"), (("inputs", "image"), "modality"), (("inputs", "image"), "spatial_shape"),
+     (("outputs", "pred"), "num_channels"), (("outputs", "pred"), "dtype"), (("outputs", "pred"), "channel_def")],
+)
+def test_schema_rejects_an_incomplete_network_data_format(tmp_path, where, key):
+    broken = copy.deepcopy(METADATA)
+    del broken["network_data_format"][where[0]][where[1]][key]
+    with pytest.raises(ValueError, match="does not satisfy"):
+        conformance.verify_bundle_metadata(BUNDLE, meta_file=_write_json(tmp_path / "metadata.json", broken))
+
+
+def test_package_list_survives_monai_metadata_parsing(tmp_path):
+    """MONAI renames a deprecated ``optional_packages_version`` to ``required_packages_version`` on read,
+    replacing the required list; the schema refuses that key, and the list reads back whole."""
+    parser = ConfigParser()
+    parser.read_meta(f=str(BUNDLE / conformance.METADATA_RELPATH))
+    assert parser["_meta_"]["required_packages_version"] == METADATA["required_packages_version"]
+    broken = dict(METADATA, optional_packages_version={"mlflow": "3.17.2"})
+    with pytest.raises(ValueError, match="does not satisfy"):
+        conformance.verify_bundle_metadata(BUNDLE, meta_file=_write_json(tmp_path / "metadata.json", broken))
+
+
+def test_version_must_be_listed_in_the_changelog(tmp_path):
+    broken = dict(METADATA, version="9.9.9")
+    with pytest.raises(ValueError, match="not a key of 'changelog'"):
+        conformance.verify_bundle_metadata(BUNDLE, meta_file=_write_json(tmp_path / "metadata.json", broken))
+
+
+def test_network_data_format_describes_the_emphysema_classifier():
+    image = METADATA["network_data_format"]["inputs"]["image"]
+    pred = METADATA["network_data_format"]["outputs"]["pred"]
+    assert (image["num_channels"], image["spatial_shape"], image["dtype"]) == (4, [32, 32, 32], "float32")
+    assert image["value_range"] == [-1, 1] and image["channel_def"]["0"].startswith("intensity")
+    assert pred["num_channels"] == len(EMPHYSEMA_CLASSES)
+    assert [pred["channel_def"][str(i)].split()[0] for i in range(len(EMPHYSEMA_CLASSES))] == list(EMPHYSEMA_CLASSES)
+
+
+def test_package_versions_agree_with_the_declared_stack():
+    """Every version in the metadata satisfies the requirements pyproject.toml declares (as installed);
+    exact pins equal the installed versions; every declared package is listed."""
+    declared = {Requirement(line).name.lower(): Requirement(line) for line in package_metadata.requires("drasclr-bundle")}
+    listed = dict(METADATA["required_packages_version"])
+    listed.update(monai=METADATA["monai_version"], torch=METADATA["pytorch_version"], numpy=METADATA["numpy_version"])
+    missing = sorted(set(declared) - set(listed) - {"pytest", "jsonschema"})  # test-only extras
+    assert not missing, f"pyproject dependencies absent from metadata.json: {missing}"
+    installed = conformance.installed_versions(listed)
+    for name, version in listed.items():
+        req = declared[name.lower()]
+        assert req.specifier.contains(version, prereleases=True), f"{name} {version} does not satisfy {req}"
+        if any(spec.operator == "==" for spec in req.specifier):
+            assert installed[name] == version, f"{name}: metadata {version}, installed {installed[name]}"
+
+
+def test_large_files_list_the_weights_and_hashes_are_checked(tmp_path):
+    paths = [entry["path"] for entry in conformance.read_large_files(BUNDLE)]
+    assert {"models/model.pt", "models/model.ts", "models/pretrained.pt"} <= set(paths)
+
+    root = tmp_path / "bundle"
+    (root / "models").mkdir(parents=True)
+    (root / "models" / "model.pt").write_bytes(b"weights")
+    entry = {"path": "models/model.pt", "url": "", "hash_type": "md5", "hash_val": "d" * 32}
+    (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": [entry]}))
+    with pytest.raises(ValueError, match="md5 differs"):
+        conformance.verify_large_files(root)
+    entry["hash_val"] = hashlib.md5(b"weights").hexdigest()
+    (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": [entry]}))
+    assert conformance.verify_large_files(root) == [root / "models" / "model.pt"]
+    (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": [{"path": "../outside.pt", "url": ""}]}))
+    with pytest.raises(ValueError, match="inside the bundle"):
+        conformance.read_large_files(root)
+
+
+def test_verify_net_in_out_on_network_def(network_config):
+    conformance.verify_network(network_config, BUNDLE)
+    # The check is real: a metadata that promises another number of classes is rejected.
+    with pytest.raises(ValueError, match="output channel number"):
+        verify_net_in_out(net_id="network_def", meta_file=str(BUNDLE / conformance.METADATA_RELPATH),
+                          config_file=str(network_config), device="cpu", bundle_root=str(BUNDLE),
+                          **{"_meta_#network_data_format#outputs#pred#num_channels": 5})
+
+
+def test_ckpt_export_torchscript_gives_the_eager_outputs(tmp_path, network_config):
+    net = EmphysemaNetwork().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so a lost buffer would show
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+
+    ts_path = conformance.export_torchscript(network_config, BUNDLE, ckpt_file=ckpt, filepath=tmp_path / "model.ts")
+    scripted, meta = conformance.load_torchscript(ts_path)
+    scripted.eval()
+    assert meta["version"] == METADATA["version"]
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
+
+    x = torch.rand(3, 4, 32, 32, 32) * 2 - 1  # three different locations (the grouped convolution path)
+    same = x.clone()
+    same[:, 1:4] = x[0:1, 1:4]  # one shared location (the plain convolution path)
+    with torch.no_grad():
+        for batch in (x, same):
+            expected = net(batch)
+            assert torch.allclose(scripted(batch), expected, atol=1e-5, rtol=1e-4)
+    assert not list(tmp_path.glob(".tmp-*")), "the export left a temporary file behind"
+
+
+def test_ckpt_export_rejects_a_missing_checkpoint(tmp_path, network_config):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        conformance.export_torchscript(network_config, BUNDLE, ckpt_file=tmp_path / "absent.pt",
+                                       filepath=tmp_path / "model.ts")
+
+
+def test_check_runs_every_offline_check(network_config):
+    summary = conformance.check(BUNDLE, network_config)
+    assert summary["version"] == "0.2.0" and summary["network_verified"]
