@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the test suite. Extra arguments go to pytest, e.g. `bash tools/test.sh -m "not slow"`.
+# Set up (if needed) and run the test suite.
+#   bash tools/test.sh           the default suite: everything not marked slow (about 10 min on 2 cores)
+#   bash tools/test.sh --all     also the slow tests (demo-cohort training, export round trips, MONAI Label in its
+#                                own venv: adds ~15 min, more on a machine that has to build that venv); CI runs this
+# Extra arguments go to pytest, e.g. `bash tools/test.sh -k emphysema`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-exec .venv/bin/python -m pytest tests -q -p no:cacheprovider "$@"
+marker=(-m "not slow")
+if [[ "${1:-}" == "--all" ]]; then
+    marker=()
+    shift
+fi
+exec .venv/bin/python -m pytest tests -q -p no:cacheprovider "${marker[@]}" "$@"
