@@ -1,76 +1,145 @@
 """The main job on the embedded demo data, end to end on CPU (SYNTHETIC cohort: numbers are not clinical).
 
-    python bundle/scripts/demo.py                      # generate -> prepare -> pre-train -> embed
-    python bundle/scripts/demo.py --num_subjects 12 --max_epochs 6
+    python bundle/scripts/demo.py            # generate -> prepare -> pre-train -> embed -> fine-tune -> maps -> evaluate
 
-Each stage is the bundle's own workflow (generate.yaml, prepare.yaml, train.yaml through ConfigWorkflow, as
-``python -m monai.bundle run`` would run them) and is resumable: a second run reuses what is finished.
-Outputs go under bundle/demo_data (cohort, prepared cache, embeddings) and bundle/runs/train (checkpoints,
-MLflow store, curves); the query encoder lands in bundle/models/pretrained.pt.
+Each stage is the bundle's own workflow (the configs under bundle/configs, run through ConfigWorkflow as
+``python -m monai.bundle run`` runs them) and is resumable: a second run reuses what is finished. Outputs:
+bundle/demo_data (cohorts, prepared caches, embeddings), bundle/models (pretrained.pt, model.pt) and
+bundle/runs (training, plain MoCo baseline, fine-tuning, emphysema maps, evaluation; MLflow sqlite stores).
+It ends by printing the phenotype table (the paper's Table 2 layout) and where the tables and pictures are.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import fire
+import pandas as pd
 from monai.bundle import ConfigWorkflow
 
 import custom
-from custom.embedding import embed_cohort
+from custom.ablation import run_variant, variant_done
 from custom.training_curves import plot_training_curves
 
 BUNDLE = Path(custom.bundle_root())
 CONFIGS = BUNDLE / "configs"
+STAGES = 8
 
 
-def _stage(name: str, start: float) -> None:
-    print(f"\n=== {name} ({time.perf_counter() - start:.0f} s elapsed) ===", flush=True)
+class Stages:
+    """Prints numbered stage banners with the elapsed time, and records each stage's duration."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.durations: dict[str, float] = {}
+        self._current = None
+
+    def __call__(self, index: int, title: str) -> None:
+        self._close()
+        self._current = (title, time.perf_counter())
+        print(f"\n=== {index}/{STAGES} {title} ({time.perf_counter() - self.start:.0f} s elapsed) ===", flush=True)
+
+    def _close(self) -> None:
+        if self._current:
+            title, began = self._current
+            self.durations[title] = time.perf_counter() - began
+            self._current = None
+
+    def summary(self) -> str:
+        self._close()
+        lines = [f"  {seconds:6.0f} s  {title}" for title, seconds in self.durations.items()]
+        return "\n".join(lines + [f"  {time.perf_counter() - self.start:6.0f} s  total"])
 
 
-def main(num_subjects: int = 8, seed: int = 0, max_epochs: int = 3, epoch_length: int = 40, batch_size: int = 16,
-         num_workers: int = 2):
-    start = time.perf_counter()
+def _run(config: str | list, run_id: str, workflow_type: str = "infer", **overrides):
+    files = [str(CONFIGS / c) for c in ([config] if isinstance(config, str) else config)]
+    workflow = ConfigWorkflow(config_file=files if len(files) > 1 else files[0], workflow_type=workflow_type,
+                              run_id=run_id, **overrides)
+    workflow.initialize()
+    workflow.run()
+    return workflow
+
+
+def main(num_subjects: int = 10, covid_subjects: int = 8, seed: int = 0, max_epochs: int = 3, epoch_length: int = 40,
+         batch_size: int = 16, num_workers: int = 2, moco_iterations: int = 40, finetune_epochs: int = 10, map_subjects: int = 4,
+         map_stride: int = 32):
+    stage = Stages()
     data = BUNDLE / "demo_data"
-    cohort_csv = data / "synthetic" / "cohort.csv"
+    runs = BUNDLE / "runs"
+    synthetic = data / "synthetic"
 
-    _stage(f"1/4 generate a SYNTHETIC cohort of {num_subjects} subjects", start)
-    if cohort_csv.is_file():
-        print(f"reusing {cohort_csv}")
+    stage(1, f"generate SYNTHETIC cohorts: {num_subjects} COPD-like subjects, {covid_subjects} COVID-like subjects")
+    if (synthetic / "cohort.csv").is_file() and (synthetic / "covid_cohort.csv").is_file():
+        print(f"reusing {synthetic}")
     else:
-        generate = ConfigWorkflow(config_file=str(CONFIGS / "generate.yaml"), workflow_type="infer", run_id="run",
-                                  num_subjects=num_subjects, seed=seed)
-        generate.initialize()
-        generate.run()
+        _run("generate.yaml", "run", num_subjects=num_subjects, covid_subjects=covid_subjects, seed=seed)
 
-    _stage("2/4 prepare: lung mask -> affine registration to the atlas -> 581 landmark patches", start)
-    prepare = ConfigWorkflow(config_file=str(CONFIGS / "prepare.yaml"), workflow_type="infer", run_id="prepare",
-                             source=str(cohort_csv), num_workers=num_workers)
-    prepare.initialize()
-    prepare.run()
+    stage(2, "prepare: lung mask -> affine registration to the atlas -> 581 landmark patches (both cohorts)")
+    _run("prepare.yaml", "prepare", source=str(synthetic / "cohort.csv"), cache_dir=str(data / "prepared"),
+         num_workers=num_workers)
+    _run("prepare.yaml", "prepare", source=str(synthetic / "covid_cohort.csv"),
+         cache_dir=str(data / "prepared_covid"), num_workers=num_workers)
 
-    _stage(f"3/4 pre-train DrasCLR ({max_epochs} epochs x {epoch_length} iterations, batch {batch_size})", start)
-    train = ConfigWorkflow(config_file=str(CONFIGS / "train.yaml"), workflow_type="train", max_epochs=max_epochs,
-                           epoch_length=epoch_length, batch_size=batch_size, num_workers=num_workers, seed=seed)
-    train.initialize()
-    train.run()
+    stage(3, f"pre-train DrasCLR ({max_epochs} epochs x {epoch_length} iterations, batch {batch_size})")
+    train = _run("train.yaml", "training", workflow_type="train", max_epochs=max_epochs, epoch_length=epoch_length,
+                 batch_size=batch_size, num_workers=num_workers, seed=seed)
     tracking_uri = train.parser.get_parsed_content("tracking_uri")
-    output_dir = Path(train.parser.get_parsed_content("output_dir"))
-    model_path = train.parser.get_parsed_content("model_path")
+    train_dir = Path(train.parser.get_parsed_content("output_dir"))
+    pretrained = Path(train.parser.get_parsed_content("model_path"))
     train.finalize()
-    curves = plot_training_curves(tracking_uri, output_dir / "training_curves.png",
+    curves = plot_training_curves(tracking_uri, train_dir / "training_curves.png",
                                   title="DrasCLR pre-training on the SYNTHETIC demo cohort")
 
-    _stage("4/4 embed every prepared subject (patch embeddings + subject mean, eq. 10-11)", start)
-    table = embed_cohort(data / "prepared", model_path, data / "embeddings")
+    stage(4, f"pre-train the plain MoCo baseline (no location conditioning, one global queue; {moco_iterations} "
+             "iterations) and embed with it")
+    ablations = runs / "ablations"
+    if variant_done(ablations / "plain_moco"):
+        print(f"reusing {ablations / 'plain_moco'}")
+    else:
+        run_variant("plain_moco", data / "prepared", ablations, seed=seed, max_epochs=1, epoch_length=moco_iterations,
+                    batch_size=batch_size, num_workers=num_workers)
 
-    print(f"\nDone in {time.perf_counter() - start:.0f} s.")
-    print(f"  query encoder:       {model_path}")
-    print(f"  checkpoints, MLflow: {output_dir}  (tracking URI {tracking_uri})")
-    print(f"  training curves:     {curves}")
-    print(f"  subject embeddings:  {data / 'embeddings' / 'subject_embeddings.csv'} ({len(table)} subjects x 128)")
-    print("  (all numbers come from a SYNTHETIC cohort)")
+    stage(5, "embed every prepared subject with DrasCLR (581 patch embeddings + subject mean, eq. 10-11)")
+    _run("embed.yaml", "embed", source=str(data / "prepared"), out_dir=str(data / "embeddings"),
+         weights=str(pretrained))
+    _run("embed.yaml", "embed", source=str(data / "prepared_covid"), out_dir=str(data / "embeddings_covid"),
+         weights=str(pretrained))
+
+    stage(6, "fine-tune the emphysema classifier on the annotated boxes (-> models/model.pt) and cross-validate "
+             "box detection")
+    _run("emphysema_finetune.yaml", "finetune", epochs=finetune_epochs, progress=True)
+    _run("emphysema_finetune.yaml", "detection", progress=True)
+
+    stage(7, f"emphysema maps of {map_subjects} COPD-like subjects (sliding window over the lung at stride "
+             f"{map_stride}, report, pictures)")
+    maps_dir = runs / "emphysema_maps"
+    cohort = pd.read_csv(synthetic / "cohort.csv", dtype={"subject_id": str}).head(map_subjects)
+    scans = [{"subject_id": row.subject_id, "image": str(synthetic / row.image),
+              "lung_mask": str(synthetic / row.lung_mask)} for row in cohort.itertuples()]
+    _run("inference.yaml", "inference", input=scans, output_dir=str(maps_dir), stride=map_stride,
+         min_stride=map_stride)
+
+    stage(8, "evaluate: linear readouts, Cox survival, COVID-like grading, baselines (paper Tables 2-8)")
+    evaluation_dir = runs / "evaluate"
+    _run("evaluate.yaml", "evaluate", output_dir=str(evaluation_dir))
+
+    table2 = evaluation_dir / "tables" / "table2_phenotypes.md"
+    print("\n" + (table2.read_text() if table2.is_file() else f"(no {table2}: see the log above)"))
+    first_map = sorted(p for p in maps_dir.glob("*/emphysema_coronal.png"))
+    print("Stage timings:\n" + stage.summary())
+    print("\nWhere things are (all numbers come from a SYNTHETIC cohort):")
+    print(f"  encoder weights:       {pretrained}  (emphysema classifier: {BUNDLE / 'models' / 'model.pt'})")
+    print(f"  training curves:       {curves}")
+    print(f"  subject embeddings:    {data / 'embeddings' / 'subject_embeddings.csv'}")
+    print(f"  evaluation tables:     {evaluation_dir / 'tables'}  (CSV + Markdown), plots in {evaluation_dir / 'plots'}")
+    print(f"  emphysema detection:   {runs / 'emphysema_detection'}")
+    print(f"  emphysema maps:        {maps_dir}  (NIfTI, report.json, emphysema_report.csv"
+          + (f", pictures such as {first_map[0]}" if first_map else "") + ")")
+    print(f"  MLflow stores:         {train_dir / 'mlruns.db'}, {evaluation_dir / 'mlruns.db'}")
+    if shutil.which("mlflow"):
+        print(f"  browse them:           mlflow ui --backend-store-uri {tracking_uri}")
 
 
 if __name__ == "__main__":

@@ -334,7 +334,7 @@ def _run_cohort(
     out.mkdir(parents=True, exist_ok=True)
     grid = make_subject_grid(voxel_size, fov_mm)
     reference = load_atlas_reference(step=max(1, int(round(min(grid.spacing)))))
-    max_boxes = max_boxes or {"centrilobular": 6, "paraseptal": 4, "healthy": 5}
+    max_boxes = max_boxes or {"centrilobular": 6, "paraseptal": 4, "healthy": 12}  # healthy lung dominates a map
     manifest, clinical, annotations = [], [], []
     for index in tqdm(range(num_subjects), desc=f"synthetic {cohort} cohort", disable=not progress):
         start = time.perf_counter()

@@ -1,0 +1,83 @@
+"""Pictures of an emphysema map in the style of the paper's Fig. 3: lung in blue, emphysema in red (one shade per
+subtype), over the CT in the window [-1060, -825] HU that makes low attenuation visible.
+
+Two figures per scan: coronal slices evenly spaced through the lung, and a coronal projection (per pixel, the
+share of the lung depth along the anterior-posterior line that is emphysema of each subtype).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
+
+from custom.atomic_io import atomic_path
+from custom.emphysema.network import EMPHYSEMA_CLASSES
+
+WINDOW_HU = (-1060.0, -825.0)
+LUNG_BLUE = "#3b6fd8"
+SUBTYPE_REDS = ("#ff2020", "#9c0a0a")  # centrilobular, paraseptal
+
+
+def _overlay_image(lung_2d: np.ndarray, labels_2d: np.ndarray) -> np.ndarray:
+    """(H, W) codes: 0 nothing, 1 lung, 1 + c emphysema subtype c."""
+    codes = np.where(lung_2d, 1, 0)
+    return np.where(labels_2d > 0, 1 + labels_2d, codes)
+
+
+def _colours() -> ListedColormap:
+    return ListedColormap([(0, 0, 0, 0), LUNG_BLUE, *SUBTYPE_REDS])
+
+
+def _legend():
+    return [Patch(color=LUNG_BLUE, label="lung")] + [Patch(color=c, label=n) for c, n in
+                                                      zip(SUBTYPE_REDS, EMPHYSEMA_CLASSES[1:])]
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def coronal_slices(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "",
+                   num_slices: int = 4, alpha: float = 0.45) -> Path:
+    """Coronal slices (fixed y) of a (x, y, z) LAS-grid scan; patient right on the viewer's left, head up."""
+    lung = np.asarray(lung, dtype=bool)
+    ys = np.nonzero(lung.any(axis=(0, 2)))[0]
+    picks = np.linspace(ys[0], ys[-1], num_slices + 2)[1:-1].round().astype(int) if len(ys) else [hu.shape[1] // 2]
+    fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.6))
+    for ax, y in zip(np.atleast_1d(axes), picks):
+        ax.imshow(hu[:, y, :].T, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], origin="lower")
+        ax.imshow(_overlay_image(lung[:, y, :], labels[:, y, :]).T, cmap=_colours(), vmin=0, vmax=3,
+                  alpha=alpha, origin="lower", interpolation="nearest")
+        ax.set_title(f"coronal y={y}", fontsize=9)
+        ax.axis("off")
+    fig.legend(handles=_legend(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, Path(path))
+
+
+def coronal_projection(lung: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "") -> Path:
+    """Coronal projection: lung depth in blue, per subtype the share of that depth that is emphysema in red."""
+    lung = np.asarray(lung, dtype=bool)
+    depth = lung.sum(axis=1).astype(np.float64)
+    fig, axes = plt.subplots(1, len(EMPHYSEMA_CLASSES) - 1, figsize=(4.0 * (len(EMPHYSEMA_CLASSES) - 1), 4.2))
+    for code, (ax, colour) in enumerate(zip(np.atleast_1d(axes), SUBTYPE_REDS), start=1):
+        share = np.divide((labels == code).sum(axis=1), depth, out=np.zeros_like(depth), where=depth > 0)
+        ax.imshow(np.where(depth > 0, 1.0, np.nan).T, cmap=ListedColormap([LUNG_BLUE]), origin="lower", alpha=0.35)
+        red = ListedColormap([colour])
+        ax.imshow(np.where(share > 0, 1.0, np.nan).T, cmap=red, origin="lower",
+                  alpha=np.clip(0.25 + 3.0 * share, 0, 1).T)
+        ax.set_title(f"{EMPHYSEMA_CLASSES[code]}: {100.0 * (labels == code)[lung].mean():.2f} % of lung", fontsize=9)
+        ax.axis("off")
+    fig.legend(handles=_legend(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, Path(path))

@@ -1,0 +1,341 @@
+"""MONAI dictionary transforms of the emphysema map: a CT path in, the network's 5-channel scan out
+(``preprocessing``), and the probability map back on the input's grid, written with its report and pictures
+(``postprocessing``). MONAI Label runs the same two chains around ``inferer(image, network)``.
+
+Preprocessing repeats the prepare workflow's steps with its own functions (custom.prepare): load, orient to the
+atlas's axes, resample to 1 mm, check HU; lung mask (a user mask wins); affine registration of the lung mask to
+the atlas lung mask with the same recipe and QC; then MONAI ``CropForegroundd`` to the lung plus the patch half
+(16 voxels, so every patch centred in the lung is whole) and ``dense_input.scan_channels``. The image's
+meta data keep what is needed to go back: the input grid (``original_affine``, ``spatial_shape``) and the
+world -> atlas voxel map (``atlas_from_world``, which cropping does not change).
+
+The input grid is the NIfTI file's own voxel grid; for a DICOM series it is the series' voxel lattice at its own
+spacing, in the atlas's axis order (LAS).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, SpatialResample
+
+from custom.emphysema.dense_input import LUNG_CHANNEL, scan_channels
+from custom.emphysema.network import EMPHYSEMA_CLASSES
+from custom.emphysema.sliding_window import decide_labels
+from custom.intensity import HALF_RANGE, HU_SHIFT
+from custom.location import location_to_centre
+from custom.prepare.io import CTVolume, InputError, is_nifti, load_ct, load_mask_like
+from custom.prepare.landmarks import RegistrationQCError, registration_dice
+from custom.prepare.lung_mask import MIN_LUNG_ML, segment_lungs
+from custom.prepare.registration import get_recipe, register_to_atlas
+from custom.prepare.workflow import DEFAULT_MIN_DICE, load_atlas
+
+PATCH_HALF = 16
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def subject_id_of(path: str | Path) -> str:
+    return _strip_suffix(Path(str(path)).name) or "scan"
+
+
+def input_grid(path: str | Path, ct: CTVolume) -> tuple:
+    """(affine, shape) of the input's voxel grid (see the module docstring)."""
+    path = Path(path)
+    if is_nifti(path):
+        header = nib.load(str(path))
+        return np.asarray(header.affine, dtype=np.float64), tuple(int(s) for s in header.shape[:3])
+    affine = ct.affine.copy()  # the oriented input lattice: same origin and directions, native spacing
+    affine[:3, :3] = ct.affine[:3, :3] * np.asarray(ct.original_spacing) / np.asarray(ct.spacing)
+    return affine, tuple(ct.original_shape)
+
+
+def _meta(image: MetaTensor) -> dict:
+    """The meta data to carry to a new MetaTensor on the same grid (the affine is passed separately)."""
+    return {k: v for k, v in image.meta.items() if k != "affine"}
+
+
+def _hu_of(image: torch.Tensor) -> np.ndarray:
+    """HU of the network intensity channel (exact inside the window [-1024, 240])."""
+    return np.round((image.detach().cpu().numpy().astype(np.float64) + 1.0) * HALF_RANGE - HU_SHIFT, 3)
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+class LoadCTd(MapTransform):
+    """Path (NIfTI file or DICOM series folder) -> (1, X, Y, Z) HU MetaTensor on the 1 mm grid in the atlas's
+    axis order; meta: ``filename_or_obj``, ``original_affine`` and ``spatial_shape`` (the input grid)."""
+
+    def __init__(self, keys: KeysCollection = "image", atlas_dir: str | None = None, allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.atlas_dir = atlas_dir
+
+    def __call__(self, data):
+        d = dict(data)
+        axcodes = load_atlas(self.atlas_dir).axcodes
+        for key in self.key_iterator(d):
+            path = d[key]
+            if not isinstance(path, (str, Path)):
+                raise TypeError(f"{key}: expected the path of a NIfTI file or DICOM folder, got {type(path).__name__}")
+            ct = load_ct(path, axcodes=axcodes)
+            original_affine, original_shape = input_grid(path, ct)
+            meta = {"filename_or_obj": str(path), "original_affine": original_affine,
+                    "spatial_shape": np.asarray(original_shape), "subject_id": str(d.get("subject_id") or
+                                                                                   subject_id_of(path))}
+            d[key] = MetaTensor(torch.from_numpy(ct.hu)[None], affine=torch.as_tensor(ct.affine), meta=meta)
+            d.setdefault("subject_id", meta["subject_id"])
+        return d
+
+
+def _as_ct(image: MetaTensor) -> CTVolume:
+    meta = image.meta
+    return CTVolume(hu=image[0].numpy(), affine=np.asarray(image.affine, dtype=np.float64),
+                    source=str(meta.get("filename_or_obj", "")), original_spacing=(), original_shape=())
+
+
+class LungMaskd(MapTransform):
+    """The lung mask of ``keys`` (a loaded CT) into ``mask_key``: the user's mask when ``mask_key`` holds a path,
+    else the built-in classical segmentation. Raises naming the file when there is no lung."""
+
+    def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask", atlas_dir: str | None = None,
+                 allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.atlas_dir = atlas_dir
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            ct = _as_ct(image)
+            voxel_ml = float(np.prod(ct.spacing)) / 1000.0
+            user_mask = d.get(self.mask_key)
+            if isinstance(user_mask, (str, Path)) and str(user_mask):
+                lung = load_mask_like(user_mask, ct, axcodes=load_atlas(self.atlas_dir).axcodes)
+                if lung.sum() * voxel_ml < MIN_LUNG_ML:
+                    raise InputError(f"{user_mask}: lung mask holds only {lung.sum() * voxel_ml:.0f} ml")
+            else:
+                lung = segment_lungs(ct.hu, spacing_mm=float(np.mean(ct.spacing)), source=ct.source)
+            d[self.mask_key] = MetaTensor(torch.from_numpy(np.asarray(lung, dtype=np.uint8))[None],
+                                          affine=image.affine, meta=_meta(image))
+        return d
+
+
+class RegisterToAtlasd(MapTransform):
+    """Affine registration of the lung mask to the atlas lung mask (custom.prepare's recipe and Dice QC); stores
+    the world -> atlas voxel map in the image's meta (``atlas_from_world``) and the Dice (``registration_dice``)."""
+
+    def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask", registration: str = "fast",
+                 min_dice: float = DEFAULT_MIN_DICE, atlas_dir: str | None = None, allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+        self.recipe = get_recipe(registration)
+        self.min_dice = float(min_dice)
+        self.atlas_dir = atlas_dir
+
+    def __call__(self, data):
+        d = dict(data)
+        atlas = load_atlas(self.atlas_dir)
+        for key in self.key_iterator(d):
+            image = d[key]
+            source = image.meta.get("filename_or_obj", key)
+            lung = d[self.mask_key][0].numpy() > 0
+            affine = np.asarray(image.affine, dtype=np.float64)
+            start = time.perf_counter()
+            try:
+                result = register_to_atlas(lung, affine, atlas.mask, atlas.affine, self.recipe,
+                                           atlas_image=atlas.fixed_image(self.recipe))
+            except Exception as err:
+                raise RegistrationQCError(f"{source}: affine registration to the atlas failed: {err}") from err
+            try:
+                dice = registration_dice(lung, result.subject_to_atlas_vox, atlas.mask)
+            finally:
+                result.cleanup()
+            if dice < self.min_dice:
+                raise RegistrationQCError(f"{source}: registration to the atlas failed QC: lung overlap (Dice) "
+                                          f"{dice:.2f} < {self.min_dice:.2f}; check the lung mask and the orientation")
+            image.meta["atlas_from_world"] = result.subject_to_atlas_vox @ np.linalg.inv(affine)
+            image.meta["registration_dice"] = round(float(dice), 4)
+            image.meta["registration_seconds"] = round(time.perf_counter() - start, 2)
+        return d
+
+
+class ScanChannelsd(MapTransform):
+    """(1, X, Y, Z) HU + lung mask -> the (5, X, Y, Z) scan channels (intensity, atlas location x3, lung) of
+    ``dense_input.scan_channels``, on the image's (possibly cropped) grid; drops ``mask_key``."""
+
+    def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask", allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.mask_key = mask_key
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            affine = np.asarray(image.affine, dtype=np.float64)
+            subject_to_atlas = np.asarray(image.meta["atlas_from_world"], dtype=np.float64) @ affine
+            lung = d.pop(self.mask_key)[0].numpy() > 0
+            channels = scan_channels(image[0].numpy(), lung, subject_to_atlas)
+            d[key] = MetaTensor(channels, affine=image.affine, meta=_meta(image))
+        return d
+
+
+def preprocessing_chain(atlas_dir: str | None = None, registration: str = "fast",
+                        min_dice: float = DEFAULT_MIN_DICE):
+    """The ``preprocessing`` of ``configs/inference.yaml`` in Python (keys ``image`` and ``lung_mask``)."""
+    from monai.transforms import Compose, CropForegroundd
+
+    return Compose([
+        LoadCTd("image", atlas_dir=atlas_dir),
+        LungMaskd("image", mask_key="lung_mask", atlas_dir=atlas_dir),
+        RegisterToAtlasd("image", mask_key="lung_mask", registration=registration, min_dice=min_dice,
+                         atlas_dir=atlas_dir),
+        CropForegroundd(keys=["image", "lung_mask"], source_key="lung_mask", margin=PATCH_HALF, allow_smaller=True),
+        ScanChannelsd("image", mask_key="lung_mask"),
+    ])
+
+
+# ----------------------------------------------------------------------------------------------- postprocessing
+def prepared_arrays(image: torch.Tensor, pred: torch.Tensor, threshold: float) -> dict:
+    """Numpy views of one scan on the prepared grid: HU, lung, labels, atlas x of every voxel."""
+    image = image.as_tensor() if isinstance(image, MetaTensor) else image
+    pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
+    lung = image[LUNG_CHANNEL].numpy() > 0.5
+    labels = decide_labels(pred.float(), threshold).numpy()
+    labels[~lung] = 0
+    atlas_x = location_to_centre(image[1:4].permute(1, 2, 3, 0))[..., 0].numpy()
+    return {"hu": _hu_of(image[0]), "lung": lung, "labels": labels, "atlas_x": atlas_x}
+
+
+class EmphysemaReportd(MapTransform):
+    """Per-region emphysema report of ``keys`` (prepared-grid probabilities) into ``report_key`` (a dict);
+    written as ``<output_dir>/<subject_id>/report.json`` and pictures beside it when ``output_dir`` is set."""
+
+    def __init__(self, keys: KeysCollection = "pred", image_key: str = "image", threshold: float = 0.5,
+                 output_dir: str | None = None, pictures: bool = True, report_key: str = "report",
+                 allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.threshold = float(threshold)
+        self.output_dir = output_dir
+        self.pictures = pictures
+        self.report_key = report_key
+
+    def __call__(self, data):
+        from custom.emphysema import pictures, report
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[self.image_key]
+            meta = image.meta if isinstance(image, MetaTensor) else {}
+            subject = str(d.get("subject_id") or meta.get("subject_id") or "scan")
+            arrays = prepared_arrays(image, d[key], self.threshold)
+            voxel_ml = float(np.prod(np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0))) / 1000.0
+            info = {"subject_id": subject, "source": str(meta.get("filename_or_obj", "")),
+                    "threshold": self.threshold, "registration_dice": meta.get("registration_dice")}
+            info = {k: (v.item() if hasattr(v, "item") else v) for k, v in info.items()}
+            d[self.report_key] = report.emphysema_report(arrays["hu"], arrays["lung"], arrays["labels"],
+                                                         arrays["atlas_x"], voxel_ml=voxel_ml, **info)
+            if self.output_dir:
+                folder = Path(self.output_dir) / subject
+                report.write_report_json(d[self.report_key], folder / "report.json")
+                if self.pictures:
+                    title = f"{subject}: emphysema (threshold {self.threshold:g})"
+                    pictures.coronal_slices(arrays["hu"], arrays["lung"], arrays["labels"],
+                                            folder / "emphysema_coronal.png", title)
+                    pictures.coronal_projection(arrays["lung"], arrays["labels"], folder / "emphysema_projection.png",
+                                                title)
+        return d
+
+
+class ResampleToInputd(MapTransform):
+    """Prepared-grid probabilities (C, X, Y, Z) -> ``probabilities_key`` on the input grid (``original_affine``,
+    ``spatial_shape`` of the image meta) with MONAI ``SpatialResample`` (bilinear), and ``keys`` replaced by the
+    label mask there (1, ...): 0 healthy or outside the lung, 1 centrilobular, 2 paraseptal."""
+
+    def __init__(self, keys: KeysCollection = "pred", image_key: str = "image", threshold: float = 0.5,
+                 probabilities_key: str = "probabilities", allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.image_key = image_key
+        self.threshold = float(threshold)
+        self.probabilities_key = probabilities_key
+        self.resample = SpatialResample(mode="bilinear", padding_mode="zeros", dtype=torch.float32)
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            meta = d[self.image_key].meta
+            pred = d[key]
+            src_affine = torch.as_tensor(np.asarray(d[self.image_key].affine, dtype=np.float64))
+            dst_affine = torch.as_tensor(np.asarray(meta["original_affine"], dtype=np.float64))
+            shape = [int(s) for s in np.asarray(meta["spatial_shape"]).ravel()[:3]]
+            subtypes = MetaTensor(pred.as_tensor()[1:] if isinstance(pred, MetaTensor) else pred[1:], affine=src_affine)
+            out = self.resample(subtypes, dst_affine=dst_affine, spatial_size=shape).as_tensor().clamp_(0.0, 1.0)
+            probabilities = torch.cat([(1.0 - out.sum(0, keepdim=True)).clamp_(0.0, 1.0), out])
+            labels = decide_labels(probabilities, self.threshold).to(torch.uint8)[None]
+            out_meta = {"filename_or_obj": meta.get("filename_or_obj"), "original_affine": dst_affine,
+                        "spatial_shape": np.asarray(shape)}
+            d[self.probabilities_key] = MetaTensor(probabilities, affine=dst_affine, meta=out_meta)
+            d[key] = MetaTensor(labels, affine=dst_affine, meta=dict(out_meta))
+        return d
+
+
+class SaveEmphysemaMapsd(MapTransform):
+    """Write ``<output_dir>/<subject_id>/emphysema_probabilities.nii.gz`` (x, y, z, class in ``EMPHYSEMA_CLASSES``
+    order, float32) and ``emphysema_mask.nii.gz`` (uint8 labels) with MONAI's NibabelWriter, atomically."""
+
+    def __init__(self, keys: KeysCollection = "pred", output_dir: str = "emphysema_maps",
+                 probabilities_key: str = "probabilities", allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = output_dir
+        self.probabilities_key = probabilities_key
+
+    @staticmethod
+    def _write(array: MetaTensor, path: Path, dtype) -> Path:
+        from monai.data import NibabelWriter
+
+        from custom.atomic_io import atomic_path
+
+        writer = NibabelWriter(output_dtype=dtype)
+        writer.set_data_array(array, channel_dim=0, squeeze_end_dims=True)
+        writer.set_metadata({"affine": array.affine, "original_affine": array.affine}, resample=False)
+        with atomic_path(path) as tmp:
+            writer.write(str(tmp), verbose=False)
+        return path
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.key_iterator(d):
+            subject = str(d.get("subject_id") or d[key].meta.get("subject_id") or "scan")
+            folder = Path(self.output_dir) / subject
+            outputs = {"mask": str(self._write(d[key], folder / "emphysema_mask.nii.gz", np.uint8))}
+            if self.probabilities_key in d:
+                outputs["probabilities"] = str(self._write(d[self.probabilities_key],
+                                                           folder / "emphysema_probabilities.nii.gz", np.float32))
+            d["outputs"] = outputs
+        return d
+
+
+__all__ = [
+    "EMPHYSEMA_CLASSES",
+    "EmphysemaReportd",
+    "LoadCTd",
+    "LungMaskd",
+    "RegisterToAtlasd",
+    "ResampleToInputd",
+    "SaveEmphysemaMapsd",
+    "ScanChannelsd",
+    "input_grid",
+    "prepared_arrays",
+    "preprocessing_chain",
+]

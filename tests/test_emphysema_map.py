@@ -1,0 +1,225 @@
+"""Emphysema maps: the grid inferer against the step-1 brute force, preprocessing against the prepared landmarks,
+postprocessing on the input grid, report numbers against numpy, and the inference config end to end."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import REPO_ROOT, SHARED_DATA
+from torch import nn
+
+from custom.emphysema.dense_input import probabilities_at, scan_channels
+from custom.emphysema.network import EmphysemaNetwork
+from custom.emphysema.sliding_window import EmphysemaInferer, decide_labels
+
+CONFIG = REPO_ROOT / "bundle" / "configs" / "inference.yaml"
+REAL_CT = SHARED_DATA / "real_ct" / "lung_pet_ct_dx_A0001" / "soft_kernel_B"
+
+
+class LocationReadout(nn.Module):
+    """A real (tiny) patch classifier whose logits are an affine function of the patch-centre location: its
+    probability map is smooth, the case where interpolating a coarse grid must agree with the brute force."""
+
+    def __init__(self):
+        super().__init__()
+        self.classifier = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.classifier.weight.copy_(torch.tensor([[0.0, 0.0, 0.0], [60.0, 0.0, 0.0], [0.0, 0.0, 60.0]]))
+            self.classifier.bias.copy_(torch.tensor([0.0, 7.8, 3.8]))  # borders inside the test lung
+
+    def forward(self, x):
+        c = x.shape[2] // 2
+        return self.classifier(x[:, 1:4, c, c, c])
+
+
+def _small_scan(shape=(22, 20, 18), lung_box=(slice(6, 9), slice(5, 8), slice(6, 9)), seed=0):
+    rng = np.random.default_rng(seed)
+    hu = rng.normal(-850, 60, shape).astype(np.float32)
+    lung = np.zeros(shape, bool)
+    lung[lung_box] = True
+    transform = np.eye(4)
+    transform[:3, 3] = (140, 150, 140)
+    return scan_channels(hu, lung, transform), lung
+
+
+def test_stride_one_is_the_brute_force():
+    torch.manual_seed(0)
+    network = EmphysemaNetwork(num_experts=2).eval()
+    channels, lung = _small_scan()
+    out = EmphysemaInferer(stride=1, batch_size=16)(channels[None], network)[0]
+    voxels = torch.nonzero(torch.from_numpy(lung))
+    expected = probabilities_at(network, channels, voxels)
+    assert out.shape == (3, *lung.shape)
+    torch.testing.assert_close(out[:, voxels[:, 0], voxels[:, 1], voxels[:, 2]].T, expected, rtol=0, atol=1e-6)
+    outside = out[:, ~torch.from_numpy(lung)]
+    assert torch.equal(outside[0], torch.ones_like(outside[0])) and not outside[1:].any()
+
+
+def test_coarse_stride_agrees_on_a_smooth_map():
+    network = LocationReadout()
+    box = (slice(3, 19), slice(4, 12), slice(3, 17))
+    channels, lung = _small_scan(lung_box=box)
+    exact = EmphysemaInferer(stride=1, batch_size=256)(channels[None], network)[0]
+    exact_labels = decide_labels(exact)[torch.from_numpy(lung)]
+    assert len(exact_labels.unique()) == 3  # the smooth field crosses both subtype borders inside the lung
+    coarse = EmphysemaInferer(stride=4, batch_size=256)
+    approx = coarse(channels[None], network)[0]
+    assert coarse.last_evaluations < lung.sum() / 8
+    assert float((approx - exact).abs().max()) < 0.06
+    refined = EmphysemaInferer(stride=4, min_stride=1, batch_size=256)
+    approx_refined = refined(channels[None], network)[0]
+    refined_labels = decide_labels(approx_refined)[torch.from_numpy(lung)]
+    assert refined.last_evaluations < lung.sum()
+    assert float((refined_labels == exact_labels).float().mean()) >= 0.99
+
+
+def test_report_numbers_match_numpy():
+    from custom.emphysema.report import atlas_midline, emphysema_report
+
+    rng = np.random.default_rng(1)
+    shape = (40, 10, 30)
+    hu = rng.uniform(-1024, -700, shape).round(1)
+    lung = np.zeros(shape, bool)
+    lung[2:18, 2:8, 3:27] = True  # one lung per side of the atlas midline below
+    lung[22:38, 2:8, 6:24] = True
+    labels = rng.choice([0, 1, 2], size=shape, p=[0.7, 0.2, 0.1]).astype(np.int8)
+    midline, high_x_is_left = atlas_midline()
+    atlas_x = np.broadcast_to((midline - 20 + np.arange(shape[0]) + 0.5)[:, None, None], shape)
+    report = emphysema_report(hu, lung, labels, atlas_x, voxel_ml=0.001, subject_id="t")
+    regions = report["regions"]
+    lower_x = np.zeros(shape, bool)
+    lower_x[:20] = True
+    left = lung & (~lower_x if high_x_is_left else lower_x)
+    right = lung & ~left
+    for name, mask in (("lung", lung), ("left", left), ("right", right)):
+        numbers = regions[name]
+        assert numbers["volume_ml"] == pytest.approx(mask.sum() * 0.001)
+        assert numbers["laa950_pct"] == pytest.approx(100 * (hu[mask] < -950).mean(), abs=1e-4)
+        assert numbers["perc15_hu"] == pytest.approx(np.percentile(hu[mask], 15), abs=0.01)
+        assert numbers["centrilobular_pct"] == pytest.approx(100 * (labels[mask] == 1).mean(), abs=1e-4)
+        assert numbers["paraseptal_pct"] == pytest.approx(100 * (labels[mask] == 2).mean(), abs=1e-4)
+    # zones: thirds of each lung's own z extent (z index grows towards the head on the LAS grid)
+    zs = np.nonzero(right.any(axis=(0, 1)))[0]
+    z0, z1 = zs[0], zs[-1] + 1
+    z = np.arange(shape[2])
+    upper = right & (z >= z0 + 2 * (z1 - z0) / 3)[None, None, :]
+    middle = right & ((z >= z0 + (z1 - z0) / 3) & (z < z0 + 2 * (z1 - z0) / 3))[None, None, :]
+    for name, mask in (("right_upper", upper), ("right_middle", middle)):
+        assert regions[name]["volume_ml"] == pytest.approx(mask.sum() * 0.001)
+        assert regions[name]["centrilobular_pct"] == pytest.approx(100 * (labels[mask] == 1).mean(), abs=1e-4)
+        assert regions[name]["laa950_pct"] == pytest.approx(100 * (hu[mask] < -950).mean(), abs=1e-4)
+    total = sum(regions[f"right_{zone}"]["volume_ml"] for zone in ("upper", "middle", "lower"))
+    assert total == pytest.approx(regions["right"]["volume_ml"])
+
+
+def test_not_hounsfield_input_is_refused_naming_the_file(tmp_path):
+    from custom.emphysema.scan_transforms import LoadCTd
+    from custom.prepare.io import NotHounsfieldError
+
+    path = tmp_path / "normalised.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4)), path)
+    with pytest.raises(NotHounsfieldError, match="normalised.nii.gz"):
+        LoadCTd()({"image": str(path)})
+
+
+def _demo_subject(demo_cohort, index=0):
+    cohort = pd.read_csv(demo_cohort / "synthetic" / "cohort.csv")
+    row = cohort.iloc[index]
+    folder = demo_cohort / "synthetic"
+    return {"subject_id": row.subject_id, "image": str(folder / row.image), "lung_mask": str(folder / row.lung_mask)}
+
+
+def test_preprocessing_locations_match_prepared_landmarks(demo_cohort):
+    from custom.atlas import landmark_locations
+    from custom.emphysema.scan_transforms import preprocessing_chain
+
+    item = _demo_subject(demo_cohort)
+    image = preprocessing_chain()(dict(item))["image"]
+    assert image.shape[0] == 5
+    prepared = demo_cohort / "prepared" / item["subject_id"]
+    transform = json.loads((prepared / "transform.json").read_text())
+    landmarks = np.load(prepared / "landmarks_vox.npy")
+    world = np.c_[landmarks, np.ones(len(landmarks))] @ np.asarray(transform["subject_affine_ras"]).T
+    voxels = np.rint((world @ np.linalg.inv(np.asarray(image.affine)).T)[:, :3]).astype(int)
+    inside = np.all((voxels >= 0) & (voxels < np.asarray(image.shape[1:])), axis=1)
+    assert inside.mean() > 0.9
+    p = image[1:4, voxels[inside, 0], voxels[inside, 1], voxels[inside, 2]].T.numpy()
+    error_atlas_vox = np.abs(p - landmark_locations()[inside]) * np.asarray((312.0, 286.0, 286.0)) / 2
+    # rounding to the nearest voxel moves a point by <= 0.87 voxel; the rest is registration run-to-run noise
+    assert np.median(error_atlas_vox.max(axis=1)) < 2.0
+    assert error_atlas_vox.max() < 6.0
+
+
+def _write_model(path):
+    torch.manual_seed(0)
+    torch.save(EmphysemaNetwork().state_dict(), path)
+    return path
+
+
+def _run_config(tmp_path, data, model_path, stride=48):
+    from monai.bundle import ConfigWorkflow
+
+    workflow = ConfigWorkflow(config_file=str(CONFIG), workflow_type="infer", logging_file=None,
+                              meta_file=str(REPO_ROOT / "bundle" / "configs" / "metadata.json"),
+                              input=data, output_dir=str(tmp_path / "out"), model_path=str(model_path),
+                              stride=stride, min_stride=stride, progress=False)
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    workflow.run()
+    workflow.finalize()
+    return tmp_path / "out"
+
+
+def _check_outputs(out, subject_id, input_affine, input_shape):
+    folder = out / subject_id
+    mask = nib.load(str(folder / "emphysema_mask.nii.gz"))
+    probabilities = nib.load(str(folder / "emphysema_probabilities.nii.gz"))
+    assert mask.shape == tuple(input_shape)
+    assert probabilities.shape == (*input_shape, 3)
+    np.testing.assert_allclose(mask.affine, input_affine, atol=1e-4)
+    np.testing.assert_allclose(probabilities.affine, input_affine, atol=1e-4)
+    p = np.asarray(probabilities.dataobj)
+    np.testing.assert_allclose(p.sum(axis=-1), 1.0, atol=1e-4)
+    labels = np.asarray(mask.dataobj)
+    assert set(np.unique(labels)) <= {0, 1, 2}
+    np.testing.assert_array_equal(labels > 0, np.maximum(p[..., 1], p[..., 2]) >= 0.5)
+    report = json.loads((folder / "report.json").read_text())
+    assert report["regions"]["lung"]["volume_ml"] > 300
+    for name in ("emphysema_coronal.png", "emphysema_projection.png"):
+        assert (folder / name).stat().st_size > 10_000
+    return report
+
+
+def test_inference_config_end_to_end_on_a_demo_subject(demo_cohort, tmp_path):
+    item = _demo_subject(demo_cohort)
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti file")
+    out = _run_config(tmp_path, [item, {"subject_id": "broken", "image": str(bad)}],
+                      _write_model(tmp_path / "model.pt"))
+    header = nib.load(item["image"])
+    report = _check_outputs(out, item["subject_id"], header.affine, header.shape)
+    table = pd.read_csv(out / "emphysema_report.csv")
+    assert list(table.subject_id) == [item["subject_id"]]
+    assert table.loc[0, "lung_volume_ml"] == pytest.approx(report["regions"]["lung"]["volume_ml"])
+    assert {"left_upper_centrilobular_pct", "right_lower_laa950_pct", "lung_perc15_hu"} <= set(table.columns)
+    failures = pd.read_csv(out / "failures.csv")
+    assert list(failures.subject_id) == ["broken"] and "broken.nii.gz" in failures.loc[0, "error"]
+
+
+@pytest.mark.slow
+def test_inference_config_on_the_real_ct(tmp_path):
+    if not REAL_CT.is_dir():
+        pytest.skip(f"real CT not found at {REAL_CT} (TCIA Lung-PET-CT-Dx A0001, see ../shared/data/real_ct)")
+    from custom.emphysema.scan_transforms import input_grid
+    from custom.prepare.io import load_ct
+
+    ct = load_ct(REAL_CT, axcodes="LAS")
+    affine, shape = input_grid(REAL_CT, ct)
+    out = _run_config(tmp_path, [{"subject_id": "A0001", "image": str(REAL_CT)}], _write_model(tmp_path / "m.pt"))
+    assert shape == (512, 512, 64)
+    _check_outputs(out, "A0001", affine, shape)
