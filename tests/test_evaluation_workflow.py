@@ -63,6 +63,7 @@ def inputs(tmp_path_factory):
 
 def test_evaluate_config_end_to_end(inputs, tmp_path):
     root = inputs
+    tracking_uri_before = os.environ.get("MLFLOW_TRACKING_URI")
     parser = ConfigParser()
     parser.read_config(str(CONFIG))
     parser.update({
@@ -111,6 +112,9 @@ def test_evaluate_config_end_to_end(inputs, tmp_path):
     assert any(k.startswith("survival/DrasCLR/c_td_p50") for k in run.data.metrics)
     assert any(k.startswith("covid/DrasCLR/severity/accuracy") for k in run.data.metrics)
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"tables", "plots", "readouts.csv"}
+    assert run.info.status == "FINISHED"
+    # the run leaves no process-wide MLflow state behind (it would redirect later training handlers)
+    assert os.environ.get("MLFLOW_TRACKING_URI") == tracking_uri_before
 
 
 def test_missing_column_names_the_file_and_the_column(inputs, tmp_path):

@@ -361,36 +361,60 @@ def metric_name(*parts) -> str:
 
 
 def log_to_mlflow(settings: dict, params: dict, readouts, survival, covid, out: Path) -> str:
-    import mlflow
+    """One MLflow run with the parameters, every mean/s.d./C(t) and the tables and plots as artifacts.
 
-    mlflow.set_tracking_uri(settings["tracking_uri"])
-    mlflow.set_experiment(settings.get("experiment_name", "drasclr_evaluation"))
-    with mlflow.start_run(run_name=settings.get("run_name")) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        metrics = {}
-        for frame, prefix in ((readouts, "phenotype"), (covid, "covid")):
-            if frame is None:
-                continue
-            for r in frame[frame["status"] == "ok"].itertuples():
-                if np.isfinite(r.mean):
-                    metrics[metric_name(prefix, r.feature_set, r.target, r.metric, "mean")] = r.mean
-                if np.isfinite(r.sd):
-                    metrics[metric_name(prefix, r.feature_set, r.target, r.metric, "sd")] = r.sd
-        if survival is not None:
-            for r in survival[survival["status"] == "ok"].itertuples():
-                if np.isfinite(r.concordance):
-                    metrics[metric_name("survival", r.feature_row, f"c_td_p{r.percentile}")] = r.concordance
-                if np.isfinite(r.standard_error):
-                    metrics[metric_name("survival", r.feature_row, f"c_td_p{r.percentile}_se")] = r.standard_error
-        if metrics:
-            mlflow.log_metrics(metrics)
-        for sub in ("tables", "plots"):
-            if (out / sub).is_dir():
-                mlflow.log_artifacts(str(out / sub), artifact_path=sub)
-        for name in ("readouts.csv", "survival.csv", "covid_readouts.csv", "notes.txt"):
-            if (out / name).is_file():
-                mlflow.log_artifact(str(out / name))
-        return run.info.run_id
+    Uses an explicit ``MlflowClient``: the fluent API (``mlflow.set_tracking_uri``) also sets the
+    ``MLFLOW_TRACKING_URI`` environment variable, which would redirect every later MLflow handler of the process
+    (training, fine-tuning) into this store.
+    """
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param, RunStatus
+
+    uri = settings["tracking_uri"]
+    client = MlflowClient(tracking_uri=uri)
+    name = settings.get("experiment_name", "drasclr_evaluation")
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        artifacts = None
+        if uri.startswith("sqlite:///"):  # artifacts beside the database, as MONAI's MLFlowHandler does
+            artifacts = Path(uri[len("sqlite:///"):]).parent.joinpath("mlruns").resolve().as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(experiment_id, run_name=settings.get("run_name"))
+    run_id = run.info.run_id
+    metrics = {}
+    for frame, prefix in ((readouts, "phenotype"), (covid, "covid")):
+        if frame is None:
+            continue
+        for r in frame[frame["status"] == "ok"].itertuples():
+            if np.isfinite(r.mean):
+                metrics[metric_name(prefix, r.feature_set, r.target, r.metric, "mean")] = r.mean
+            if np.isfinite(r.sd):
+                metrics[metric_name(prefix, r.feature_set, r.target, r.metric, "sd")] = r.sd
+    if survival is not None:
+        for r in survival[survival["status"] == "ok"].itertuples():
+            if np.isfinite(r.concordance):
+                metrics[metric_name("survival", r.feature_row, f"c_td_p{r.percentile}")] = r.concordance
+            if np.isfinite(r.standard_error):
+                metrics[metric_name("survival", r.feature_row, f"c_td_p{r.percentile}_se")] = r.standard_error
+    now = int(time.time() * 1000)
+    values = [Param(k, str(v)[:500]) for k, v in params.items()]
+    for start in range(0, len(values), 100):  # MLflow caps params at 100 per batch
+        client.log_batch(run_id, params=values[start : start + 100])
+    items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
+    for start in range(0, len(items), 500):  # MLflow caps a batch at 1000 entries
+        client.log_batch(run_id, metrics=items[start : start + 500])
+    for sub in ("tables", "plots"):
+        if (out / sub).is_dir():
+            client.log_artifacts(run_id, str(out / sub), artifact_path=sub)
+    for name in ("readouts.csv", "survival.csv", "covid_readouts.csv", "notes.txt"):
+        if (out / name).is_file():
+            client.log_artifact(run_id, str(out / name))
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    return run_id
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
