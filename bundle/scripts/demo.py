@@ -3,7 +3,7 @@
     python bundle/scripts/demo.py            # generate -> prepare -> pre-train -> embed -> fine-tune -> maps -> evaluate
 
 Each stage is the bundle's own workflow (the configs under bundle/configs, run through ConfigWorkflow as
-``python -m monai.bundle run`` runs them) a second run reuses the cohorts, the prepared caches and the plain-MoCo baseline. Outputs:
+``python -m monai.bundle run`` runs them); a second run reuses the cohorts, the prepared caches and the plain-MoCo baseline. Outputs:
 bundle/demo_data (cohorts, prepared caches, embeddings), bundle/models (pretrained.pt, model.pt) and
 bundle/runs (training, plain MoCo baseline, fine-tuning, emphysema maps, evaluation; MLflow sqlite stores).
 It ends by printing the phenotype table (the paper's Table 2 layout) and where the tables and pictures are.
