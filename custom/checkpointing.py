@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from custom.atomic_io import atomic_path
+from custom.flags import as_bool
 
 
 class RNGState:
@@ -43,7 +44,7 @@ def latest_checkpoint(checkpoint_dir: str | Path) -> Optional[str]:
 
 def resume_path(checkpoint_dir: str | Path, resume: bool) -> Optional[str]:
     """The checkpoint to resume from when ``resume`` is set (error if asked to resume with none there)."""
-    if not resume:
+    if not as_bool(resume):
         return None
     path = latest_checkpoint(checkpoint_dir)
     if path is None:

@@ -10,6 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from custom.figures import save_figure  # noqa: E402
+
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     if len(values) < window or window <= 1:
@@ -48,8 +50,4 @@ def plot_training_curves(tracking_uri: str, out_file: str | Path, experiment_nam
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_file, dpi=110)
-    plt.close(fig)
-    return out_file
+    return save_figure(fig, out_file, dpi=110)

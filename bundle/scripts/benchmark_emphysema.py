@@ -29,12 +29,14 @@ sys.path.insert(0, str(REPO))
 
 from custom import bundle_root
 from custom.emphysema.dense_input import LUNG_CHANNEL, probabilities_at
+from custom.emphysema.folded_classifier import FoldedClassifier, folded_probabilities_at
 from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
 from custom.emphysema.scan_transforms import preprocessing_chain
 from custom.emphysema.sliding_window import EmphysemaInferer, decide_labels
 
 
 def _settings(text: str) -> list:
+    """"stride:min_stride" items, comma separated."""
     out = []
     for part in text.split(","):
         stride, _, min_stride = part.partition(":")
@@ -69,13 +71,16 @@ def main(argv=None) -> int:
     parser.add_argument("--image", default=str(root / "demo_data/synthetic/images/SYN0000.nii.gz"))
     parser.add_argument("--lung_mask", default="")
     parser.add_argument("--model", default=str(root / "models/model.pt"))
-    parser.add_argument("--settings", default="8:2,16:4,4:2", help="stride:min_stride, comma separated")
+    parser.add_argument("--settings", default="32:32,32:8,20:10,24:12",
+                        help="stride:min_stride, comma separated")
     parser.add_argument("--cubes", type=int, default=3)
     parser.add_argument("--cube", type=int, default=12)
     parser.add_argument("--threshold", default="0.5",
                         help="a probability, or 'auto': the 95th percentile of the subtype probability over the lung "
                              "in the first (unrefined) setting's map, so that emphysema borders exist to compare")
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--speed_patches", type=int, default=512,
+                        help="lung patches timed through the network's forward and through the folded classifier")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -100,6 +105,25 @@ def main(argv=None) -> int:
           f"preprocessing {prepare_seconds:.1f} s")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+
+    # the two exact evaluators on the same lung patches, side by side
+    lung_voxels = torch.nonzero(torch.from_numpy(lung))
+    sample = lung_voxels[torch.randperm(len(lung_voxels), generator=torch.Generator().manual_seed(args.seed))
+                         [: args.speed_patches]]
+    speeds = {}
+    for name, evaluate in (
+        ("network forward", lambda c: probabilities_at(network, channels, c, batch_size=args.batch_size)),
+        ("folded classifier", lambda c: folded_probabilities_at(FoldedClassifier(network), channels, c,
+                                                                batch_size=args.batch_size)),
+    ):
+        evaluate(sample[: args.batch_size])  # warm-up
+        start = time.perf_counter()
+        speeds[name] = (evaluate(sample), time.perf_counter() - start)
+    difference = float((speeds["network forward"][0] - speeds["folded classifier"][0]).abs().max())
+    print(f"patch evaluation, {len(sample)} lung patches, batch {args.batch_size}: "
+          + ", ".join(f"{n} {len(sample) / t:.0f} patches/s" for n, (_, t) in speeds.items())
+          + f" ({speeds['network forward'][1] / speeds['folded classifier'][1]:.2f}x); "
+          f"max |probability difference| {difference:.1e}")
 
     maps = []
     settings = _settings(args.settings)
@@ -138,13 +162,16 @@ def main(argv=None) -> int:
     step1_scan = per_patch * num_lung
     exact_labels = decide_labels(exact.T, threshold).numpy()
     idx = tuple(centres.T.numpy())
-    print(f"step-1 brute force on {len(corners)} cubes of {args.cube}^3 ({len(centres)} lung voxels): "
-          f"{brute_seconds:.1f} s = {1000 * per_patch:.1f} ms per voxel -> whole scan {step1_scan:.0f} s "
-          f"({step1_scan / 3600:.1f} h) extrapolated")
+    folded_per_patch = speeds["folded classifier"][1] / len(sample)
+    step1_folded = folded_per_patch * num_lung
+    print(f"step-1 brute force (network forward) on {len(corners)} cubes of {args.cube}^3 ({len(centres)} lung "
+          f"voxels): {brute_seconds:.1f} s = {1000 * per_patch:.1f} ms per voxel -> whole scan {step1_scan:.0f} s "
+          f"({step1_scan / 3600:.1f} h) extrapolated; with the folded classifier {step1_folded:.0f} s "
+          f"({step1_folded / 3600:.1f} h)")
     print("  exact label counts on the cubes: "
           + ", ".join(f"{n} {int((exact_labels == c).sum())}" for c, n in enumerate(EMPHYSEMA_CLASSES)))
 
-    header = ["stride", "refine_to", "s/scan", "evals", "speed-up"] + \
+    header = ["stride", "refine_to", "s/scan", "evals", "speed-up", "speed-up (same evaluator)"] + \
         [f"Dice {n}" for n in EMPHYSEMA_CLASSES[1:]] + ["label agreement", "max |dp|"]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     reached = []
@@ -155,7 +182,7 @@ def main(argv=None) -> int:
         agreement = float((fast_labels == exact_labels).mean())
         max_dp = float((fast - exact.T).abs().max())
         row = [m["stride"], m["min_stride"], f"{m['seconds']:.1f}", m["evaluations"],
-               f"{step1_scan / m['seconds']:.0f}x"] + [f"{d:.3f}" for d in dice] + [f"{agreement:.4f}",
+               f"{step1_scan / m['seconds']:.0f}x", f"{step1_folded / m['seconds']:.0f}x"] + [f"{d:.3f}" for d in dice] + [f"{agreement:.4f}",
                                                                                       f"{max_dp:.3f}"]
         print("| " + " | ".join(str(v) for v in row) + " |")
         if all(np.isnan(d) or d >= 0.95 for d in dice):

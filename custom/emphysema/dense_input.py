@@ -42,6 +42,25 @@ def scan_channels(hu: np.ndarray, lung: np.ndarray, subject_to_atlas_vox: np.nda
     return torch.cat([intensity, location_channels(hu_t.shape, subject_to_atlas_vox), lung_t], dim=0)
 
 
+def intensity_patches_at(channels: torch.Tensor, centres: torch.Tensor, pad_intensity: float = -1.0) -> torch.Tensor:
+    """(N, 1, 32, 32, 32) intensity of the patches centred at integer voxels ``centres`` (N, 3); outside the
+    scan is air (-1 after normalisation)."""
+    centres = torch.as_tensor(centres, dtype=torch.long)
+    offsets = torch.arange(PATCH_SIZE) - HALF
+    # gather with clamped indices, then overwrite what lies outside the scan (no padded copy of the scan)
+    index, outside = [], torch.zeros((len(centres), 1, 1, 1), dtype=torch.bool)
+    for axis, size in enumerate(channels.shape[1:]):
+        along = centres[:, axis, None] + offsets
+        view = [len(centres), 1, 1, 1]
+        view[axis + 1] = PATCH_SIZE
+        index.append(along.clamp(0, size - 1).view(view))
+        outside = outside | ((along < 0) | (along >= size)).view(view)
+    patches = channels[0][index[0], index[1], index[2]]
+    if bool(outside.any()):
+        patches = patches.masked_fill(outside, pad_intensity)
+    return patches[:, None]
+
+
 def patches_at(channels: torch.Tensor, centres: torch.Tensor, pad_intensity: float = -1.0) -> torch.Tensor:
     """(N, 4, 32, 32, 32) network inputs for the patches centred at integer voxels ``centres`` (N, 3).
 
@@ -49,16 +68,10 @@ def patches_at(channels: torch.Tensor, centres: torch.Tensor, pad_intensity: flo
     patch-centre location, the only value the network reads from them.
     """
     centres = torch.as_tensor(centres, dtype=torch.long)
-    padded = torch.nn.functional.pad(channels[0:1], (HALF,) * 6, value=pad_intensity)[0]
-    offsets = torch.arange(PATCH_SIZE)
-    # corner in the padded volume = centre - 16 + 16 = centre
-    ix = (centres[:, 0, None] + offsets)[:, :, None, None]
-    iy = (centres[:, 1, None] + offsets)[:, None, :, None]
-    iz = (centres[:, 2, None] + offsets)[:, None, None, :]
-    intensity = padded[ix, iy, iz]
+    intensity = intensity_patches_at(channels, centres, pad_intensity)
     loc = channels[1:4, centres[:, 0], centres[:, 1], centres[:, 2]].T
     n = len(centres)
-    return torch.cat([intensity[:, None], loc.view(n, 3, 1, 1, 1).expand(n, 3, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)], 1)
+    return torch.cat([intensity, loc.view(n, 3, 1, 1, 1).expand(n, 3, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)], 1)
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ from sklearn.metrics import f1_score, precision_score, recall_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from custom.atomic_io import atomic_path
-from custom.emphysema.dense_input import probabilities_at
+from custom.emphysema.folded_classifier import classifier_probabilities_at
 from custom.emphysema.finetune import finetune
 from custom.emphysema.labelled_patches import CENTRE_IN_REGION, CONTEXT, LabelledPatches
 from custom.emphysema.network import EMPHYSEMA_CLASSES
@@ -57,7 +57,7 @@ def box_probabilities(network: torch.nn.Module, patches: LabelledPatches, indice
     """(n, M, C) class probabilities of the patches centred at the evaluated voxels of each box.
 
     Boxes are laid side by side along x in one dense input (each in its own 64-voxel slab, which the patches
-    of its box voxels never leave), so ``probabilities_at`` fills whole batches even at large strides."""
+    of its box voxels never leave), so each classifier call fills whole batches even at large strides."""
     indices = np.arange(len(patches)) if indices is None else np.asarray(indices, dtype=np.int64)
     offsets = torch.as_tensor(box_offsets(stride) + CENTRE_IN_REGION)
     per_call = max(1, math.ceil(batch_size / len(offsets)))
@@ -68,7 +68,7 @@ def box_probabilities(network: torch.nn.Module, patches: LabelledPatches, indice
         chunk = indices[start : start + per_call]
         channels = torch.cat([patches.channels(int(i))[:4] for i in chunk], dim=1)
         centres = torch.cat([offsets + torch.tensor([CONTEXT * k, 0, 0]) for k in range(len(chunk))])
-        probabilities = probabilities_at(network, channels, centres, batch_size=batch_size)
+        probabilities = classifier_probabilities_at(network, channels, centres, batch_size=batch_size)
         out.append(probabilities.reshape(len(chunk), len(offsets), -1).numpy())
     network.train(was_training)
     if not out:

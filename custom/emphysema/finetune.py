@@ -34,17 +34,8 @@ from custom.emphysema.network import (
 )
 from custom.intensity import HALF_RANGE
 from custom.location import PATCH_SIZE
+from custom.flags import as_bool  # noqa: F401  (configs call custom.emphysema.finetune.as_bool)
 from custom.network import DrasCLRNetwork
-
-
-def as_bool(value) -> bool:
-    """A config flag from the command line: ``--freeze_encoder false`` arrives as the string 'false'."""
-    if isinstance(value, str):
-        lowered = value.strip().lower()
-        if lowered not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"expected true or false, got {value!r}")
-        return lowered in ("true", "1", "yes")
-    return bool(value)
 
 
 def emphysema_network(pretrained_path: str | Path | None = None, freeze_encoder: bool = False, seed: int = 0,

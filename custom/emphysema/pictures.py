@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
 
-from custom.atomic_io import atomic_path
+from custom.figures import save_figure
 from custom.emphysema.network import EMPHYSEMA_CLASSES
 
 WINDOW_HU = (-1060.0, -825.0)
@@ -41,10 +41,7 @@ def _legend():
 
 
 def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, tight=True)
 
 
 def coronal_slices(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "",

@@ -28,6 +28,7 @@ from monai.transforms import MapTransform, SpatialResample
 from custom.emphysema.dense_input import LUNG_CHANNEL, scan_channels
 from custom.emphysema.network import EMPHYSEMA_CLASSES
 from custom.emphysema.sliding_window import decide_labels
+from custom.flags import as_bool
 from custom.intensity import HALF_RANGE, HU_SHIFT
 from custom.location import location_to_centre
 from custom.prepare.io import CTVolume, InputError, is_nifti, load_ct, load_mask_like
@@ -228,7 +229,7 @@ class EmphysemaReportd(MapTransform):
         self.image_key = image_key
         self.threshold = float(threshold)
         self.output_dir = output_dir
-        self.pictures = pictures
+        self.pictures = as_bool(pictures)
         self.report_key = report_key
 
     def __call__(self, data):

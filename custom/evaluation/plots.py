@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from custom.atomic_io import atomic_path
+from custom.figures import save_figure
 
 
 def gold_stage_name(gold) -> str:
@@ -21,10 +21,7 @@ def gold_stage_name(gold) -> str:
 
 
 def _save(figure, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=120, tight=True)
 
 
 def fraction_by_gold(

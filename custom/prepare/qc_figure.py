@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from custom.figures import save_figure
 from custom.intensity import HU_MAX, HU_MIN
 
 
@@ -44,11 +45,7 @@ def plot_subject(hu: np.ndarray, lung: np.ndarray, landmarks_vox: np.ndarray, ti
     axes[1].legend(loc="lower right", fontsize=8, framealpha=0.7)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_file, dpi=90)
-    plt.close(fig)
-    return out_file
+    return save_figure(fig, out_file, dpi=90)
 
 
 def _inside(points: np.ndarray, mask: np.ndarray) -> np.ndarray:

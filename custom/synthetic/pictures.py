@@ -15,6 +15,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from custom.figures import save_figure  # noqa: E402
 from custom.synthetic import labels  # noqa: E402
 
 LESION_COLOURS = {
@@ -77,11 +78,7 @@ def render_subject(hu, lesion, spacing, out_png, title: str, window=(-1100.0, -5
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=9)
     fig.suptitle(f"SYNTHETIC subject (not a real patient): {title}\nlung window [{window[0]:.0f}, {window[1]:.0f}] HU")
     fig.tight_layout(rect=(0, 0.05, 1, 0.95))
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=80)
 
 
 def render_clinical_model(table: pd.DataFrame, out_png) -> Path:
@@ -103,8 +100,4 @@ def render_clinical_model(table: pd.DataFrame, out_png) -> Path:
     axes[1].set_title("CLE visual score distribution")
     fig.suptitle(f"SYNTHETIC clinical model, {len(table)} table-only draws (not real patients)")
     fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=80)
