@@ -338,3 +338,41 @@ def test_bundle_configs_finetune_and_detection(cohort_boxes, tmp_path):
     assert {0.5, 1.0} <= set(efficiency["fraction"])
     assert (out / "label_efficiency.png").stat().st_size > 1000
     assert "| scheme |" in (out / "detection_table.md").read_text()
+    table7 = pd.read_csv(out / "table7_location_sensitivity.csv")  # Table 7: linear readout, random vs patch locations
+    assert set(table7["subtype"]) == {"centrilobular", "paraseptal"}
+    assert (table7["random location folds"] > 0).all() and (table7["patch location folds"] > 0).all()
+    assert "| subtype | random location | patch location |" in (out / "table7_location_sensitivity.md").read_text()
+
+
+def test_random_locations_move_boxes_into_the_atlas_lung_and_table7_tests_folds(cohort_boxes):
+    import nibabel as nib
+    from scipy import stats
+
+    from custom.atlas import atlas_mask_path
+    from custom.emphysema.labelled_patches import CENTRE_IN_REGION, load_labelled_patches
+    from custom.emphysema.random_location import location_table, with_random_locations
+
+    patches = load_labelled_patches(cohort_boxes["annotations"], cohort_boxes["prepared"], cohort_boxes["cache"],
+                                    progress=False)
+    moved = with_random_locations(patches, seed=3)
+    again = with_random_locations(patches, seed=3)
+    np.testing.assert_array_equal(moved.region_to_atlas, again.region_to_atlas)  # reproducible draw
+    lung = np.asarray(nib.load(str(atlas_mask_path())).dataobj) > 0
+    centre = np.array([CENTRE_IN_REGION] * 3 + [1.0])
+    for before, after in zip(patches.region_to_atlas, moved.region_to_atlas):
+        voxel = np.rint(after @ centre)[:3].astype(int)
+        assert lung[tuple(voxel)]  # the box centre now sits on an atlas lung voxel
+        np.testing.assert_allclose(after[:3, :3], before[:3, :3])  # same layout of locations inside the box
+    assert not np.allclose(moved.region_to_atlas[:, :3, 3], patches.region_to_atlas[:, :3, 3])
+    assert torch.equal(moved.channels(0)[0], patches.channels(0)[0])  # same image
+    assert not torch.equal(moved.channels(0)[1:4], patches.channels(0)[1:4])  # other routing location
+
+    rows = []
+    for fold, (patch_acc, random_acc) in enumerate([(0.9, 0.7), (0.8, 0.75), (0.95, 0.6)]):
+        for location, accuracy in (("patch", patch_acc), ("random", random_acc)):
+            rows.append({"scheme": "linear_readout", "init": "pretrained", "fraction": 1.0, "fold": fold,
+                         "subtype": "centrilobular", "location": location, "accuracy": accuracy})
+    table = location_table(pd.DataFrame(rows)).iloc[0]
+    assert table["patch location"] == "0.88 ± 0.08" and table["random location folds"] == 3
+    expected = stats.ttest_ind([0.9, 0.8, 0.95], [0.7, 0.75, 0.6], alternative="greater").pvalue
+    assert table["p (one-sided t-test)"] == pytest.approx(expected)

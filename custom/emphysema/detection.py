@@ -1,4 +1,5 @@
-"""Emphysema detection on annotated boxes (paper §4.3.1, Table 5) and the label-efficiency curve (§4.3.2, Fig. 5).
+"""Emphysema detection on annotated boxes (paper §4.3.1, Table 5), the label-efficiency curve (§4.3.2, Fig. 5)
+and the sensitivity to the routing location (§4.4, Table 7; ``custom.emphysema.random_location``).
 
 The rule: a box is detected positive for a subtype when at least 25 % of its voxels have p(subtype) > 0.5,
 where p at a voxel is the classifier's probability for the 32^3 patch centred at that voxel. The exact rule
@@ -32,6 +33,8 @@ from custom.emphysema.folded_classifier import classifier_probabilities_at
 from custom.emphysema.finetune import finetune
 from custom.emphysema.labelled_patches import CENTRE_IN_REGION, CONTEXT, LabelledPatches
 from custom.emphysema.network import EMPHYSEMA_CLASSES
+from custom.emphysema.random_location import PATCH_LOCATION, RANDOM_LOCATION, location_table, with_random_locations
+from custom.figures import save_figure
 from custom.location import PATCH_SIZE
 
 SUBTYPES = ("centrilobular", "paraseptal")
@@ -98,11 +101,13 @@ def box_predictions(network: torch.nn.Module, patches: LabelledPatches, indices=
 
 
 def subtype_scores(predictions: pd.DataFrame, subtype: str) -> dict:
-    """F1, precision, recall of the ``subtype`` boxes against the healthy boxes (NaN where undefined)."""
+    """F1, precision, recall and accuracy of the ``subtype`` boxes against the healthy boxes (NaN where
+    undefined)."""
     rows = predictions[predictions["label"].isin([subtype, "healthy"])]
     truth = (rows["label"] == subtype).to_numpy()
     called = rows[f"detected_{subtype}"].to_numpy(dtype=bool)
     scores = {"n_positive": int(truth.sum()), "n_healthy": int((~truth).sum())}
+    scores["accuracy"] = float((truth == called).mean()) if len(truth) else np.nan
     if not truth.any():
         return {**scores, "f1": np.nan, "precision": np.nan, "recall": np.nan}
     scores["precision"] = float(precision_score(truth, called, zero_division=np.nan))
@@ -143,15 +148,21 @@ class Experiment:
     scheme: str  # linear_readout | full_finetuning
     init: str  # pretrained | scratch
     fraction: float = 1.0
+    location: str = PATCH_LOCATION  # patch | random (Table 7: boxes routed by random atlas lung locations)
 
     @property
     def name(self) -> str:
-        return f"{self.scheme}/{self.init}/{self.fraction:g}"
+        suffix = "" if self.location == PATCH_LOCATION else f"/{self.location}_location"
+        return f"{self.scheme}/{self.init}/{self.fraction:g}{suffix}"
 
 
-def experiments(fractions=(), scratch: bool = True, linear_readout: bool = True) -> list:
-    """Table 5 (linear readout, full fine-tuning) + Fig. 5 (pre-trained at ``fractions``, scratch at 100 %)."""
+def experiments(fractions=(), scratch: bool = True, linear_readout: bool = True,
+                random_location: bool = False) -> list:
+    """Table 5 (linear readout, full fine-tuning) + Fig. 5 (pre-trained at ``fractions``, scratch at 100 %)
+    + Table 7 (linear readout with random locations) when ``random_location``."""
     runs = [Experiment("linear_readout", "pretrained")] if linear_readout else []
+    if random_location:
+        runs.append(Experiment("linear_readout", "pretrained", location=RANDOM_LOCATION))
     runs.append(Experiment("full_finetuning", "pretrained"))
     runs += [Experiment("full_finetuning", "pretrained", float(f)) for f in sorted(set(fractions)) if f < 1.0]
     if scratch:
@@ -178,12 +189,15 @@ class TrainingSettings:
 
 
 def cross_validate(patches: LabelledPatches, pretrained_path: str | Path, runs: list, n_splits: int = 5,
-                   settings: TrainingSettings | None = None, progress: bool = True) -> tuple:
+                   settings: TrainingSettings | None = None, progress: bool = True, atlas_dir=None) -> tuple:
     """Train every experiment on every fold and apply the rule to the test boxes.
 
     Returns (box predictions with ``experiment, scheme, init, fraction, fold`` columns, per-fold metrics)."""
     settings = settings or TrainingSettings()
     folds = subject_folds(patches, n_splits, settings.seed)
+    variants = {PATCH_LOCATION: patches}
+    if any(run.location == RANDOM_LOCATION for run in runs):
+        variants[RANDOM_LOCATION] = with_random_locations(patches, seed=settings.seed, atlas_dir=atlas_dir)
     jobs = [(fold, run) for fold in range(len(folds)) for run in runs]
     if progress:
         from tqdm.auto import tqdm
@@ -194,18 +208,19 @@ def cross_validate(patches: LabelledPatches, pretrained_path: str | Path, runs: 
         train, test = folds[fold]
         chosen = annotation_subset(patches.labels, train, run.fraction, seed=settings.seed + fold)
         linear = run.scheme == "linear_readout"
+        boxes = variants[run.location]
         result = finetune(
-            patches, chosen, pretrained_path=pretrained_path if run.init == "pretrained" else None,
+            boxes, chosen, pretrained_path=pretrained_path if run.init == "pretrained" else None,
             freeze_encoder=linear, epochs=settings.epochs_linear if linear else settings.epochs_full,
             lr=settings.lr_linear if linear else settings.lr_full, weight_decay=settings.weight_decay,
             batch_size=settings.batch_size, seed=settings.seed + fold, augment=settings.augment,
             balance_classes=settings.balance_classes, device=settings.device)
         start = time.perf_counter()
-        frame = box_predictions(result.network, patches, test, settings.stride, settings.inference_batch_size)
+        frame = box_predictions(result.network, boxes, test, settings.stride, settings.inference_batch_size)
         inference_seconds = time.perf_counter() - start
         frame.insert(0, "fold", fold)
         for key, value in (("experiment", run.name), ("scheme", run.scheme), ("init", run.init),
-                           ("fraction", run.fraction)):
+                           ("fraction", run.fraction), ("location", run.location)):
             frame.insert(0, key, value)
         predictions.append(frame)
         for subtype in SUBTYPES:
@@ -220,11 +235,11 @@ def cross_validate(patches: LabelledPatches, pretrained_path: str | Path, runs: 
 def summarise(fold_metrics: pd.DataFrame) -> pd.DataFrame:
     """Mean, s.d. and number of folds of F1 / precision / recall per experiment and subtype (tidy, one row
     per experiment x subtype), plus a ``<metric>_text`` column "0.82 ± 0.03"."""
-    keys = ["experiment", "scheme", "init", "fraction", "subtype"]
+    keys = [k for k in ("experiment", "scheme", "init", "fraction", "location", "subtype") if k in fold_metrics]
     rows = []
     for values, group in fold_metrics.groupby(keys, sort=False):
         row = dict(zip(keys, values))
-        for metric in METRICS:
+        for metric in [m for m in METRICS + ("accuracy",) if m in group]:
             column = group[metric].dropna()
             row[f"{metric}_mean"] = float(column.mean()) if len(column) else np.nan
             row[f"{metric}_sd"] = float(column.std(ddof=1)) if len(column) > 1 else np.nan
@@ -232,6 +247,11 @@ def summarise(fold_metrics: pd.DataFrame) -> pd.DataFrame:
             row[f"{metric}_text"] = mean_sd_text(row[f"{metric}_mean"], row[f"{metric}_sd"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _patch_location(summary: pd.DataFrame) -> pd.DataFrame:
+    """The rows of models routed by the boxes' own locations (Tables 5 and Fig. 5; Table 7 has the others)."""
+    return summary[summary["location"] == PATCH_LOCATION] if "location" in summary else summary
 
 
 def mean_sd_text(mean: float, sd: float) -> str:
@@ -242,7 +262,8 @@ def mean_sd_text(mean: float, sd: float) -> str:
 
 def detection_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Table 5 layout: one row per scheme (all annotations), columns <subtype> F1 / precision / recall."""
-    full = summary[summary["fraction"] == 1.0]
+    full = _patch_location(summary)
+    full = full[full["fraction"] == 1.0]
     rows = []
     for (scheme, init), group in full.groupby(["scheme", "init"], sort=False):
         row = {"scheme": scheme.replace("_", " "), "initialisation": init}
@@ -256,7 +277,8 @@ def detection_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def efficiency_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Fig. 5 data: F1 mean / s.d. per subtype against the share of annotations (full fine-tuning)."""
-    full = summary[summary["scheme"] == "full_finetuning"]
+    full = _patch_location(summary)
+    full = full[full["scheme"] == "full_finetuning"]
     columns = ["init", "fraction", "subtype", "f1_mean", "f1_sd", "f1_n_folds", "f1_text"]
     return full[columns].sort_values(["subtype", "init", "fraction"]).reset_index(drop=True)
 
@@ -291,10 +313,7 @@ def plot_label_efficiency(efficiency: pd.DataFrame, path: str | Path, note: str 
     if note:
         fig.suptitle(note)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
@@ -322,7 +341,8 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 def run_detection(annotations, prepared_dir: str | Path, pretrained_path: str | Path, output_dir: str | Path,
                   n_splits: int = 5, fractions=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
                   settings: TrainingSettings | None = None, cache_path: str | Path | None = None,
-                  coordinate_system: str = "RAS", note: str = "", progress: bool = True) -> dict:
+                  coordinate_system: str = "RAS", note: str = "", progress: bool = True,
+                  random_location: bool = True, atlas_dir: str | Path | None = None) -> dict:
     """The whole evaluation: labelled boxes -> CV of every experiment -> CSV + Markdown tables + Fig. 5 PNG
     in ``output_dir``. Returns the tables and the paths written."""
     from custom.emphysema.labelled_patches import load_labelled_patches
@@ -331,10 +351,12 @@ def run_detection(annotations, prepared_dir: str | Path, pretrained_path: str | 
     settings = settings or TrainingSettings()
     output_dir = Path(output_dir)
     patches = load_labelled_patches(annotations, prepared_dir, cache_path, coordinate_system, progress=progress)
-    runs = experiments(fractions)
-    predictions, fold_metrics = cross_validate(patches, pretrained_path, runs, n_splits, settings, progress)
+    runs = experiments(fractions, random_location=random_location)
+    predictions, fold_metrics = cross_validate(patches, pretrained_path, runs, n_splits, settings, progress,
+                                               atlas_dir=atlas_dir)
     summary = summarise(fold_metrics)
     table5, efficiency = detection_table(summary), efficiency_table(summary)
+    table7 = location_table(fold_metrics) if random_location else None
     folds = predictions.drop_duplicates(["fold", "subject_id"])[["fold", "subject_id"]].sort_values(["fold", "subject_id"])
     paths = {
         "box_predictions": output_dir / "box_predictions.csv", "fold_metrics": output_dir / "fold_metrics.csv",
@@ -354,7 +376,15 @@ def run_detection(annotations, prepared_dir: str | Path, pretrained_path: str | 
     _write_text(paths["table_md"], header + markdown_table(table5))
     _write_text(paths["efficiency_md"], header + markdown_table(efficiency.drop(columns=["f1_text"])))
     plot_label_efficiency(efficiency, paths["curve"], note=note)
+    if table7 is not None:
+        paths["location_table"] = output_dir / "table7_location_sensitivity.csv"
+        paths["location_table_md"] = output_dir / "table7_location_sensitivity.md"
+        _write_csv(table7, paths["location_table"])
+        shown = table7[["subtype", "random location", "patch location", "p (one-sided t-test)"]]
+        _write_text(paths["location_table_md"], header.replace("Mean ± s.d. over folds.", "Linear readout, "
+                    "box accuracy (subtype vs healthy boxes), mean ± s.d. over folds.") + markdown_table(shown))
     seconds = time.perf_counter() - start
     logger.info("detection evaluation done in %.0f s; outputs in %s", seconds, output_dir)
-    return {"summary": summary, "table": table5, "efficiency": efficiency, "fold_metrics": fold_metrics,
+    return {"summary": summary, "table": table5, "efficiency": efficiency, "location_table": table7,
+            "fold_metrics": fold_metrics,
             "predictions": predictions, "paths": paths, "seconds": seconds}
