@@ -375,4 +375,4 @@ def test_random_locations_move_boxes_into_the_atlas_lung_and_table7_tests_folds(
     table = location_table(pd.DataFrame(rows)).iloc[0]
     assert table["patch location"] == "0.88 ± 0.08" and table["random location folds"] == 3
     expected = stats.ttest_ind([0.9, 0.8, 0.95], [0.7, 0.75, 0.6], alternative="greater").pvalue
-    assert table["p (one-sided t-test)"] == pytest.approx(expected)
+    assert table["p (one-sided t-test)"] == pytest.approx(expected, rel=1e-2)

@@ -54,12 +54,12 @@ def location_table(fold_metrics: pd.DataFrame, metric: str = "accuracy") -> pd.D
             v = values[where]
             mean = float(v.mean()) if len(v) else np.nan
             sd = float(v.std(ddof=1)) if len(v) > 1 else np.nan
-            row[f"{label} mean"], row[f"{label} sd"], row[f"{label} folds"] = mean, sd, len(v)
+            row[f"{label} mean"], row[f"{label} sd"], row[f"{label} folds"] = round(mean, 4), round(sd, 4), len(v)
             row[label] = "n/a" if not np.isfinite(mean) else (f"{mean:.2f} ± {sd:.2f}" if np.isfinite(sd)
                                                                else f"{mean:.2f}")
         if min(len(values[PATCH_LOCATION]), len(values[RANDOM_LOCATION])) > 1:
             test = stats.ttest_ind(values[PATCH_LOCATION], values[RANDOM_LOCATION], alternative="greater")
-            row["p (one-sided t-test)"] = float(test.pvalue)
+            row["p (one-sided t-test)"] = float(f"{test.pvalue:.3g}")
         else:
             row["p (one-sided t-test)"] = np.nan
         rows.append(row)
