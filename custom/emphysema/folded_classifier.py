@@ -2,8 +2,8 @@
 
 A map evaluates thousands of patches, each routed by its own atlas location, so every Loc-CondConv layer needs
 one kernel per patch. The training-time layer (``LocCondConv3d``, mode "grouped") mixes the per-patch kernels
-for every layer and then normalises and activates in separate passes (on 2 CPU cores, batch 16: 120-160
-patches/s; this module: 180-210, same patches, in ``bundle/scripts/benchmark_emphysema.py``).
+for every layer and then normalises and activates in separate passes (on 2 CPU cores, batch 16: 123-161
+patches/s; this module: 180-229, same patches, in ``bundle/scripts/benchmark_emphysema.py``).
 Here, once per set of weights, each layer's BatchNorm is folded into its expert kernels (BN(conv(x, W) + b) is
 affine in W, so it commutes with the expert mix), and each layer takes the cheaper of two exact forms:
 - high resolution, small kernels: mix one kernel per patch and run one grouped convolution;

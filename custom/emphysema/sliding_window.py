@@ -141,7 +141,7 @@ class EmphysemaInferer(Inferer):
             step-1 brute force on every scan and cube sample measured in ``bundle/docs/emphysema.md``.
         threshold: subtype probability that makes a voxel emphysema (the paper uses 0.5).
         folded: evaluate the Loc-CondConv classifier through ``custom.emphysema.folded_classifier`` (same
-            numbers, 1.3-1.5x faster on 2 CPU cores in the benchmark); False, or any other network, calls the
+            numbers, 1.3-1.7x faster on 2 CPU cores in the benchmark); False, or any other network, calls the
             network's forward.
         batch_size: patches per network call.
         progress: show a tqdm progress bar over the evaluated patches.
