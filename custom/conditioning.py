@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom.loc_condconv import LocCondConv3d
+from custom.loc_condconv import LocCondConv3d, per_sample_conv3d
 
 CONDITIONINGS = ("loc_condconv", "none", "concatenation", "hypernetwork")
 
@@ -34,22 +34,6 @@ class PlainConv3d(nn.Conv3d):
 
     def forward(self, x: torch.Tensor, location: torch.Tensor | None = None) -> torch.Tensor:
         return self._conv_forward(x, self.weight, self.bias)
-
-
-def per_sample_conv3d(
-    x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
-) -> torch.Tensor:
-    """Convolve sample b of ``x`` (B, C, ...) with ``kernels[b]`` (B, O, C, k, k, k) in one grouped convolution."""
-    b, out_channels, in_channels, k = kernels.shape[0], kernels.shape[1], kernels.shape[2], kernels.shape[3]
-    grouped_input = x.reshape(1, b * in_channels, x.shape[2], x.shape[3], x.shape[4])
-    grouped_kernels = kernels.reshape(b * out_channels, in_channels, k, k, k)
-    if in_channels == 1:
-        # One channel per group: oneDNN's channels-last kernel is much faster on CPU (as in Loc-CondConv).
-        grouped_input = grouped_input.contiguous(memory_format=torch.channels_last_3d)
-        grouped_kernels = grouped_kernels.contiguous(memory_format=torch.channels_last_3d)
-    out = F.conv3d(grouped_input, grouped_kernels, None, stride, padding, 1, b)
-    out = out.contiguous().view(b, out_channels, out.shape[2], out.shape[3], out.shape[4])
-    return out if bias is None else out + bias.view(1, -1, 1, 1, 1)
 
 
 class HyperConv3d(nn.Module):

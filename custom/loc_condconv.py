@@ -20,6 +20,22 @@ from torch import nn
 MODES = ("grouped", "experts", "per_sample")
 
 
+def per_sample_conv3d(
+    x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
+) -> torch.Tensor:
+    """Convolve sample b of ``x`` (B, C, ...) with ``kernels[b]`` (B, O, C, k, k, k) in one grouped convolution."""
+    b, out_channels, in_channels, k = kernels.shape[0], kernels.shape[1], kernels.shape[2], kernels.shape[3]
+    grouped_input = x.reshape(1, b * in_channels, x.shape[2], x.shape[3], x.shape[4])
+    grouped_kernels = kernels.reshape(b * out_channels, in_channels, k, k, k)
+    if in_channels == 1:
+        # One channel per group: oneDNN's channels-last kernel is much faster on CPU.
+        grouped_input = grouped_input.contiguous(memory_format=torch.channels_last_3d)
+        grouped_kernels = grouped_kernels.contiguous(memory_format=torch.channels_last_3d)
+    out = F.conv3d(grouped_input, grouped_kernels, None, stride, padding, 1, b)
+    out = out.contiguous().view(b, out_channels, out.shape[2], out.shape[3], out.shape[4])
+    return out if bias is None else out + bias.view(1, -1, 1, 1, 1)
+
+
 class LocationRouting(nn.Module):
     """alpha(p) = sigmoid(W_r p + b): one mixing weight per expert kernel, from the atlas location."""
 
@@ -91,27 +107,7 @@ class LocCondConv3d(nn.Module):
             # One location for the whole batch (the reference's batch order): one kernel, one plain conv.
             kernel = self.mixed_kernels(location[0:1])[0]
             return F.conv3d(x, kernel, self.bias, self.stride, self.padding)
-        kernels = self.mixed_kernels(location).reshape(
-            b * self.out_channels, self.in_channels, self.kernel_size, self.kernel_size, self.kernel_size
-        )
-        grouped_input = x.reshape(1, b * self.in_channels, x.shape[2], x.shape[3], x.shape[4])
-        if self.in_channels == 1:
-            # One channel per group: oneDNN's channels-last kernel is about twice as fast on CPU here.
-            grouped_input = grouped_input.contiguous(memory_format=torch.channels_last_3d)
-            kernels = kernels.contiguous(memory_format=torch.channels_last_3d)
-        out = F.conv3d(
-            grouped_input,
-            kernels,
-            None,
-            self.stride,
-            self.padding,
-            1,
-            b,
-        )
-        out = out.contiguous().view(b, self.out_channels, out.shape[2], out.shape[3], out.shape[4])
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1, 1)
-        return out
+        return per_sample_conv3d(x, self.mixed_kernels(location), self.bias, self.stride, self.padding)
 
     def _forward_experts(self, x: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

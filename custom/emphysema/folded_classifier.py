@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from custom.emphysema.dense_input import intensity_patches_at, probabilities_at
-from custom.loc_condconv import LocCondConv3d
+from custom.loc_condconv import LocCondConv3d, per_sample_conv3d
 
 # a layer whose output has at most this many voxels per patch convolves with all experts and mixes the outputs
 EXPERTS_FORM_MAX_VOXELS = 8
@@ -85,13 +85,8 @@ class FoldedClassifier:
                 y = torch.einsum("bn,bnoxyz->boxyz", alpha, y.view(b, num_experts, out_channels, *y.shape[2:]))
                 y = y + layer["bias"].view(1, -1, 1, 1, 1)
             else:
-                kernels = torch.mm(alpha, experts.flatten(1)).view(b * out_channels, in_channels, *experts.shape[3:])
-                grouped = x.reshape(1, b * in_channels, *x.shape[2:])
-                if in_channels == 1:  # oneDNN's channels-last kernel is faster for one channel per group
-                    grouped = grouped.contiguous(memory_format=torch.channels_last_3d)
-                    kernels = kernels.contiguous(memory_format=torch.channels_last_3d)
-                y = F.conv3d(grouped, kernels, layer["bias"].repeat(b), layer["stride"], layer["padding"], 1, b)
-                y = y.contiguous().view(b, out_channels, *y.shape[2:])
+                kernels = torch.mm(alpha, experts.flatten(1)).view(b, *experts.shape[1:])
+                y = per_sample_conv3d(x, kernels, layer["bias"], layer["stride"], layer["padding"])
             x = F.elu_(y)
         return self.classifier(x.mean(dim=(2, 3, 4)))
 
