@@ -13,6 +13,12 @@ Table 6 trains every conditioning with the local loss only (§4.4.1), so its Loc
 whole volumes; ``plain_moco`` is its patch version: no location, one global queue, no neighbour loss.
 This module holds the registry, trains a variant through the bundle's training config (train.yaml +
 ablation.yaml) and embeds a cohort with a variant's weights in the layout of ``custom.embedding.embed_cohort``.
+
+Like for like: a variant run merges the same train.yaml (+ paper.yaml) and the same overrides as the DrasCLR run
+it is compared with, and ablation.yaml only sets the variant's switches (``VARIANT_IDS``), so the budget
+(iterations x batch), the schedule, the batch order, the data and every other training setting are inherited.
+``inherited_differences`` checks that before each variant trains; the record (``variant.json``) and the MLflow
+params hold what the variant got (``budget``, ``settings``).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from custom.atlas import atlas_mask_path, landmark_locations
 from custom.atomic_io import atomic_path
 from custom.conditioning import check_conditioning
 from custom.embedding import embed_patches
+from custom.flags import as_bool
 from custom.location import centre_to_location
 from custom.network import DrasCLRNetwork
 from custom.patch_dataset import prepared_patch_files
@@ -97,20 +104,125 @@ def trainable_variant(name: str) -> Variant:
     return variant
 
 
-def ablation_config_files(paper: bool = False) -> list[str]:
-    """train.yaml (+ paper.yaml for the paper's schedule) + ablation.yaml, in merge order."""
+def ablation_config_files(paper: bool = False, variant: bool = True) -> list[str]:
+    """train.yaml (+ paper.yaml for the paper's schedule) + ablation.yaml, in merge order; without ablation.yaml
+    (``variant=False``): the files of the DrasCLR run the variants are compared with."""
     configs = Path(custom.bundle_root()) / "configs"
-    names = ["train.yaml"] + (["paper.yaml"] if paper else []) + ["ablation.yaml"]
+    names = ["train.yaml"] + (["paper.yaml"] if as_bool(paper) else []) + (["ablation.yaml"] if variant else [])
     return [str(configs / n) for n in names]
 
 
+# What ablation.yaml may set differently from the DrasCLR run: the variant's switches, where its outputs go and
+# how it is recorded. Anything else of train.yaml (+ paper.yaml) is inherited (checked by inherited_differences).
+VARIANT_IDS = ("num_neighbours", "network_def#conditioning", "network_def#global_queue", "output_dir", "model_path",
+               "experiment_name", "run_name", "hyper_parameters")
+# Settings that say how a run executes, not what it trains: a finished variant is reused whatever they were.
+RUN_KEYS = ("resume", "num_workers", "checkpoint_every", "mlflow", "tracking_uri", "output_dir", "ckpt_dir",
+            "model_path", "experiment_name", "run_name")
+
+
+def training_configs(name: str, paper: bool = False, **overrides):
+    """(DrasCLR config, variant config): unresolved parsers of train.yaml [+ paper.yaml] with ``overrides``, and
+    of the same files + ablation.yaml with the same overrides and ``variant=name``."""
+    from monai.bundle import ConfigParser
+
+    parsers = []
+    for files, extra in ((ablation_config_files(paper, variant=False), {}),
+                         (ablation_config_files(paper), {"variant": trainable_variant(name).name})):
+        parser = ConfigParser()
+        parser.read_config(files)
+        parser.update({**overrides, **extra})
+        parsers.append(parser)
+    return tuple(parsers)
+
+
+def _leaves(config, prefix: str = "") -> dict:
+    """{id: value} of every leaf of a config (ids joined by '#', list items by index)."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else None
+    if items is None:
+        return {prefix: config}
+    leaves = {}
+    for key, value in items:
+        leaves.update(_leaves(value, f"{prefix}#{key}" if prefix else str(key)))
+    return leaves
+
+
+def _allowed(config_id: str) -> bool:
+    return any(config_id == a or config_id.startswith(a + "#") for a in VARIANT_IDS)
+
+
+def inherited_differences(drasclr, variant) -> dict:
+    """{id: (DrasCLR value, variant value)} for every setting under the DrasCLR config's top-level ids that the
+    variant config holds differently (raw, before resolution: a changed reference counts), other than
+    ``VARIANT_IDS``. Empty when the variant inherits the DrasCLR run's budget, schedule, order, data and model
+    settings; keys the DrasCLR config does not have (the variant's own) are not compared."""
+    missing = "<not set>"
+    ours = _leaves({k: drasclr.get(k) for k in drasclr.get()})
+    theirs = _leaves({k: variant.get(k, missing) for k in drasclr.get()})
+    return {i: (ours.get(i, missing), theirs.get(i, missing)) for i in sorted(set(ours) | set(theirs))
+            if not _allowed(i) and ours.get(i, missing) != theirs.get(i, missing)}
+
+
+def _plain(value) -> bool:
+    """A literal setting: not an expression, reference, macro or component."""
+    return value is None or isinstance(value, (bool, int, float)) or (
+        isinstance(value, str) and not value.startswith(("$", "@", "%")))
+
+
+def training_settings(drasclr, variant) -> dict:
+    """Every top-level literal setting of the DrasCLR config (schedule, optimiser, order, seeds, model sizes,
+    data folder, ... whatever train.yaml holds), resolved in the variant config: what the variant trains with."""
+    return {k: variant.get_parsed_content(k) for k, v in drasclr.get().items() if _plain(v)}
+
+
+def planned_budget(variant) -> dict:
+    """The budget a variant config plans: batch, epochs, iterations per epoch (None: a full pass), iterations
+    (None until the data fixes a full pass), and the queue (length K, number of queues)."""
+    epochs, length = variant.get_parsed_content("max_epochs"), variant.get_parsed_content("epoch_length")
+    return {"iterations": epochs * length if length else None, "batch_size": variant.get_parsed_content("batch_size"),
+            "max_epochs": epochs, "epoch_length": length, "order": variant.get_parsed_content("order"),
+            "queue_size": variant.get_parsed_content("network_def#queue_size"),
+            "num_queues": 1 if as_bool(variant.get_parsed_content("network_def#global_queue"))
+            else variant.get_parsed_content("network_def#num_landmarks")}
+
+
+def check_inherited(drasclr, variant, name: str) -> None:
+    """Refuse a variant whose config changes a training setting of the DrasCLR run (not like for like)."""
+    differences = inherited_differences(drasclr, variant)
+    if differences:
+        lines = "; ".join(f"{i}: DrasCLR {a!r}, variant {b!r}" for i, (a, b) in differences.items())
+        raise ValueError(f"variant {name!r} would not train like DrasCLR (ablation.yaml may only set "
+                         f"{', '.join(VARIANT_IDS)}): {lines}")
+
+
+def _comparable(settings: dict) -> dict:
+    return json.loads(json.dumps({k: v for k, v in settings.items() if k not in RUN_KEYS}, default=str))
+
+
+def check_reusable(out_dir: str | Path, settings: dict) -> None:
+    """Refuse to reuse or resume a variant folder trained with other settings (budget, schedule, data, ...):
+    its checkpoints and embeddings would not be like for like with this run."""
+    out_dir = Path(out_dir)
+    for file, what in ((out_dir / "variant.json", "settings"), (out_dir / "training_settings.json", None)):
+        if file.is_file():
+            recorded = json.loads(file.read_text())
+            recorded = recorded.get(what) if what else recorded
+            if recorded is None or _comparable(recorded) != _comparable(settings):
+                old, new = _comparable(recorded or {}), _comparable(settings)
+                changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) if recorded else []
+                raise ValueError(f"{out_dir} was trained with other settings ({', '.join(changed) or 'not recorded'}"
+                                 "): delete it or use another out_dir")
+
+
 def pretrain_variant(name: str, dataset_dir: str | Path, out_dir: str | Path, paper: bool = False,
-                     **overrides) -> Path:
+                     **overrides) -> tuple[Path, dict]:
     """Pre-train variant ``name`` with the bundle's training workflow (train.yaml [+ paper.yaml] + ablation.yaml).
 
-    Checkpoints go under ``out_dir/checkpoints``, the query encoder to ``out_dir/pretrained.pt`` (returned).
-    A run stopped part-way resumes from its newest checkpoint. ``overrides`` are config ids (batch_size,
-    max_epochs, epoch_length, num_workers, mlflow, tracking_uri, ...).
+    Checkpoints go under ``out_dir/checkpoints``, the query encoder to ``out_dir/pretrained.pt``. A run stopped
+    part-way resumes from its newest checkpoint. ``overrides`` are config ids (batch_size, max_epochs,
+    epoch_length, num_workers, mlflow, tracking_uri, ...), applied as to the DrasCLR run the variant is compared
+    with. Returns the weights and ``{"budget": ..., "settings": ...}``: the budget the variant got (iterations
+    from the trainer) and every inherited setting, both also logged as MLflow params.
     """
     from monai.bundle import ConfigWorkflow
 
@@ -119,17 +231,27 @@ def pretrain_variant(name: str, dataset_dir: str | Path, out_dir: str | Path, pa
     variant = trainable_variant(name)
     out_dir = Path(out_dir)
     settings = {
-        "variant": variant.name, "dataset_dir": str(dataset_dir), "output_dir": str(out_dir),
-        "model_path": str(out_dir / "pretrained.pt"),
+        "dataset_dir": str(dataset_dir), "output_dir": str(out_dir), "model_path": str(out_dir / "pretrained.pt"),
         "resume": latest_checkpoint(out_dir / "checkpoints") is not None,
     }
     settings.update(overrides)
+    drasclr, parser = training_configs(variant.name, paper, **settings)
+    check_inherited(drasclr, parser, variant.name)
+    inherited = training_settings(drasclr, parser)
+    check_reusable(out_dir, inherited)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out_dir / "training_settings.json") as tmp:
+        Path(tmp).write_text(json.dumps(inherited, indent=2, default=str))
+    logged = parser.get("hyper_parameters") or {}
+    mlflow_params = {f"hyper_parameters#{k}": v for k, v in inherited.items() if k not in logged}
     workflow = ConfigWorkflow(config_file=ablation_config_files(paper), workflow_type="train", run_id="training",
-                              **settings)
+                              variant=variant.name, **settings, **mlflow_params)
     workflow.initialize()
     workflow.run()
+    budget = planned_budget(workflow.parser)
+    budget["iterations"] = int(workflow.parser.get_parsed_content("train#trainer").state.iteration)
     workflow.finalize()
-    return Path(settings["model_path"])
+    return Path(settings["model_path"]), {"budget": budget, "settings": inherited}
 
 
 def load_variant_network(model_path: str | Path, conditioning: str = "loc_condconv",
@@ -243,20 +365,25 @@ def run_variant(name: str, dataset_dir: str | Path, out_root: str | Path, weight
     """Pre-train (unless the variant reuses other weights) and embed one variant into ``out_root/<name>``.
 
     ``weights`` (random-location variants only) replaces ``out_root/<weights_from>/pretrained.pt``. Returns the
-    record also written to ``out_root/<name>/variant.json``: the variant's settings, the weights used, and the
-    wall and CPU seconds spent training and embedding.
+    record also written to ``out_root/<name>/variant.json``: the variant's settings, the training budget it got
+    and every inherited training setting (those of the weights' variant for a random-location variant using
+    ``out_root``), the weights used, and the wall and CPU seconds spent training and embedding.
     """
     variant = get_variant(name)
     if weights is not None and variant.trainable:
         raise ValueError(f"variant {name!r} trains its own weights; 'weights' is for random-location variants")
     out_dir = Path(out_root) / variant.name
-    record = {"variant": asdict(variant), "dataset_dir": str(dataset_dir), "paper_schedule": paper, "seed": seed,
-              "train_settings": train_overrides}
+    record = {"variant": asdict(variant), "dataset_dir": str(dataset_dir), "paper_schedule": as_bool(paper),
+              "seed": seed, "train_settings": train_overrides, "budget": None, "settings": None}
     start, cpu = time.perf_counter(), _cpu_seconds()
     if variant.trainable:
-        weights = pretrain_variant(variant.name, dataset_dir, out_dir, paper, seed=seed, **train_overrides)
+        weights, trained = pretrain_variant(variant.name, dataset_dir, out_dir, paper, seed=seed, **train_overrides)
+        record.update(trained)
     elif weights is None:
         weights = Path(out_root) / variant.weights_from / "pretrained.pt"
+        source = Path(out_root) / variant.weights_from / "variant.json"
+        if source.is_file():
+            record.update({k: json.loads(source.read_text()).get(k) for k in ("budget", "settings")})
     record["weights"] = str(weights)
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     record["train_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
@@ -267,5 +394,5 @@ def run_variant(name: str, dataset_dir: str | Path, out_root: str | Path, weight
     record["embed_seconds"] = round(time.perf_counter() - start, 1)
     record["embed_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
     with atomic_path(out_dir / "variant.json") as tmp:
-        Path(tmp).write_text(json.dumps(record, indent=2))
+        Path(tmp).write_text(json.dumps(record, indent=2, default=str))
     return record

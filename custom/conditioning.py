@@ -128,11 +128,13 @@ def conditioned_conv3d(
     stride: int = 1,
     num_experts: int = 8,
     mode: str = "grouped",
+    init: str = "reference",
 ) -> nn.Module:
-    """The 3x3x3 (padding 1) convolution of one encoder layer under ``conditioning``."""
+    """The 3x3x3 (padding 1) convolution of one encoder layer under ``conditioning`` (``init`` applies to
+    Loc-CondConv: see :meth:`custom.loc_condconv.LocCondConv3d.reset_parameters`)."""
     check_conditioning(conditioning)
     if conditioning == "loc_condconv":
-        return LocCondConv3d(in_channels, out_channels, stride=stride, num_experts=num_experts, mode=mode)
+        return LocCondConv3d(in_channels, out_channels, stride=stride, num_experts=num_experts, mode=mode, init=init)
     if conditioning == "hypernetwork":
         return HyperConv3d(in_channels, out_channels, stride=stride)
     return PlainConv3d(in_channels, out_channels, 3, stride=stride, padding=1)

@@ -155,6 +155,6 @@ def _files(config_file: str | Sequence[str]) -> str | list[str]:
 
 
 if __name__ == "__main__":
-    import fire
+    from custom.flags import fire_cli
 
-    fire.Fire({"check": check, "export_torchscript": export_torchscript})
+    fire_cli({"check": check, "export_torchscript": export_torchscript})

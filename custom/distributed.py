@@ -2,7 +2,7 @@
 
 Keys from every rank are gathered before they are enqueued, so all ranks hold the same queues. BatchNorm in
 the key encoder would let a batch "cheat" through batch statistics; MoCo's remedy, used here, is to shuffle
-the key batch across ranks (``shuffle_across_ranks``).
+the key batch across ranks, or within one process's batch when BatchNorm is split (``shuffle_batch``).
 """
 
 from __future__ import annotations
@@ -28,28 +28,35 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shuffle_across_ranks(*tensors: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """Give each rank a random slice of the global batch (same permutation for every tensor).
+def shuffle_batch(*tensors: torch.Tensor, local: bool = False) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """Shuffle-BN's permutation of the key batch (same permutation for every tensor).
 
-    Returns the local shuffled tensors and the index that undoes the shuffle (see ``unshuffle_across_ranks``).
-    In one process this is the identity: batch statistics are permutation-invariant there.
+    Under DDP: the global batch is permuted (rank 0's draw, broadcast) and each rank takes its slice of it,
+    as the reference does. In one process with ``local=True`` (split BatchNorm, ``custom.split_batchnorm``):
+    the batch is permuted in place, so the contiguous sub-batches that BatchNorm normalises together are the
+    slices R ranks would hold. Otherwise the identity. Returns the shuffled tensors and the index that undoes
+    the shuffle (``unshuffle_batch``). Both paths draw one ``torch.randperm`` of the global batch size from the
+    default generator, so one process and R ranks seeded alike use the same permutation.
     """
-    if not is_distributed():
+    if is_distributed():
+        gathered = [concat_all_gather(t) for t in tensors]
+        total = gathered[0].shape[0]
+        world, rank = dist.get_world_size(), dist.get_rank()
+        permutation = torch.randperm(total).to(gathered[0].device)
+        dist.broadcast(permutation, src=0)
+        local_rows = permutation.view(world, -1)[rank]
+        return [g[local_rows] for g in gathered], torch.argsort(permutation)
+    if not local:
         return list(tensors), torch.arange(tensors[0].shape[0], device=tensors[0].device)
-    gathered = [concat_all_gather(t) for t in tensors]
-    total = gathered[0].shape[0]
-    world, rank = dist.get_world_size(), dist.get_rank()
-    permutation = torch.randperm(total, device=gathered[0].device)
-    dist.broadcast(permutation, src=0)
-    local = permutation.view(world, -1)[rank]
-    return [g[local] for g in gathered], torch.argsort(permutation)
+    permutation = torch.randperm(tensors[0].shape[0]).to(tensors[0].device)
+    return [t[permutation] for t in tensors], torch.argsort(permutation)
 
 
 @torch.no_grad()
-def unshuffle_across_ranks(tensor: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Tensor:
+def unshuffle_batch(tensor: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Tensor:
     """Return this rank's original rows of a tensor computed on the shuffled batch."""
     if not is_distributed():
-        return tensor
+        return tensor[unshuffle_index]
     gathered = concat_all_gather(tensor)
     world, rank = dist.get_world_size(), dist.get_rank()
     return gathered[unshuffle_index.view(world, -1)[rank]]

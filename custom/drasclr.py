@@ -17,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom.distributed import concat_all_gather, shuffle_across_ranks, unshuffle_across_ranks
+from custom.distributed import concat_all_gather, shuffle_batch, unshuffle_batch
 from custom.encoder import DrasCLREncoder
 from custom.landmark_queue import LandmarkQueue
-from custom.losses import local_contrastive_loss, neighbour_contrastive_loss
+from custom.loc_condconv import INITS
+from custom.losses import NEIGHBOUR_VARIANTS, local_contrastive_loss, neighbour_contrastive_loss
+from custom.split_batchnorm import use_split_batchnorm
 
 
 class DrasCLR(nn.Module):
@@ -38,14 +40,17 @@ class DrasCLR(nn.Module):
         conv_mode: str = "grouped",
         conditioning: str = "loc_condconv",
         global_queue: bool = False,
+        init: str = "reference",
+        bn_splits: int = 1,
     ):
         super().__init__()
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"momentum must lie in [0, 1), got {momentum}")
+        check_settings(momentum, temperature, queue_size, num_landmarks, neighbour_loss, init, bn_splits)
         self.momentum = momentum
         self.temperature = temperature
         self.neighbour_loss = neighbour_loss
-        self.encoder_q = DrasCLREncoder(1, representation_dim, projection_dim, num_experts, conv_mode, conditioning)
+        self.bn_splits = int(bn_splits)
+        encoder = DrasCLREncoder(1, representation_dim, projection_dim, num_experts, conv_mode, conditioning, init)
+        self.encoder_q = use_split_batchnorm(encoder, self.bn_splits) if self.bn_splits > 1 else encoder
         self.encoder_k = copy.deepcopy(self.encoder_q)
         for parameter in self.encoder_k.parameters():
             parameter.requires_grad_(False)
@@ -67,9 +72,11 @@ class DrasCLR(nn.Module):
 
     @torch.no_grad()
     def embed_keys(self, patches: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
-        (patches, locations), unshuffle = shuffle_across_ranks(patches, locations)
+        """Keys from the momentum encoder, computed on a shuffled batch (shuffle-BN: across ranks under DDP,
+        within the batch when BatchNorm is split in one process) and returned in the original order."""
+        (patches, locations), unshuffle = shuffle_batch(patches, locations, local=self.bn_splits > 1)
         keys = F.normalize(self.encoder_k(patches, locations)[1], dim=1)
-        return unshuffle_across_ranks(keys, unshuffle)
+        return unshuffle_batch(keys, unshuffle)
 
     def forward(
         self,
@@ -107,3 +114,24 @@ class DrasCLR(nn.Module):
         if update:
             self.queue.enqueue(concat_all_gather(k), concat_all_gather(queue_ids.to(k.device)))
         return out
+
+
+def check_settings(
+    momentum: float, temperature: float, queue_size: int, num_landmarks: int, neighbour_loss: str, init: str,
+    bn_splits: int,
+) -> None:
+    """Refuse settings that would train something else silently (one message per problem, naming the key)."""
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"ema_momentum must lie in [0, 1), got {momentum}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if int(queue_size) < 1:
+        raise ValueError(f"queue_size must be at least 1, got {queue_size}")
+    if int(num_landmarks) < 1:
+        raise ValueError(f"num_landmarks must be at least 1, got {num_landmarks}")
+    if neighbour_loss not in NEIGHBOUR_VARIANTS:
+        raise ValueError(f"neighbour_loss must be one of {NEIGHBOUR_VARIANTS}, got {neighbour_loss!r}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    if int(bn_splits) < 1:
+        raise ValueError(f"bn_splits must be at least 1, got {bn_splits}")

@@ -21,11 +21,12 @@ class DownsampleBlock(nn.Module):
     """[conv, conv, conv stride 2], each followed by BN and ELU."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, num_experts: int, mode: str, conditioning: str = "loc_condconv"
+        self, in_channels: int, out_channels: int, num_experts: int, mode: str, conditioning: str = "loc_condconv",
+        init: str = "reference",
     ):
         super().__init__()
         def conv(i: int, o: int, stride: int = 1) -> nn.Module:
-            return conditioned_conv3d(conditioning, i, o, stride, num_experts, mode)
+            return conditioned_conv3d(conditioning, i, o, stride, num_experts, mode, init)
 
         self.conv1 = conv(in_channels, out_channels)
         self.bn1 = nn.BatchNorm3d(out_channels)
@@ -52,21 +53,22 @@ class DrasCLREncoder(nn.Module):
         num_experts: int = 8,
         mode: str = "grouped",
         conditioning: str = "loc_condconv",
+        init: str = "reference",
     ):
         super().__init__()
         self.representation_dim = representation_dim
         self.projection_dim = projection_dim
         self.conditioning = check_conditioning(conditioning)
         def conv(i: int, o: int, stride: int = 1) -> nn.Module:
-            return conditioned_conv3d(conditioning, i, o, stride, num_experts, mode)
+            return conditioned_conv3d(conditioning, i, o, stride, num_experts, mode, init)
 
         self.conv1 = conv(in_channels, 8)
         self.bn1 = nn.BatchNorm3d(8)
         self.conv2 = conv(8, 8, 2)
         self.bn2 = nn.BatchNorm3d(8)
-        self.downsample1 = DownsampleBlock(8, 16, num_experts, mode, conditioning)
-        self.downsample2 = DownsampleBlock(16, 32, num_experts, mode, conditioning)
-        self.downsample3 = DownsampleBlock(32, 64, num_experts, mode, conditioning)
+        self.downsample1 = DownsampleBlock(8, 16, num_experts, mode, conditioning, init)
+        self.downsample2 = DownsampleBlock(16, 32, num_experts, mode, conditioning, init)
+        self.downsample3 = DownsampleBlock(32, 64, num_experts, mode, conditioning, init)
         self.conv3 = conv(64, 128)
         self.bn3 = nn.BatchNorm3d(128)
         self.conv4 = conv(128, representation_dim, 2)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("grouped", "experts", "per_sample")
+INITS = ("reference", "torch")
 
 
 def per_sample_conv3d(
@@ -61,10 +62,14 @@ class LocCondConv3d(nn.Module):
         num_coordinates: int = 3,
         bias: bool = True,
         mode: str = "grouped",
+        init: str = "reference",
     ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"LocCondConv3d mode must be one of {MODES}, got {mode!r}")
+        if init not in INITS:
+            raise ValueError(f"LocCondConv3d init must be one of {INITS}, got {init!r}")
+        self.init = init
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = kernel_size
@@ -81,11 +86,18 @@ class LocCondConv3d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # The same initialisation torch uses for one Conv3d, applied to each expert kernel.
-        for expert in self.weight:
-            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
-        if self.bias is not None:
+        """``reference``: the authors' layer subclasses torch's conv and re-runs its initialisation on the whole
+        (N, out, in, k, k, k) tensor, so kaiming-uniform sees fan-in out*in*k^3 and the kernels and bias start
+        sqrt(out) times smaller than one Conv3d's; the released weights were trained from that start.
+        ``torch``: each expert kernel gets one Conv3d's initialisation (fan-in in*k^3)."""
+        if self.init == "reference":
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            fan_in = self.weight.shape[1] * self.weight[0, 0].numel()
+        else:
+            for expert in self.weight:
+                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
             fan_in = self.in_channels * self.kernel_size**3
+        if self.bias is not None:
             bound = 1.0 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
 
@@ -134,7 +146,7 @@ class LocCondConv3d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, num_experts={self.num_experts}, mode={self.mode}"
+            f"padding={self.padding}, num_experts={self.num_experts}, mode={self.mode}, init={self.init}"
         )
 
 

@@ -4,9 +4,9 @@ An item holds two augmented views of x_i^j, augmented views of its l nearest lan
 same subject, their locations and the landmark id (paper §2.3-2.4). Patches are read from the per-subject
 ``patches.npy`` (J, 32, 32, 32) int16 through a memory map; whole volumes are never loaded.
 
-The sampler yields ``epoch * len(dataset) + index`` so the dataset knows the epoch of every draw (it seeds the
+The sampler yields ``pass * len(dataset) + index`` so the dataset knows the pass of every draw (it seeds the
 views) while worker processes stay stateless. Two orders: ``mixed`` (any landmarks in a batch) and
-``landmark`` (each batch from one landmark, the reference's order).
+``landmark`` (each global batch, over all DDP ranks, from one landmark: the reference's order).
 """
 
 from __future__ import annotations
@@ -52,11 +52,12 @@ class LandmarkPatchDataset(Dataset):
         augment: bool = True,
         seed: int = 0,
         atlas_dir: Optional[str] = None,
+        neighbour_seed: int = 0,
     ):
         self.patch_files = [Path(f) for f in patch_files]
         self.locations = torch.from_numpy(landmark_locations(atlas_dir))
         self.num_landmarks = len(self.locations)
-        self.neighbours = torch.from_numpy(landmark_neighbours(num_neighbours, atlas_dir))
+        self.neighbours = torch.from_numpy(landmark_neighbours(num_neighbours, atlas_dir, seed=neighbour_seed).copy())
         self.transform = contrastive_views() if augment else None
         self.seed = seed
         self._arrays: Dict[int, np.ndarray] = {}
@@ -67,16 +68,30 @@ class LandmarkPatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.patch_files) * self.num_landmarks
 
+    def state_dict(self) -> dict:
+        """The neighbour table, saved with every training checkpoint."""
+        return {"neighbours": self.neighbours.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Train on the checkpoint's neighbour table, whatever today's rule or seed would give."""
+        table = torch.as_tensor(state["neighbours"], dtype=torch.long)
+        if table.shape != self.neighbours.shape:
+            raise ValueError(
+                f"the checkpoint's neighbour table is {tuple(table.shape)}, this run's is {tuple(self.neighbours.shape)} "
+                f"(num_neighbours or the atlas differ from the run that wrote it)"
+            )
+        self.neighbours = table.clone()
+
     def _patches(self, subject: int) -> np.ndarray:
         if subject not in self._arrays:
             self._arrays[subject] = np.load(self.patch_files[subject], mmap_mode="r")
         return self._arrays[subject]
 
     def __getitem__(self, draw: int) -> Dict[str, torch.Tensor]:
-        epoch, index = divmod(int(draw), len(self))
+        pass_index, index = divmod(int(draw), len(self))
         subject, landmark = divmod(index, self.num_landmarks)
         patches = self._patches(subject)
-        seed = lambda view: view_seed(self.seed, epoch, index, view)  # noqa: E731
+        seed = lambda view: view_seed(self.seed, pass_index, index, view)  # noqa: E731
         neighbour_ids = self.neighbours[landmark]
         neighbours = [make_view(self.transform, patches[int(n)], seed(2 + v)) for v, n in enumerate(neighbour_ids)]
         size = patches.shape[1:]
@@ -91,12 +106,19 @@ class LandmarkPatchDataset(Dataset):
         }
 
 
-class EpochSampler(Sampler[int]):
-    """Deterministic per-epoch order, split over DDP ranks, resumable mid-epoch.
+class PassSampler(Sampler[int]):
+    """The training order: a stream of seeded passes over the (subject, landmark) pairs, split over DDP ranks.
 
-    ``set_epoch`` picks the permutation (seeded by seed and epoch); ``skip_batches`` drops this rank's first n
-    batches once, so a run resumed at iteration t reads exactly the batches an uninterrupted run would.
-    In ``landmark`` order each batch holds one landmark (incomplete per-landmark chunks are dropped).
+    Pass k is a permutation seeded by (seed, k). Each ``iter()`` yields this rank's share of one pass, starting
+    at the position ``set_position`` gave (the engine's iteration when a run starts or resumes), then moves on to
+    the next pass; ignite keeps the iterator across epochs when ``epoch_length`` is shorter than a pass and takes
+    a new one when it runs dry, so the batch at iteration t is the same in an uninterrupted and a resumed run.
+
+    ``order="landmark"`` (the reference): every step is ONE landmark across all ranks. A global batch of
+    ``batch_size * num_replicas`` different subjects of one landmark is cut into ``num_replicas`` chunks, and
+    rank r takes chunk r, so the global batch, its negatives, its queue writes and shuffle-BN all concern one
+    landmark. ``order="mixed"``: a global batch of any (subject, landmark) pairs, cut the same way.
+    Incomplete global batches are dropped, so every rank yields the same number of batches.
     """
 
     def __init__(
@@ -111,44 +133,51 @@ class EpochSampler(Sampler[int]):
     ):
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if order == "landmark" and num_subjects < batch_size:
+        if batch_size < 1 or num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"batch_size {batch_size}, num_replicas {num_replicas}, rank {rank}: out of range")
+        self.global_batch = batch_size * num_replicas
+        if order == "landmark" and num_subjects < self.global_batch:
             raise ValueError(
-                f"order 'landmark' fills a batch from one landmark of different subjects: batch_size {batch_size} "
-                f"needs at least that many subjects, the cache has {num_subjects} (use order 'mixed')"
+                f"order 'landmark' fills a global batch ({batch_size} per rank x {num_replicas} ranks) from one "
+                f"landmark of different subjects: it needs at least {self.global_batch} subjects, the cache has "
+                f"{num_subjects} (use a smaller batch_size or order 'mixed')"
             )
+        if order == "mixed" and num_subjects * num_landmarks < self.global_batch:
+            raise ValueError(f"{num_subjects * num_landmarks} patches cannot fill one global batch of {self.global_batch}")
         self.num_subjects, self.num_landmarks = num_subjects, num_landmarks
         self.batch_size, self.order, self.seed = batch_size, order, seed
         self.num_replicas, self.rank = num_replicas, rank
-        self.epoch, self._skip = 0, 0
+        self._next_pass, self._next_offset = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    @property
+    def batches_per_pass(self) -> int:
+        if self.order == "landmark":
+            return self.num_subjects // self.global_batch * self.num_landmarks
+        return self.num_subjects * self.num_landmarks // self.global_batch
 
-    def skip_batches(self, count: int) -> None:
-        self._skip = int(count)
+    def set_position(self, iteration: int) -> None:
+        """The next ``iter()`` starts at global batch ``iteration`` of the stream of passes."""
+        self._next_pass, self._next_offset = divmod(int(iteration), self.batches_per_pass)
 
-    def _batches(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.epoch])
-        total = self.num_subjects * self.num_landmarks
+    def global_batches(self, pass_index: int) -> np.ndarray:
+        """(batches_per_pass, global batch) item indices of one pass, identical on every rank."""
+        rng = np.random.default_rng([self.seed, pass_index])
         if self.order == "mixed":
-            order = rng.permutation(total)
-            usable = len(order) // self.batch_size * self.batch_size
-            batches = order[:usable].reshape(-1, self.batch_size)
-        else:
-            per_landmark = self.num_subjects // self.batch_size
-            chunks = []
-            for landmark in range(self.num_landmarks):
-                subjects = rng.permutation(self.num_subjects)[: per_landmark * self.batch_size]
-                chunks.append((subjects * self.num_landmarks + landmark).reshape(per_landmark, self.batch_size))
-            batches = np.concatenate(chunks)[rng.permutation(per_landmark * self.num_landmarks)]
-        usable = len(batches) // self.num_replicas * self.num_replicas
-        return batches[self.rank : usable : self.num_replicas]
+            order = rng.permutation(self.num_subjects * self.num_landmarks)
+            return order[: self.batches_per_pass * self.global_batch].reshape(-1, self.global_batch)
+        per_landmark = self.num_subjects // self.global_batch
+        chunks = []
+        for landmark in range(self.num_landmarks):
+            subjects = rng.permutation(self.num_subjects)[: per_landmark * self.global_batch]
+            chunks.append((subjects * self.num_landmarks + landmark).reshape(per_landmark, self.global_batch))
+        return np.concatenate(chunks)[rng.permutation(self.batches_per_pass)]
 
     def __len__(self) -> int:
-        return len(self._batches()) * self.batch_size
+        return self.batches_per_pass * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
-        batches = self._batches()[self._skip :]
-        self._skip = 0
-        offset = self.epoch * self.num_subjects * self.num_landmarks
-        return iter((batches.reshape(-1) + offset).tolist())
+        pass_index, offset = self._next_pass, self._next_offset
+        self._next_pass, self._next_offset = pass_index + 1, 0
+        columns = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        batches = self.global_batches(pass_index)[offset:, columns]
+        return iter((batches.reshape(-1) + pass_index * self.num_subjects * self.num_landmarks).tolist())

@@ -16,7 +16,7 @@ from ignite.engine import Events
 from monai.engines import Trainer
 
 from custom.distributed import is_distributed
-from custom.patch_dataset import EpochSampler
+from custom.patch_dataset import PassSampler
 
 BATCH_KEYS = ("query", "key", "location", "landmark_ids", "neighbours", "neighbour_locations")
 LOGGED = ("loss", "loss_local", "loss_neighbour", "acc_local", "acc_neighbour")
@@ -50,15 +50,16 @@ class DrasCLRTrainer(Trainer):
         self.grad_clip_norm = grad_clip_norm
         self.scaler = torch.amp.GradScaler("cuda") if self.amp else None
         sampler = getattr(train_data_loader, "sampler", None)
-        if isinstance(sampler, EpochSampler):
+        if isinstance(sampler, PassSampler):
             self.add_event_handler(Events.EPOCH_STARTED, self._position_sampler, sampler)
 
     @staticmethod
-    def _position_sampler(engine: "DrasCLRTrainer", sampler: EpochSampler) -> None:
-        """Pick this epoch's order; after a mid-epoch resume, skip the batches already trained on."""
-        sampler.set_epoch(engine.state.epoch)
-        done = engine.state.iteration - (engine.state.epoch - 1) * engine.state.epoch_length
-        sampler.skip_batches(max(0, done))
+    def _position_sampler(engine: "DrasCLRTrainer", sampler: PassSampler) -> None:
+        """When the engine is about to open a data iterator (the first epoch of a run, fresh or resumed), start
+        the sampler's stream at the engine's iteration. Later epochs go on with the open iterator (or the next
+        pass when it runs dry), so the stream never depends on where a run was stopped."""
+        if engine._dataloader_iter is None:  # ignite opens the iterator right after EPOCH_STARTED
+            sampler.set_position(engine.state.iteration)
 
     def _iteration(self, engine: "DrasCLRTrainer", batchdata: Dict[str, torch.Tensor]) -> Dict[str, Any]:
         start = time.perf_counter()

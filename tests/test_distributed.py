@@ -18,7 +18,7 @@ def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from custom.distributed import concat_all_gather, shuffle_across_ranks, unshuffle_across_ranks
+    from custom.distributed import concat_all_gather, shuffle_batch, unshuffle_batch
     from custom.drasclr import DrasCLR
 
     torch.manual_seed(0)  # same initial weights and queues on every rank, as DDP broadcast would give
@@ -31,8 +31,8 @@ def _worker(rank, world, port, out_dir):
         neighbours=torch.randn(b, 1, 1, 32, 32, 32), neighbour_locations=torch.rand(b, 1, 3),
     )
     rows = torch.arange(4, dtype=torch.float32).view(2, 2) + 10 * rank
-    (shuffled,), undo = shuffle_across_ranks(rows)
-    restored = unshuffle_across_ranks(shuffled * 1, undo)
+    (shuffled,), undo = shuffle_batch(rows)
+    restored = unshuffle_batch(shuffled * 1, undo)
     model.encoder_k.eval()  # running-stat BN: keys no longer depend on the random cross-rank shuffle
     with torch.no_grad():
         local_keys = model.embed_keys(batch["key"], batch["location"])

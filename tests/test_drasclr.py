@@ -34,13 +34,34 @@ def test_key_encoder_gets_no_gradient_and_follows_ema():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_q.parameters())
 
 
-def test_step_enqueues_the_keys_of_each_landmark():
-    model = DrasCLR(num_landmarks=3, queue_size=8)
+@pytest.mark.parametrize("bn_splits", [1, 2])
+def test_step_enqueues_the_keys_of_each_landmark_in_their_slots(bn_splits):
+    model = DrasCLR(num_landmarks=3, queue_size=8, bn_splits=bn_splits)
+    model.encoder_k.eval()  # running statistics: the keys can be recomputed row by row after the step
     batch = _batch()
+    before = model.queue.keys.clone()
     model(**batch)
     assert model.queue.ptr.tolist() == [1, 2, 1]
-    # The enqueued rows are unit vectors: the normalised keys of the second view.
-    assert torch.allclose(model.queue.keys[1, :2].norm(dim=-1), torch.ones(2), atol=1e-5)
+    with torch.no_grad():  # the key encoder after this step's EMA, i.e. the one that made the enqueued keys
+        keys = torch.nn.functional.normalize(model.encoder_k(batch["key"], batch["location"])[1], dim=1)
+    # Batch rows 0..3 have landmarks 0, 1, 1, 2: each goes to its landmark's next slot, in batch order (the
+    # shuffle of the key batch for split BatchNorm is undone before the enqueue).
+    assert torch.allclose(model.queue.keys[0, 0], keys[0], atol=1e-6)
+    assert torch.allclose(model.queue.keys[1, :2], keys[1:3], atol=1e-6)
+    assert torch.allclose(model.queue.keys[2, 0], keys[3], atol=1e-6)
+    untouched = torch.ones(3, 8, dtype=torch.bool)
+    untouched[0, 0] = untouched[1, :2] = untouched[2, 0] = False
+    assert torch.equal(model.queue.keys[untouched], before[untouched])
+
+
+def test_settings_are_validated_with_the_key_named():
+    for bad, message in (
+        (dict(temperature=0.0), "temperature must be > 0"), (dict(queue_size=0), "queue_size must be at least 1"),
+        (dict(neighbour_loss="sum"), "neighbour_loss must be one of"), (dict(init="xavier"), "init must be one of"),
+        (dict(bn_splits=0), "bn_splits must be at least 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            DrasCLR(**{"num_landmarks": 2, "queue_size": 4, **bad})
 
 
 def test_no_update_leaves_state_untouched():

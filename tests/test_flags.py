@@ -37,3 +37,15 @@ def test_inference_config_reads_string_flags():
     assert inferer.folded is False and inferer.progress is False
     report = parser.get_parsed_content("postprocessing").transforms[0]
     assert report.pictures is False
+
+
+def test_ablation_config_reads_its_queue_switch_as_a_flag():
+    """``--global_queue false`` on the command line turns plain MoCo's single queue off (was: on, 'false' is truthy)."""
+    configs = REPO_ROOT / "bundle" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(configs / "train.yaml"), str(configs / "ablation.yaml")])
+    parser.update({"variant": "plain_moco", "global_queue": "false"})
+    assert parser.get_parsed_content("network_def#global_queue") is False
+    assert parser.get_parsed_content("hyper_parameters#num_queues") == 581
+    parser.update({"global_queue": "True"})
+    assert parser.get_parsed_content("network_def#global_queue", lazy=False) is True

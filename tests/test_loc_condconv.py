@@ -1,4 +1,5 @@
 import copy
+import math
 
 import pytest
 import torch
@@ -90,3 +91,20 @@ def test_shared_location_batch_takes_one_kernel_and_matches_definition():
     out_bat.square().sum().backward()
     for g_bat, g_ref in zip(_grads(batched, x_bat), _grads(reference, x_ref)):
         assert relative_error(g_bat, g_ref) < 1e-5
+
+
+@pytest.mark.parametrize("out_channels", [8, 128])
+def test_reference_initialisation_uses_the_whole_expert_tensor_fan_in(out_channels):
+    """The authors' layer initialises the (N, out, in, 3, 3, 3) tensor as one: kaiming-uniform with fan-in
+    out*in*27 (bound 1/sqrt(fan_in) for a = sqrt(5)), bias from the same fan-in; ``torch`` uses in*27."""
+    in_channels = 8
+    reference = LocCondConv3d(in_channels, out_channels, init="reference")
+    per_expert = LocCondConv3d(in_channels, out_channels, init="torch")
+    whole, single = 1 / math.sqrt(out_channels * in_channels * 27), 1 / math.sqrt(in_channels * 27)
+    for layer, bound in ((reference, whole), (per_expert, single)):
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.95 * bound
+        assert layer.bias.abs().max() <= bound and layer.bias.abs().max() > 0.5 * bound
+    ratio = float(per_expert.weight.abs().max() / reference.weight.abs().max())
+    assert ratio == pytest.approx(math.sqrt(out_channels), rel=0.05)
+    with pytest.raises(ValueError, match="init must be one of"):
+        LocCondConv3d(1, 8, init="xavier")

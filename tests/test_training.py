@@ -42,31 +42,83 @@ def test_check_properties_for_training(cache, tmp_path):
     assert not missing, missing
 
 
+def _record_stream(workflow):
+    """(subject, landmark) pairs of every batch the engine trains on, in order."""
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    seen = []
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED,
+        lambda engine: seen.append(torch.stack([engine.state.batch["subject"], engine.state.batch["landmark_ids"]], 1)),
+    )
+    return trainer, seen
+
+
+def _perturb(workflow):
+    """A fresh process whose model starts elsewhere: only a loaded checkpoint can bring it back on track."""
+    with torch.no_grad():
+        for parameter in workflow.parser.get_parsed_content("network_def").parameters():
+            parameter.add_(0.05)
+
+
 def test_stopped_and_resumed_run_equals_uninterrupted_run(cache, tmp_path):
-    straight = _workflow(cache, tmp_path / "straight")
+    """Stopped in epoch 2 of 2 with epoch_length (3) shorter than a pass (581 batches): ignite keeps the data
+    iterator across epochs then, so the resumed run must re-enter the same stream at iteration 4."""
+    settings = dict(max_epochs=2, epoch_length=3, checkpoint_every=2)
+    straight = _workflow(cache, tmp_path / "straight", **settings)
+    _, straight_stream = _record_stream(straight)
     straight.run()
     expected = _final_state(straight)
     straight.finalize()
+    assert len(straight_stream) == 6
 
-    interrupted = _workflow(cache, tmp_path / "resumed")
-    trainer = interrupted.parser.get_parsed_content("train#trainer")
-    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=2), lambda engine: engine.terminate())
+    interrupted = _workflow(cache, tmp_path / "resumed", **settings)
+    trainer, first_part = _record_stream(interrupted)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=4), lambda engine: engine.terminate())
     interrupted.run()
-    assert trainer.state.iteration == 2
+    assert trainer.state.iteration == 4 and trainer.state.epoch == 2
     interrupted.finalize()
-    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint_iteration=2.pt").is_file()
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint_iteration=4.pt").is_file()
 
-    resumed = _workflow(cache, tmp_path / "resumed", resume=True)
+    resumed = _workflow(cache, tmp_path / "resumed", resume=True, **settings)
+    _perturb(resumed)
+    trainer, second_part = _record_stream(resumed)
     resumed.run()
-    assert resumed.parser.get_parsed_content("train#trainer").state.iteration == 4
+    assert trainer.state.iteration == 6 and len(second_part) == 2  # only iterations 5 and 6 were trained
     state = _final_state(resumed)
     resumed.finalize()
+    # The same batches in the same order, across the stop and the epoch boundary.
+    assert torch.equal(torch.stack(first_part + second_part), torch.stack(straight_stream))
     # Tolerance: exact on CPU (same ops, same order); allow 1e-6 absolute for library-level nondeterminism.
     for name, value in expected.items():
         assert torch.allclose(state[name].float(), value.float(), atol=1e-6, rtol=0), name
     assert torch.equal(state["queue.ptr"], expected["queue.ptr"])
-    assert int(expected["queue.ptr"].sum()) == 4 * 4  # 4 iterations x batch 4 keys, none lost on resume
+    assert int(expected["queue.ptr"].sum()) == 6 * 4  # 6 iterations x batch 4 keys, none lost on resume
     assert (tmp_path / "resumed" / "model.pt").is_file()
+
+    # Negative control: the same perturbed start without loading the checkpoint ends elsewhere.
+    unloaded = _workflow(cache, tmp_path / "unloaded", **settings)
+    _perturb(unloaded)
+    unloaded.run()
+    control = _final_state(unloaded)
+    unloaded.finalize()
+    assert not torch.allclose(control["encoder_q.conv1.weight"], expected["encoder_q.conv1.weight"], atol=1e-3)
+
+
+def test_checkpoint_carries_the_neighbour_table(cache, tmp_path):
+    """A resumed run trains on the neighbour table of the run that wrote the checkpoint, even under another seed."""
+    first = _workflow(cache, tmp_path / "run", max_epochs=1, epoch_length=2, checkpoint_every=0)
+    first.run()
+    table = first.parser.get_parsed_content("train#dataset").neighbours.clone()
+    first.finalize()
+    (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("checkpoint_iteration=*.pt")
+    assert torch.equal(torch.load(checkpoint, weights_only=False)["neighbour_table"]["neighbours"], table)
+    resumed = _workflow(cache, tmp_path / "run", max_epochs=2, epoch_length=2, checkpoint_every=0, resume=True,
+                        neighbour_seed=5)
+    dataset = resumed.parser.get_parsed_content("train#dataset")
+    assert not torch.equal(dataset.neighbours, table)  # seed 5 alone would pick other equidistant neighbours
+    resumed.run()
+    assert torch.equal(dataset.neighbours, table)
+    resumed.finalize()
 
 
 def test_mlflow_store_holds_params_and_metric_histories(cache, tmp_path):
@@ -93,6 +145,7 @@ def test_two_process_gloo_training_through_torchrun(cache, tmp_path):
         "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN}','{MULTI}']",
         "--dataset_dir", str(cache), "--output_dir", str(tmp_path / "out"), "--model_path", str(tmp_path / "model.pt"),
         "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1", "--epoch_length", "2", "--queue_size", "16",
+        "--order", "landmark",
         "--checkpoint_every", "0", "--mlflow", "false", "--rank_state_dir", str(tmp_path / "ranks"),
     ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -105,8 +158,10 @@ def test_two_process_gloo_training_through_torchrun(cache, tmp_path):
     assert "queue.keys" in compared and "encoder_q.conv1.weight" in compared and "encoder_k.fc.2.bias" in compared
     for name in compared:
         assert torch.equal(rank0[name], rank1[name]), name
-    # 2 iterations x 2 ranks x batch 2: the queues hold the keys gathered from both ranks.
+    # 2 iterations x 2 ranks x batch 2: the queues hold the keys gathered from both ranks, and each step was one
+    # landmark on both ranks (order landmark), so every written landmark received whole global batches of 4.
     assert int(rank0["queue.ptr"].sum()) == 8
+    assert all(int(p) % 4 == 0 for p in rank0["queue.ptr"]), rank0["queue.ptr"].nonzero()
     assert (tmp_path / "model.pt").is_file() and (tmp_path / "out" / "checkpoints").is_dir()
 
 

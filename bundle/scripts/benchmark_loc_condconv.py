@@ -14,10 +14,10 @@ import platform
 import statistics
 import time
 
-import fire
 import torch
 
 from custom.encoder import DrasCLREncoder
+from custom.flags import fire_cli
 from custom.loc_condconv import set_loc_condconv_mode
 
 
@@ -79,4 +79,4 @@ def run(
 
 
 if __name__ == "__main__":
-    fire.Fire(run)
+    fire_cli(run)

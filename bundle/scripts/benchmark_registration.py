@@ -19,12 +19,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for ``custom``
 
-import fire  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from custom.atlas import atlas_mask_path, landmark_centres  # noqa: E402
+from custom.flags import fire_cli  # noqa: E402
 from custom.prepare import registration as reg  # noqa: E402
 from custom.prepare.io import load_ct  # noqa: E402
 from custom.prepare.landmarks import map_landmarks  # noqa: E402
@@ -95,4 +95,4 @@ def main(subjects: int = 3, reference_subjects: int = 1, out_dir: str = "benchma
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_cli(main)

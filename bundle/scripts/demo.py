@@ -7,6 +7,11 @@ Each stage is the bundle's own workflow (the configs under bundle/configs, run t
 bundle/demo_data (cohorts, prepared caches, embeddings), bundle/models (pretrained.pt, model.pt) and
 bundle/runs (training, plain MoCo baseline, fine-tuning, emphysema maps, evaluation; MLflow sqlite stores).
 It ends by printing the phenotype table (the paper's Table 2 layout) and where the tables and pictures are.
+
+The plain-MoCo baseline is trained like DrasCLR: the same configs and the same overrides (epochs, iterations per
+epoch, batch, data, seed), so the same budget, schedule and batch order, and a single queue of DrasCLR's
+per-landmark length K; only its own switches differ (``custom.ablation``). Its budget is printed and recorded in
+``runs/ablations/plain_moco/variant.json`` and its MLflow params; a stored baseline trained otherwise is retrained.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import shutil
 import time
 from pathlib import Path
 
-import fire
 import pandas as pd
 from monai.bundle import ConfigWorkflow
 
 import custom
-from custom.ablation import run_variant, variant_done
+from custom.ablation import (check_reusable, planned_budget, run_variant, training_configs, training_settings,
+                             variant_done)
+from custom.flags import fire_cli
 from custom.training_curves import plot_training_curves
 
 BUNDLE = Path(custom.bundle_root())
@@ -63,7 +69,7 @@ def _run(config: str | list, run_id: str, workflow_type: str = "infer", **overri
 
 
 def main(num_subjects: int = 10, covid_subjects: int = 8, seed: int = 0, max_epochs: int = 3, epoch_length: int = 40,
-         batch_size: int = 16, num_workers: int = 2, moco_iterations: int = 40, finetune_epochs: int = 10, map_subjects: int = 4,
+         batch_size: int = 16, num_workers: int = 2, finetune_epochs: int = 10, map_subjects: int = 4,
          map_stride: int = 32):
     stage = Stages()
     data = BUNDLE / "demo_data"
@@ -82,9 +88,11 @@ def main(num_subjects: int = 10, covid_subjects: int = 8, seed: int = 0, max_epo
     _run("prepare.yaml", "prepare", source=str(synthetic / "covid_cohort.csv"),
          cache_dir=str(data / "prepared_covid"), num_workers=num_workers)
 
+    # One set of training overrides for DrasCLR and its baseline: the same budget, schedule, order and data.
+    training = dict(dataset_dir=str(data / "prepared"), max_epochs=max_epochs, epoch_length=epoch_length,
+                    batch_size=batch_size, num_workers=num_workers, seed=seed)
     stage(3, f"pre-train DrasCLR ({max_epochs} epochs x {epoch_length} iterations, batch {batch_size})")
-    train = _run("train.yaml", "training", workflow_type="train", max_epochs=max_epochs, epoch_length=epoch_length,
-                 batch_size=batch_size, num_workers=num_workers, seed=seed)
+    train = _run("train.yaml", "training", workflow_type="train", **training)
     tracking_uri = train.parser.get_parsed_content("tracking_uri")
     train_dir = Path(train.parser.get_parsed_content("output_dir"))
     pretrained = Path(train.parser.get_parsed_content("model_path"))
@@ -92,14 +100,24 @@ def main(num_subjects: int = 10, covid_subjects: int = 8, seed: int = 0, max_epo
     curves = plot_training_curves(tracking_uri, train_dir / "training_curves.png",
                                   title="DrasCLR pre-training on the SYNTHETIC demo cohort")
 
-    stage(4, f"pre-train the plain MoCo baseline (no location conditioning, one global queue; {moco_iterations} "
-             "iterations) and embed with it")
     ablations = runs / "ablations"
-    if variant_done(ablations / "plain_moco"):
-        print(f"reusing {ablations / 'plain_moco'}")
+    moco = ablations / "plain_moco"
+    drasclr_config, moco_config = training_configs("plain_moco", **{**training, "output_dir": str(moco)})
+    budget = planned_budget(moco_config)
+    stage(4, f"pre-train the plain MoCo baseline with DrasCLR's budget (no location conditioning, one global queue "
+             f"of K = {budget['queue_size']}; {budget['max_epochs']} epochs x {budget['epoch_length']} iterations, "
+             f"batch {budget['batch_size']}) and embed with it")
+    try:  # a baseline (finished or stopped) trained with other settings is not like for like: train it again
+        check_reusable(moco, training_settings(drasclr_config, moco_config))
+    except ValueError as error:
+        print(f"{error}: retraining the baseline")
+        shutil.rmtree(moco)
+    if variant_done(moco):
+        print(f"reusing {moco}")
     else:
-        run_variant("plain_moco", data / "prepared", ablations, seed=seed, max_epochs=1, epoch_length=moco_iterations,
-                    batch_size=batch_size, num_workers=num_workers)
+        training_only = {k: v for k, v in training.items() if k not in ("dataset_dir", "seed")}
+        record = run_variant("plain_moco", data / "prepared", ablations, seed=seed, **training_only)
+        print(f"plain MoCo got: {record['budget']}")
 
     stage(5, "embed every prepared subject with DrasCLR (581 patch embeddings + subject mean, eq. 10-11)")
     _run("embed.yaml", "embed", source=str(data / "prepared"), out_dir=str(data / "embeddings"),
@@ -143,4 +161,4 @@ def main(num_subjects: int = 10, covid_subjects: int = 8, seed: int = 0, max_epo
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_cli(main)

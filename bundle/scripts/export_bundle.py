@@ -18,16 +18,8 @@ from pathlib import Path
 _here = Path(__file__).resolve()
 sys.path.insert(0, str(next((p for p in _here.parents if (p / "custom" / "__init__.py").is_file()), _here.parents[2])))
 
-from custom.bundle_export import export_bundle
-
-
-def _flag(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("true", "1", "yes", "y"):
-        return True
-    if value in ("false", "0", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+from custom.bundle_export import export_bundle  # noqa: E402
+from custom.flags import argparse_bool  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
         ("torchscript", False, "script models/model.pt into models/model.ts inside the export"),
         ("overwrite", False, "replace an existing export"),
     ]:
-        parser.add_argument(f"--{flag}", type=_flag, nargs="?", const=True, default=default, help=text)
+        parser.add_argument(f"--{flag}", type=argparse_bool, nargs="?", const=True, default=default, help=text)
     parser.add_argument("--inference_config", default="configs/inference.yaml",
                         help="config whose network_def is scripted with --torchscript")
     args = parser.parse_args(argv)

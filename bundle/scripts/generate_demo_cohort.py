@@ -14,8 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import fire
-
+from custom.flags import fire_cli
 from custom.synthetic import draw_clinical_table, generate_cohort, generate_covid_cohort
 from custom.synthetic.anatomy import load_atlas_reference
 from custom.synthetic.cohort import plan_subject, synthesize_subject
@@ -87,4 +86,4 @@ def main(
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_cli(main)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for ``custom``
 
-import fire  # noqa: E402
+from custom.flags import fire_cli  # noqa: E402  (--resume false / --strict true mean what they say)
 
 
 def run(source: str, cache_dir: str, atlas_dir: str | None = None, registration: str = "fast",
@@ -53,4 +53,4 @@ def picture(cache_dir: str, subject_id: str, out_file: str, title: str | None = 
 
 
 if __name__ == "__main__":
-    fire.Fire({"run": run, "landmarks": landmarks, "picture": picture})
+    fire_cli({"run": run, "landmarks": landmarks, "picture": picture})

@@ -14,6 +14,13 @@ Resumable: finished variants are skipped and a stopped pre-training continues fr
 that fails is recorded and the others go on. ``<out_dir>/ablations.csv`` lists each variant's status and the
 wall and CPU seconds spent training and embedding; MLflow runs go to ``<out_dir>/mlruns.db`` (experiment drasclr_ablation,
 one run per variant).
+
+Like for like: every variant merges the same configs and overrides as the method (``neighbours_2``) and only
+changes its own switches, so each gets the same budget (iterations x batch), schedule, batch order, data and
+queue length K; the budget each got is printed and recorded (``variant.json``, ``ablations.csv``, MLflow
+params). A finished variant trained with other settings is not reused (it fails with a message). ``--dry_run
+true`` prints each variant's config files and planned budget and trains nothing. On/off options accept
+true/false/yes/no/1/0/on/off in any case (``custom.flags``).
 """
 
 from __future__ import annotations
@@ -23,13 +30,14 @@ import time
 import traceback
 from pathlib import Path
 
-import fire
 import pandas as pd
 from monai.utils import path_to_sqlite_uri
 
 import custom
-from custom.ablation import VARIANTS, get_variant, run_variant, variant_done
+from custom.ablation import (VARIANTS, ablation_config_files, check_inherited, check_reusable, get_variant,
+                             planned_budget, run_variant, training_configs, training_settings, variant_done)
 from custom.atomic_io import atomic_path
+from custom.flags import fire_cli
 
 BUNDLE = Path(custom.bundle_root())
 
@@ -62,25 +70,38 @@ def main(
     mlflow: bool = True,
     random_location_weights: str | None = None,
     seed: int = 0,
+    dry_run: bool = False,
 ):
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     plan = plan_variants(variants, external_weights=random_location_weights is not None)
     schedule = {"max_epochs": max_epochs, "epoch_length": epoch_length, "batch_size": batch_size,
                 "num_workers": num_workers}
     overrides = {k: v for k, v in schedule.items() if v is not None}
     overrides.update(mlflow=mlflow, tracking_uri=path_to_sqlite_uri(str(out / "mlruns.db")))
     print(f"ablation variants: {', '.join(plan)} -> {out}", flush=True)
+    print("configs: " + ", ".join(Path(f).name for f in ablation_config_files(paper)), flush=True)
+    if dry_run:
+        for name in plan:
+            variant = VARIANTS[name]
+            print(f"[{name}] " + (_budget_line(_planned(name, dataset_dir, out, paper, seed, overrides)[0])
+                                  if variant.trainable else f"embeds the weights of {variant.weights_from}"))
+        return
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in plan:
         folder = out / name
-        if variant_done(folder):
-            print(f"[{name}] finished in an earlier run: skipped", flush=True)
-            rows.append(_row(name, "ok (earlier run)", json.loads((folder / "variant.json").read_text()), folder))
-            continue
         print(f"\n=== {name}: {VARIANTS[name].description} ===", flush=True)
         start = time.perf_counter()
         try:
+            if VARIANTS[name].trainable:
+                budget, settings = _planned(name, dataset_dir, out, paper, seed, overrides)
+                print(f"[{name}] {_budget_line(budget)}", flush=True)
+                if variant_done(folder):
+                    check_reusable(folder, settings)
+            if variant_done(folder):
+                print(f"[{name}] finished in an earlier run: skipped", flush=True)
+                rows.append(_row(name, "ok (earlier run)", json.loads((folder / "variant.json").read_text()), folder))
+                continue
             weights = random_location_weights if not VARIANTS[name].trainable else None
             record = run_variant(name, dataset_dir, out, weights=weights, seed=seed, paper=paper, **overrides)
         except Exception as error:  # noqa: BLE001 - a batch job records the failure and goes on with the other variants
@@ -88,9 +109,9 @@ def main(
             rows.append({"variant": name, "status": f"failed: {type(error).__name__}: {error}"})
             continue
         rows.append(_row(name, "ok", record, folder))
-        print(f"[{name}] train {record['train_seconds']:.1f} s (CPU {record['train_cpu_seconds']:.0f} s), embed "
-              f"{record['embed_seconds']:.1f} s (CPU {record['embed_cpu_seconds']:.0f} s), total "
-              f"{time.perf_counter() - start:.1f} s", flush=True)
+        print(f"[{name}] got {_budget_line(record.get('budget'))}; train {record['train_seconds']:.1f} s (CPU "
+              f"{record['train_cpu_seconds']:.0f} s), embed {record['embed_seconds']:.1f} s (CPU "
+              f"{record['embed_cpu_seconds']:.0f} s), total {time.perf_counter() - start:.1f} s", flush=True)
     table = pd.DataFrame(rows)
     with atomic_path(out / "ablations.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -99,11 +120,33 @@ def main(
         raise SystemExit(1)
 
 
+def _planned(name: str, dataset_dir, out: Path, paper, seed: int, overrides: dict) -> tuple[dict, dict]:
+    """(planned budget, inherited settings) of a trainable variant, as ``run_variant`` will train it; refuses a
+    variant whose config does not inherit the method's training settings."""
+    drasclr, variant = training_configs(name, paper, dataset_dir=str(dataset_dir), output_dir=str(out / name),
+                                        seed=seed, **overrides)
+    check_inherited(drasclr, variant, name)
+    return planned_budget(variant), training_settings(drasclr, variant)
+
+
+def _budget_line(budget: dict | None) -> str:
+    if not budget:
+        return "budget not recorded"
+    per_epoch = budget["epoch_length"] or "a full pass"
+    steps = f"{budget['iterations']} iterations (" if budget["iterations"] else "("
+    return (f"budget: {steps}{budget['max_epochs']} epochs x {per_epoch}) of batch {budget['batch_size']}, order "
+            f"{budget['order']}, {budget['num_queues']} queue(s) of K = {budget['queue_size']}")
+
+
+BUDGET = ("iterations", "batch_size", "max_epochs", "epoch_length", "order", "queue_size", "num_queues")
+
+
 def _row(name: str, status: str, record: dict, folder: Path) -> dict:
     times = ("train_seconds", "train_cpu_seconds", "embed_seconds", "embed_cpu_seconds")
-    return {"variant": name, "status": status, **{k: record.get(k) for k in times}, "weights": record.get("weights"),
-            "embeddings": str(folder)}
+    budget = record.get("budget") or {}
+    return {"variant": name, "status": status, **{k: budget.get(k) for k in BUDGET},
+            **{k: record.get(k) for k in times}, "weights": record.get("weights"), "embeddings": str(folder)}
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    fire_cli(main)

@@ -34,7 +34,6 @@ from custom.emphysema.network import (
 )
 from custom.intensity import HALF_RANGE
 from custom.location import PATCH_SIZE
-from custom.flags import as_bool  # noqa: F401  (configs call custom.emphysema.finetune.as_bool)
 from custom.network import DrasCLRNetwork
 
 

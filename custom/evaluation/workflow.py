@@ -41,6 +41,7 @@ from custom.evaluation.tables import (
     survival_table,
     write_table,
 )
+from custom.flags import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -49,13 +50,6 @@ LAA_PATCH = "LAA-950 (patch)"
 RANDOM_INIT = "Random init"
 SYNTHETIC_NOTE = ("Computed on the SYNTHETIC demo cohort: numbers about synthetic data, not about patients, and too "
                   "few subjects to rank methods.")
-
-
-def flag(value) -> bool:
-    """A config switch that may arrive as text from the command line ("false", "0", "no")."""
-    if isinstance(value, str):
-        return value.strip().lower() not in ("false", "0", "no", "off", "none", "")
-    return bool(value)
 
 
 class Notes:
@@ -111,8 +105,8 @@ def collect_feature_sets(
             notes.add(f"[{cohort}] feature set {name!r} skipped: {embedding_path(path)} not found")
             continue
         sets[name] = load_embedding_table(path)
-    want_laa = flag(baselines.get("laa950", True)) or flag(baselines.get("laa950_patch", True))
-    want_random = flag(baselines.get("random_init", True))
+    want_laa = as_bool(baselines.get("laa950", True)) or as_bool(baselines.get("laa950_patch", True))
+    want_random = as_bool(baselines.get("random_init", True))
     if (want_laa or want_random) and not prepared_cache:
         notes.add(f"[{cohort}] LAA-950 and random-init baselines skipped: no prepared cache given")
         return sets
@@ -121,9 +115,9 @@ def collect_feature_sets(
         return sets
     if want_laa:
         subject, patch = laa_features(prepared_cache, atlas_dir=atlas_dir)
-        if flag(baselines.get("laa950", True)):
+        if as_bool(baselines.get("laa950", True)):
             sets[LAA] = subject
-        if flag(baselines.get("laa950_patch", True)):
+        if as_bool(baselines.get("laa950_patch", True)):
             sets[LAA_PATCH] = patch
     if want_random:
         seed = int(baselines.get("random_init_seed", 0))
@@ -446,7 +440,7 @@ def evaluate(
 ) -> dict:
     """Run every analysis the inputs allow; returns the long result tables and the MLflow run id."""
     start = time.perf_counter()
-    common_subjects, synthetic = flag(common_subjects), flag(synthetic)
+    common_subjects, synthetic = as_bool(common_subjects), as_bool(synthetic)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes = Notes()
@@ -465,7 +459,7 @@ def evaluate(
     _write_csv(readouts, out / "readouts.csv")
 
     survival_results = None
-    if survival and flag(survival.get("enabled", True)):
+    if survival and as_bool(survival.get("enabled", True)):
         survival_results = run_survival(sets, clinical_table, survival, clinical, folds, seed, notes)
         _write_csv(survival_results, out / "survival.csv")
 
@@ -498,7 +492,7 @@ def evaluate(
 
     run_id = None
     mlflow = dict(mlflow or {})
-    if flag(mlflow.get("enabled", True)) and mlflow.get("tracking_uri"):
+    if as_bool(mlflow.get("enabled", True)) and mlflow.get("tracking_uri"):
         params = {"folds": folds, "seed": seed, "feature_sets": list(sets), "n_subjects": len(clinical_table),
                   "targets": list(targets), "clinical": clinical, "common_subjects": common_subjects,
                   "readout": readout, "survival_penalizer": (survival or {}).get("penalizer"),
