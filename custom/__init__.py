@@ -1,8 +1,14 @@
-"""DrasCLR components referenced by the bundle configs (``bundle/configs``).
+"""DrasCLR components referenced by the bundle configs (``bundle/configs``), one concept per module:
 
-One concept per module: intensity windowing, atlas locations, Loc-CondConv, the encoder, the single-tensor
-network, the landmark-conditioned queue, the contrastive losses, the momentum (MoCo) model, distributed
-helpers and the import of the official checkpoint format.
+- ``data``: the atlas and its landmarks, locations, intensities, augmentations, the training dataset and order;
+- ``prepare``: CT -> lung mask -> registration to the atlas -> 581 landmark patches (the prepared cache);
+- ``model``: Loc-CondConv, the encoder, split BatchNorm, the landmark queues, the losses, DrasCLR, the
+  single-tensor network and the official-checkpoint import;
+- ``engine``: the training engine, checkpoints, DDP helpers, training curves, baselines and ablations;
+- ``embed``: patch and subject embeddings; ``emphysema``: fine-tuning, detection and maps;
+  ``evaluation``: readouts, survival, tables; ``synthetic``: the SYNTHETIC demo cohort; ``zoo``: Model Zoo
+  conformance and export;
+- shared utilities: ``atomic_io`` (atomic writes), ``flags`` (the one boolean parser), ``figures``.
 """
 
 __version__ = "0.1.0"

@@ -28,7 +28,7 @@ def _atlas_lung_patches():
     import nibabel as nib
     import numpy as np
 
-    from custom.atlas import atlas_mask_path, landmark_corners
+    from custom.data.atlas import atlas_mask_path, landmark_corners
 
     mask = np.asarray(nib.load(str(atlas_mask_path())).dataobj) > 0
     return np.stack([mask[x : x + 32, y : y + 32, z : z + 32] for x, y, z in landmark_corners()])

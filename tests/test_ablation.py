@@ -11,7 +11,7 @@ import torch
 from conftest import REPO_ROOT, write_patch_cache
 from monai.bundle import ConfigParser
 
-from custom.ablation import (
+from custom.engine.ablation import (
     RUN_KEYS,
     VARIANT_IDS,
     VARIANTS,
@@ -25,14 +25,14 @@ from custom.ablation import (
     training_configs,
     training_settings,
 )
-from custom.atlas import atlas_mask_path, landmark_locations
-from custom.conditioning import CONDITIONINGS, HyperConv3d
-from custom.drasclr import DrasCLR
-from custom.embedding import embed_patches
-from custom.encoder import DrasCLREncoder
-from custom.loc_condconv import LocCondConv3d
-from custom.location import location_to_centre
-from custom.network import DrasCLRNetwork
+from custom.data.atlas import atlas_mask_path, landmark_locations
+from custom.model.conditioning import CONDITIONINGS, HyperConv3d
+from custom.model.drasclr import DrasCLR
+from custom.embed.cohort import embed_patches
+from custom.model.encoder import DrasCLREncoder
+from custom.model.loc_condconv import LocCondConv3d
+from custom.data.location import location_to_centre
+from custom.model.network import DrasCLRNetwork
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from custom.atlas import (
+from custom.data.atlas import (
     DIRECTIONS,
     NUM_LANDMARKS,
     landmark_centres,

@@ -13,7 +13,7 @@ import yaml
 from monai.bundle import ConfigParser, verify_net_in_out
 from packaging.requirements import Requirement
 
-from custom import conformance
+from custom.zoo import conformance
 from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -20,8 +20,8 @@ import torch
 import yaml
 
 import custom
-from custom.bundle_export import bundle_name, export_bundle
-from custom.conformance import read_large_files, verify_large_files
+from custom.zoo.export import bundle_name, export_bundle
+from custom.zoo.conformance import read_large_files, verify_large_files
 from custom.emphysema.network import EmphysemaNetwork
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -143,7 +143,7 @@ ISOLATED_CHECKS = textwrap.dedent("""
 
     import torch
     import custom
-    import custom.atlas
+    import custom.data.atlas
     from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata, verify_net_in_out
 
     bundle, config = Path(sys.argv[1]), sys.argv[2]
@@ -168,7 +168,7 @@ ISOLATED_CHECKS = textwrap.dedent("""
         properties = workflow.check_properties()
     print(json.dumps({
         "custom_file": custom.__file__, "bundle_root": custom.bundle_root(),
-        "atlas_dir": str(custom.atlas.resources_dir()), "sys_path": sys.path, "ts_error": ts_error,
+        "atlas_dir": str(custom.data.atlas.resources_dir()), "sys_path": sys.path, "ts_error": ts_error,
         "missing_properties": properties,
     }))
 """)

@@ -18,8 +18,8 @@ def _worker(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    from custom.distributed import concat_all_gather, shuffle_batch, unshuffle_batch
-    from custom.drasclr import DrasCLR
+    from custom.engine.distributed import concat_all_gather, shuffle_batch, unshuffle_batch
+    from custom.model.drasclr import DrasCLR
 
     torch.manual_seed(0)  # same initial weights and queues on every rank, as DDP broadcast would give
     model = DrasCLR(num_landmarks=3, queue_size=8)

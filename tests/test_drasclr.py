@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from custom.drasclr import DrasCLR
+from custom.model.drasclr import DrasCLR
 
 
 def _batch(b=4, neighbours=2, size=32):

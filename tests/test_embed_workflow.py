@@ -8,11 +8,11 @@ from conftest import REPO_ROOT, write_patch_cache
 from monai.bundle import ConfigWorkflow
 from test_official_checkpoint import official_state_dict
 
-from custom.atlas import landmark_locations
-from custom.embedding import embed_cohort, load_network
-from custom.intensity import hu_to_network
-from custom.network import DrasCLRNetwork
-from custom.official_checkpoint import load_official_encoder
+from custom.data.atlas import landmark_locations
+from custom.embed.cohort import embed_cohort, load_network
+from custom.data.intensity import hu_to_network
+from custom.model.network import DrasCLRNetwork
+from custom.model.official_checkpoint import load_official_encoder
 
 CONFIG = str(REPO_ROOT / "bundle" / "configs" / "embed.yaml")
 

@@ -3,8 +3,8 @@ import pandas as pd
 import torch
 
 from conftest import write_patch_cache
-from custom.embedding import embed_cohort, embed_patches, load_network
-from custom.network import DrasCLRNetwork
+from custom.embed.cohort import embed_cohort, embed_patches, load_network
+from custom.model.network import DrasCLRNetwork
 
 
 def test_embed_cohort_writes_table_and_patch_arrays(tmp_path):
@@ -21,7 +21,7 @@ def test_embed_cohort_writes_table_and_patch_arrays(tmp_path):
     # Eval-mode embeddings do not depend on how the patches are batched.
     network = load_network(model_path)
     hu = np.load(cache / "sub001" / "patches.npy", mmap_mode="r")[:10]
-    from custom.atlas import landmark_locations
+    from custom.data.atlas import landmark_locations
 
     loc = landmark_locations()[:10]
     assert np.allclose(embed_patches(network, hu, loc, batch_size=3), patches[:10], atol=1e-5)

@@ -33,8 +33,8 @@ from custom.emphysema.detection import (
 )
 from custom.emphysema.labelled_patches import LabelledPatches, load_labelled_patches
 from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
-from custom.intensity import hu_to_network
-from custom.location import CORNER_MAX
+from custom.data.intensity import hu_to_network
+from custom.data.location import CORNER_MAX
 from custom.synthetic.labels import EMPHYSEMA_CODES
 
 SUBTYPE_CODE = {"centrilobular": 1, "paraseptal": 2}
@@ -243,7 +243,7 @@ def cohort_boxes(demo_cohort, tmp_path_factory):
     pd.concat([cle[healthy.columns], healthy]).to_csv(path, index=False)
     patches = load_labelled_patches(path, demo_cohort / "prepared", cache_path=root / "boxes.npz")
     pretrained = root / "pretrained.pt"
-    from custom.network import DrasCLRNetwork
+    from custom.model.network import DrasCLRNetwork
 
     torch.manual_seed(1)
     torch.save(DrasCLRNetwork().state_dict(), pretrained)
@@ -348,7 +348,7 @@ def test_random_locations_move_boxes_into_the_atlas_lung_and_table7_tests_folds(
     import nibabel as nib
     from scipy import stats
 
-    from custom.atlas import atlas_mask_path
+    from custom.data.atlas import atlas_mask_path
     from custom.emphysema.labelled_patches import CENTRE_IN_REGION, load_labelled_patches
     from custom.emphysema.random_location import location_table, with_random_locations
 

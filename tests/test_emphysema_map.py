@@ -135,7 +135,7 @@ def _demo_subject(demo_cohort, index=0):
 
 
 def test_preprocessing_locations_match_prepared_landmarks(demo_cohort):
-    from custom.atlas import landmark_locations
+    from custom.data.atlas import landmark_locations
     from custom.emphysema.scan_transforms import preprocessing_chain
 
     item = _demo_subject(demo_cohort)

@@ -14,8 +14,8 @@ from conftest import REPO_ROOT, write_patch_cache
 from monai.bundle import ConfigParser
 from monai.utils import path_to_sqlite_uri
 
-from custom.atlas import atlas_mask_path, landmark_corners, landmark_locations
-from custom.embedding import embed_patches
+from custom.data.atlas import atlas_mask_path, landmark_corners, landmark_locations
+from custom.embed.cohort import embed_patches
 from custom.evaluation.feature_sets import (
     laa_features,
     landmark_major_means,

@@ -6,7 +6,7 @@ import pytest
 from conftest import REPO_ROOT
 from monai.bundle import ConfigParser
 
-from custom.checkpointing import resume_path
+from custom.engine.checkpointing import resume_path
 from custom.flags import as_bool
 
 

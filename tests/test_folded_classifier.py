@@ -16,7 +16,7 @@ from custom.emphysema.folded_classifier import (
 )
 from custom.emphysema.network import EmphysemaNetwork
 from custom.emphysema.sliding_window import EmphysemaInferer
-from custom.network import network_input
+from custom.model.network import network_input
 
 
 def _trained_looking_network(num_experts: int = 3, seed: int = 0) -> EmphysemaNetwork:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from custom.landmark_queue import LandmarkQueue
+from custom.model.landmark_queue import LandmarkQueue
 
 
 def _sequential(queue: LandmarkQueue, keys, ids):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from conftest import relative_error
-from custom.encoder import DrasCLREncoder
-from custom.loc_condconv import LocCondConv3d, set_loc_condconv_mode
+from custom.model.encoder import DrasCLREncoder
+from custom.model.loc_condconv import LocCondConv3d, set_loc_condconv_mode
 
 
 def _grads(module, x):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from custom.losses import local_contrastive_loss, neighbour_contrastive_loss
+from custom.model.losses import local_contrastive_loss, neighbour_contrastive_loss
 
 TAU = 0.2
 

@@ -5,8 +5,8 @@ from monai.bundle import ConfigParser, verify_net_in_out
 from monai.inferers import SimpleInferer
 
 from conftest import REPO_ROOT, relative_error
-from custom.location import corner_to_location
-from custom.network import DrasCLRNetwork, network_input
+from custom.data.location import corner_to_location
+from custom.model.network import DrasCLRNetwork, network_input
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 

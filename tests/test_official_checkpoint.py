@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import relative_error
-from custom.network import DrasCLRNetwork, network_input
-from custom.official_checkpoint import import_to_network, load_official_encoder, load_official_model
+from custom.model.network import DrasCLRNetwork, network_input
+from custom.model.official_checkpoint import import_to_network, load_official_encoder, load_official_model
 
 N = 8
 CONVS = [("conv1", 1, 8, 1), ("conv2", 8, 8, 2)]

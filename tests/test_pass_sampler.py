@@ -4,7 +4,7 @@ run re-enters at any iteration."""
 import numpy as np
 import pytest
 
-from custom.patch_dataset import PassSampler
+from custom.data.patch_dataset import PassSampler
 
 
 def _rank_batches(sampler: PassSampler, steps: int) -> np.ndarray:

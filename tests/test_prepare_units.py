@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from custom.atlas import atlas_mask_path, landmark_corners
+from custom.data.atlas import atlas_mask_path, landmark_corners
 from custom.prepare import cache
 from custom.prepare.io import NotHounsfieldError, load_ct, load_mask_like, resample_isotropic, validate_hu
 from custom.prepare.landmark_generator import generate_atlas_landmarks

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from custom.split_batchnorm import SplitBatchNorm3d, use_split_batchnorm
+from custom.model.split_batchnorm import SplitBatchNorm3d, use_split_batchnorm
 
 STEPS, GLOBAL_BATCH, NUM_LANDMARKS, QUEUE = 3, 4, 3, 8
 
@@ -56,7 +56,7 @@ def _train(model, optimiser, batches, rows=slice(None), reduce=lambda x: x):
 
 
 def _model(bn_splits):
-    from custom.drasclr import DrasCLR
+    from custom.model.drasclr import DrasCLR
 
     torch.manual_seed(0)
     # float64: the comparison is then about what is computed, not float32 round-off amplified by training.
@@ -138,9 +138,9 @@ def _landmark_sync_worker(rank, world, port, cache, out_dir):
     torch.set_num_threads(1)
     import torch.nn.functional as F
 
-    from custom.distributed import concat_all_gather
-    from custom.drasclr import DrasCLR
-    from custom.patch_dataset import LandmarkPatchDataset, PassSampler, prepared_patch_files
+    from custom.engine.distributed import concat_all_gather
+    from custom.model.drasclr import DrasCLR
+    from custom.data.patch_dataset import LandmarkPatchDataset, PassSampler, prepared_patch_files
 
     dataset = LandmarkPatchDataset(prepared_patch_files(cache), num_neighbours=1, augment=False)
     sampler = PassSampler(len(dataset.patch_files), dataset.num_landmarks, 2, "landmark", seed=3, num_replicas=world,

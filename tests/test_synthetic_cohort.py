@@ -273,7 +273,7 @@ def test_written_subject_is_identical_whatever_the_cohort_size(cohort_dir, tmp_p
 
 
 def test_landmarks_map_into_the_subject_and_back(cohort_dir):
-    from custom.atlas import landmark_centres
+    from custom.data.atlas import landmark_centres
     from custom.synthetic.geometry import atlas_to_subject_points, subject_to_atlas_points
 
     transform = json.loads((cohort_dir / "transforms" / "SYN0001.json").read_text())

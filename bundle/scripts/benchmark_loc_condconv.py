@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from custom.encoder import DrasCLREncoder
+from custom.model.encoder import DrasCLREncoder
 from custom.flags import fire_cli
-from custom.loc_condconv import set_loc_condconv_mode
+from custom.model.loc_condconv import set_loc_condconv_mode
 
 
 def _sync(device: torch.device) -> None:

@@ -23,7 +23,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from custom.atlas import atlas_mask_path, landmark_centres  # noqa: E402
+from custom.data.atlas import atlas_mask_path, landmark_centres  # noqa: E402
 from custom.flags import fire_cli  # noqa: E402
 from custom.prepare import registration as reg  # noqa: E402
 from custom.prepare.io import load_ct  # noqa: E402

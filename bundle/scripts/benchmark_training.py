@@ -36,9 +36,9 @@ if __package__ in (None, ""):  # run as a file: make ``custom`` importable from 
 
 import torch
 
-from custom.drasclr import DrasCLR
+from custom.model.drasclr import DrasCLR
 from custom.flags import as_bool, fire_cli
-from custom.loc_condconv import MODES, set_loc_condconv_mode
+from custom.model.loc_condconv import MODES, set_loc_condconv_mode
 
 GIB = 1024**3
 
@@ -92,7 +92,7 @@ def machine_report(device: torch.device) -> dict:
 
 def _location_tables(num_landmarks: int, num_neighbours: int, seed: int):
     """Atlas locations and neighbour table of the shipped landmarks (seeded random ones for another count)."""
-    from custom.atlas import landmark_locations, landmark_neighbours
+    from custom.data.atlas import landmark_locations, landmark_neighbours
 
     locations = torch.from_numpy(landmark_locations())
     if len(locations) == num_landmarks:
@@ -130,7 +130,7 @@ def make_batch(batch_size: int, num_neighbours: int, num_landmarks: int, order: 
 
 
 def train_step(model, optimiser, scaler, batch, device, amp: bool) -> tuple[float, float]:
-    """One full training step as ``custom.trainer.DrasCLRTrainer`` runs it; returns (seconds, loss)."""
+    """One full training step as ``custom.engine.trainer.DrasCLRTrainer`` runs it; returns (seconds, loss)."""
     _sync(device)
     start = time.perf_counter()
     optimiser.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ It ends by printing the phenotype table (the paper's Table 2 layout) and where t
 
 The plain-MoCo baseline is trained like DrasCLR: the same configs and the same overrides (epochs, iterations per
 epoch, batch, data, seed), so the same budget, schedule and batch order, and a single queue of DrasCLR's
-per-landmark length K; only its own switches differ (``custom.ablation``). Its budget is printed and recorded in
+per-landmark length K; only its own switches differ (``custom.engine.ablation``). Its budget is printed and recorded in
 ``runs/ablations/plain_moco/variant.json`` and its MLflow params; a stored baseline trained otherwise is retrained.
 """
 
@@ -24,10 +24,10 @@ import pandas as pd
 from monai.bundle import ConfigWorkflow
 
 import custom
-from custom.ablation import (check_reusable, planned_budget, run_variant, training_configs, training_settings,
+from custom.engine.ablation import (check_reusable, planned_budget, run_variant, training_configs, training_settings,
                              variant_done)
 from custom.flags import fire_cli
-from custom.training_curves import plot_training_curves
+from custom.engine.training_curves import plot_training_curves
 
 BUNDLE = Path(custom.bundle_root())
 CONFIGS = BUNDLE / "configs"

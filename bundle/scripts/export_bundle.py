@@ -4,7 +4,7 @@
     PYTHONPATH=dist/drasclr_lung_ct python -m monai.bundle run inference \
         --config_file dist/drasclr_lung_ct/configs/inference.yaml ...
 
-See ``custom/bundle_export.py`` for what is shipped and what stays behind.
+See ``custom/zoo/export.py`` for what is shipped and what stays behind.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 _here = Path(__file__).resolve()
 sys.path.insert(0, str(next((p for p in _here.parents if (p / "custom" / "__init__.py").is_file()), _here.parents[2])))
 
-from custom.bundle_export import export_bundle  # noqa: E402
+from custom.zoo.export import export_bundle  # noqa: E402
 from custom.flags import argparse_bool  # noqa: E402
 
 

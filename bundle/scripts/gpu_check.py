@@ -127,7 +127,7 @@ def amp_parity(
     import torch
 
     from benchmark_training import make_batch
-    from custom.drasclr import DrasCLR
+    from custom.model.drasclr import DrasCLR
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

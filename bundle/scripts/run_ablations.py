@@ -5,7 +5,7 @@
         --max_epochs 1 --epoch_length 20
     python bundle/scripts/run_ablations.py --dataset_dir /data/prepared --out_dir /data/ablations --paper true
 
-Each variant (``custom.ablation.VARIANTS``; default: all) is pre-trained with the bundle's training workflow
+Each variant (``custom.engine.ablation.VARIANTS``; default: all) is pre-trained with the bundle's training workflow
 (train.yaml + ablation.yaml, with paper.yaml between them under ``--paper true``) and its encoder embeds every
 subject: ``<out_dir>/<variant>/subject_embeddings.csv`` and ``patch_embeddings/<id>.npy``, the layout of the
 embed workflow, so the evaluation reads each folder as one embedding set. ``random_location`` embeds the
@@ -34,7 +34,7 @@ import pandas as pd
 from monai.utils import path_to_sqlite_uri
 
 import custom
-from custom.ablation import (VARIANTS, ablation_config_files, check_inherited, check_reusable, get_variant,
+from custom.engine.ablation import (VARIANTS, ablation_config_files, check_inherited, check_reusable, get_variant,
                              planned_budget, run_variant, training_configs, training_settings, variant_done)
 from custom.atomic_io import atomic_path
 from custom.flags import fire_cli

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from custom.intensity import hu_to_network
-from custom.location import PATCH_SIZE, centre_to_location
+from custom.data.intensity import hu_to_network
+from custom.data.location import PATCH_SIZE, centre_to_location
 
 LUNG_CHANNEL = 4
 HALF = PATCH_SIZE // 2

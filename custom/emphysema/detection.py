@@ -35,7 +35,7 @@ from custom.emphysema.labelled_patches import CENTRE_IN_REGION, CONTEXT, Labelle
 from custom.emphysema.network import EMPHYSEMA_CLASSES
 from custom.emphysema.random_location import PATCH_LOCATION, RANDOM_LOCATION, location_table, with_random_locations
 from custom.figures import save_figure
-from custom.location import PATCH_SIZE
+from custom.data.location import PATCH_SIZE
 
 SUBTYPES = ("centrilobular", "paraseptal")
 VOXEL_THRESHOLD = 0.5

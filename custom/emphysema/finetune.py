@@ -32,9 +32,9 @@ from custom.emphysema.network import (
     EmphysemaNetwork,
     load_pretrained_encoder,
 )
-from custom.intensity import HALF_RANGE
-from custom.location import PATCH_SIZE
-from custom.network import DrasCLRNetwork
+from custom.data.intensity import HALF_RANGE
+from custom.data.location import PATCH_SIZE
+from custom.model.network import DrasCLRNetwork
 
 
 def emphysema_network(pretrained_path: str | Path | None = None, freeze_encoder: bool = False, seed: int = 0,

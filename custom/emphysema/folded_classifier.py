@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from custom.emphysema.dense_input import intensity_patches_at, probabilities_at
-from custom.loc_condconv import LocCondConv3d, per_sample_conv3d
+from custom.model.loc_condconv import LocCondConv3d, per_sample_conv3d
 
 # a layer whose output has at most this many voxels per patch convolves with all experts and mixes the outputs
 EXPERTS_FORM_MAX_VOXELS = 8

@@ -27,8 +27,8 @@ from custom.atomic_io import atomic_path
 from custom.emphysema.annotations import VOXEL, load_prepared_subject, map_annotations
 from custom.emphysema.dense_input import patches_at, scan_channels
 from custom.emphysema.network import EMPHYSEMA_CLASSES
-from custom.intensity import HU_MIN
-from custom.location import PATCH_SIZE
+from custom.data.intensity import HU_MIN
+from custom.data.location import PATCH_SIZE
 
 CONTEXT = 2 * PATCH_SIZE  # 64: patches centred anywhere in a 32^3 box stay inside the 64^3 region
 CENTRE_IN_REGION = PATCH_SIZE  # region voxel of the box centre (32, 32, 32)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from custom.network import DrasCLRNetwork
+from custom.model.network import DrasCLRNetwork
 
 EMPHYSEMA_CLASSES = ("healthy", "centrilobular", "paraseptal")
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from custom.atlas import atlas_mask_path
+from custom.data.atlas import atlas_mask_path
 from custom.emphysema.labelled_patches import CENTRE_IN_REGION, LabelledPatches
 
 PATCH_LOCATION, RANDOM_LOCATION = "patch", "random"

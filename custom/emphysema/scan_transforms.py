@@ -29,8 +29,8 @@ from custom.emphysema.dense_input import LUNG_CHANNEL, scan_channels
 from custom.emphysema.network import EMPHYSEMA_CLASSES
 from custom.emphysema.sliding_window import decide_labels
 from custom.flags import as_bool
-from custom.intensity import HALF_RANGE, HU_SHIFT
-from custom.location import location_to_centre
+from custom.data.intensity import HALF_RANGE, HU_SHIFT
+from custom.data.location import location_to_centre
 from custom.prepare.io import CTVolume, InputError, is_nifti, load_ct, load_mask_like
 from custom.prepare.landmarks import RegistrationQCError, registration_dice
 from custom.prepare.lung_mask import MIN_LUNG_ML, segment_lungs

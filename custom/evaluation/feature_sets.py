@@ -25,12 +25,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from custom.atlas import atlas_mask_path, landmark_corners, landmark_locations
+from custom.data.atlas import atlas_mask_path, landmark_corners, landmark_locations
 from custom.atomic_io import atomic_path
-from custom.embedding import embed_patches
-from custom.intensity import hu_to_network
-from custom.network import DrasCLRNetwork, network_input
-from custom.patch_dataset import prepared_patch_files
+from custom.embed.cohort import embed_patches
+from custom.data.intensity import hu_to_network
+from custom.model.network import DrasCLRNetwork, network_input
+from custom.data.patch_dataset import prepared_patch_files
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def landmark_major_means(
 ) -> np.ndarray:
     """(subjects, D) mean over landmarks of e(x_i^j, p^j), batching one landmark across subjects.
 
-    Same numbers as ``custom.embedding.embed_patches`` per subject, but a batch that shares one location lets
+    Same numbers as ``custom.embed.cohort.embed_patches`` per subject, but a batch that shares one location lets
     every Loc-CondConv run one plain convolution (its shared-location path): about 3x less CPU time here."""
     total = None
     for j, location in enumerate(locations):

@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from custom.location import PATCH_SIZE
+from custom.data.location import PATCH_SIZE
 
 STEP = 26
 MIN_LUNG_FRACTION = 0.10

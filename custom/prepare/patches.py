@@ -3,14 +3,14 @@
 A landmark at subject voxel coordinate c gets the patch whose corner is round(c) - 16, the same
 corner = centre - 16 convention as the atlas (DESIGN.md "Atlas"), so patch voxel (16, 16, 16) is the voxel
 nearest the landmark. Voxels outside the scan are air (-1024 HU). Values are HU clipped to the int16-safe
-range [-1024, 3071]; the method's [-1024, 240] window is applied later (``custom.intensity``).
+range [-1024, 3071]; the method's [-1024, 240] window is applied later (``custom.data.intensity``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from custom.location import PATCH_SIZE
+from custom.data.location import PATCH_SIZE
 
 PAD_HU = -1024
 HU_STORE_RANGE = (-1024, 3071)

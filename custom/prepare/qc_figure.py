@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from custom.figures import save_figure
-from custom.intensity import HU_MAX, HU_MIN
+from custom.data.intensity import HU_MAX, HU_MIN
 
 
 def plot_subject(hu: np.ndarray, lung: np.ndarray, landmarks_vox: np.ndarray, title: str, out_file: str | Path,

@@ -27,7 +27,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from custom.atlas import atlas_mask_path, landmark_centres, resources_dir
+from custom.data.atlas import atlas_mask_path, landmark_centres, resources_dir
 from custom.prepare import cache
 from custom.prepare.io import InputError, is_dicom_file, is_nifti, load_ct, load_mask_like
 from custom.prepare.landmarks import (RegistrationQCError, atlas_share_inside_lung, map_landmarks,

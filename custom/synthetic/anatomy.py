@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from custom.atlas import atlas_mask_path
+from custom.data.atlas import atlas_mask_path
 from custom.synthetic import labels
 from custom.synthetic.texture import tube_radius_field
 

@@ -5,7 +5,7 @@ iteration/epoch and the RNG states. ``TrainingCheckpoint`` adds the engine it is
 config cannot reference from inside the engine's own handler list.
 
 ``RNGState`` carries Python, NumPy and torch generator states so a resumed run draws the same numbers (the
-views themselves are seeded per sample, see ``custom.augmentation``). Checkpoints are named by iteration
+views themselves are seeded per sample, see ``custom.data.augmentation``). Checkpoints are named by iteration
 (``checkpoint_iteration=N.pt``), so the newest is the one with the largest N.
 """
 
@@ -54,7 +54,7 @@ def resume_path(checkpoint_dir: str | Path, resume: bool) -> Optional[str]:
 
 class ExportQueryEncoder:
     """At each epoch end and at completion, write the query encoder as ``models/pretrained.pt`` (the pre-trained encoder)
-    (the state dict of ``custom.network.DrasCLRNetwork``), atomically. Rank 0 only."""
+    (the state dict of ``custom.model.network.DrasCLRNetwork``), atomically. Rank 0 only."""
 
     def __init__(self, model, path: str | Path):
         self.model = model

@@ -14,11 +14,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from custom.atlas import landmark_locations
+from custom.data.atlas import landmark_locations
 from custom.atomic_io import atomic_path
-from custom.intensity import hu_to_network
-from custom.network import DrasCLRNetwork, network_input
-from custom.patch_dataset import prepared_patch_files
+from custom.data.intensity import hu_to_network
+from custom.model.network import DrasCLRNetwork, network_input
+from custom.data.patch_dataset import prepared_patch_files
 
 
 def load_network(model_path: str | Path, device: str | torch.device = "cpu") -> DrasCLRNetwork:

@@ -32,7 +32,7 @@ def shuffle_batch(*tensors: torch.Tensor, local: bool = False) -> Tuple[List[tor
     """Shuffle-BN's permutation of the key batch (same permutation for every tensor).
 
     Under DDP: the global batch is permuted (rank 0's draw, broadcast) and each rank takes its slice of it,
-    as the reference does. In one process with ``local=True`` (split BatchNorm, ``custom.split_batchnorm``):
+    as the reference does. In one process with ``local=True`` (split BatchNorm, ``custom.model.split_batchnorm``):
     the batch is permuted in place, so the contiguous sub-batches that BatchNorm normalises together are the
     slices R ranks would hold. Otherwise the identity. Returns the shuffled tensors and the index that undoes
     the shuffle (``unshuffle_batch``). Both paths draw one ``torch.randperm`` of the global batch size from the

@@ -5,7 +5,7 @@ Every convolution is a 3x3x3 Loc-CondConv (padding 1) followed by BatchNorm and 
 the released checkpoint (conv1, bn1, conv2, bn2, downsample1..3.{conv,bn}1..3, conv3, bn3, conv4, bn4, fc)
 so importing official weights is a key-for-key mapping.
 
-``conditioning`` swaps how p enters (paper §4.4.1 ablation, ``custom.conditioning``); the default
+``conditioning`` swaps how p enters (paper §4.4.1 ablation, ``custom.model.conditioning``); the default
 "loc_condconv" is the method, with exactly the layers and state-dict keys above.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from custom.conditioning import check_conditioning, conditioned_conv3d, location_fusion
+from custom.model.conditioning import check_conditioning, conditioned_conv3d, location_fusion
 
 
 class DownsampleBlock(nn.Module):

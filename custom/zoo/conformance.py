@@ -6,7 +6,7 @@ The Zoo reads ``configs/metadata.json`` (validated against a JSON schema, versio
 internet, so this bundle vendors its own schema (``resources/schema/metadata_schema.json``) and hands its path to
 ``monai.bundle.verify_metadata``, which reads an existing file instead of downloading.
 
-    python -m custom.conformance check --bundle_root bundle --config_file bundle/configs/inference.yaml
+    python -m custom.zoo.conformance check --bundle_root bundle --config_file bundle/configs/inference.yaml
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import yaml
 
 import custom
 from custom.atomic_io import atomic_path
-from custom.conformance import (
+from custom.zoo.conformance import (
     LARGE_FILES_RELPATH,
     check_layout,
     export_torchscript,

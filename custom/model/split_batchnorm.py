@@ -5,7 +5,7 @@ MoCo's shuffle-BN keeps a query and its positive key from being normalised with 
 and the keys are permuted across ranks. In one process there is only one slice, so ``SplitBatchNorm3d`` cuts
 the batch into ``num_splits`` contiguous sub-batches and normalises each with its own statistics, exactly as
 ``num_splits`` ranks holding those slices would (the key batch is permuted first, see
-``custom.distributed.shuffle_batch``). Running statistics are the mean of the sub-batches' updates (MoCo's
+``custom.engine.distributed.shuffle_batch``). Running statistics are the mean of the sub-batches' updates (MoCo's
 SplitBatchNorm does the same). In eval mode, or with one split, it is plain ``BatchNorm3d``; the state-dict keys
 are those of ``BatchNorm3d``, so weights move freely between the two.
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from custom.location import HALF_PATCH, corner_to_location
+from custom.data.location import HALF_PATCH, corner_to_location
 
 NUM_LANDMARKS = 581
 

@@ -1,9 +1,9 @@
 """Ways to feed the atlas location p into the encoder, for the ablation of paper §4.4.1 (Table 6).
 
-Every layer here has the call signature of :class:`custom.loc_condconv.LocCondConv3d`, ``forward(x, location)``
+Every layer here has the call signature of :class:`custom.model.loc_condconv.LocCondConv3d`, ``forward(x, location)``
 with ``location`` (B, 3), so the encoder swaps them without other changes:
 
-- ``loc_condconv`` (the method): W(p) = sum_n alpha_n(p) W_n (``custom.loc_condconv``).
+- ``loc_condconv`` (the method): W(p) = sum_n alpha_n(p) W_n (``custom.model.loc_condconv``).
 - ``none``: an ordinary 3x3x3 convolution; the location is ignored.
 - ``concatenation``: ordinary convolutions; p joins the pooled 128-d feature of the last layer and the two are
   fused by a fully connected layer (:class:`LocationFusion`). This is the design §4.4.1 names (the last-layer
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom.loc_condconv import LocCondConv3d, per_sample_conv3d
+from custom.model.loc_condconv import LocCondConv3d, per_sample_conv3d
 
 CONDITIONINGS = ("loc_condconv", "none", "concatenation", "hypernetwork")
 
@@ -131,7 +131,7 @@ def conditioned_conv3d(
     init: str = "reference",
 ) -> nn.Module:
     """The 3x3x3 (padding 1) convolution of one encoder layer under ``conditioning`` (``init`` applies to
-    Loc-CondConv: see :meth:`custom.loc_condconv.LocCondConv3d.reset_parameters`)."""
+    Loc-CondConv: see :meth:`custom.model.loc_condconv.LocCondConv3d.reset_parameters`)."""
     check_conditioning(conditioning)
     if conditioning == "loc_condconv":
         return LocCondConv3d(in_channels, out_channels, stride=stride, num_experts=num_experts, mode=mode, init=init)

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from custom.distributed import concat_all_gather, shuffle_batch, unshuffle_batch
-from custom.encoder import DrasCLREncoder
-from custom.landmark_queue import LandmarkQueue
-from custom.loc_condconv import INITS
-from custom.losses import NEIGHBOUR_VARIANTS, local_contrastive_loss, neighbour_contrastive_loss
-from custom.split_batchnorm import use_split_batchnorm
+from custom.engine.distributed import concat_all_gather, shuffle_batch, unshuffle_batch
+from custom.model.encoder import DrasCLREncoder
+from custom.model.landmark_queue import LandmarkQueue
+from custom.model.loc_condconv import INITS
+from custom.model.losses import NEIGHBOUR_VARIANTS, local_contrastive_loss, neighbour_contrastive_loss
+from custom.model.split_batchnorm import use_split_batchnorm
 
 
 class DrasCLR(nn.Module):

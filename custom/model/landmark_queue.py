@@ -2,7 +2,7 @@
 
 Negatives for a query at landmark j come only from landmark j's buffer (paper §2.3, §3: hard negatives of the
 same anatomy from other subjects). Layout (J, K, D) with one write pointer per landmark; the released
-checkpoint stores (D, K, J), which ``custom.official_checkpoint`` permutes. Keys may be stored in float16 to
+checkpoint stores (D, K, J), which ``custom.model.official_checkpoint`` permutes. Keys may be stored in float16 to
 halve the 581 x 4096 x 128 buffer (1.2 GB in float32).
 """
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from monai.transforms import Compose, RandAdjustContrast, RandAffine, RandGaussianNoise
 
-from custom.intensity import HU_MAX, HU_MIN, HU_SHIFT, shifted_to_network
-from custom.location import PATCH_SIZE
+from custom.data.intensity import HU_MAX, HU_MIN, HU_SHIFT, shifted_to_network
+from custom.data.location import PATCH_SIZE
 
 
 def contrastive_views(

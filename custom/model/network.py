@@ -4,7 +4,7 @@ Input (B, 4, S, S, S): channel 0 is the normalised intensity, channels 1-3 the n
 every voxel (DESIGN.md "Location"). The location routing the Loc-CondConv kernels is read at the patch centre
 voxel (index S // 2: a landmark's patch spans centre - 16 .. centre + 15). Output: the 128-d representation
 e(x, p) (paper eq. 10), or the projection z when ``output="projection"``. ``conditioning`` selects an ablation
-encoder (``custom.conditioning``); the default is the method's Loc-CondConv encoder.
+encoder (``custom.model.conditioning``); the default is the method's Loc-CondConv encoder.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from custom.encoder import DrasCLREncoder
+from custom.model.encoder import DrasCLREncoder
 
 OUTPUTS = ("representation", "projection")
 

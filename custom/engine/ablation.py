@@ -2,7 +2,7 @@
 
 A variant fixes three training choices and one inference choice:
 
-- ``conditioning``: how the atlas location p enters the encoder (``custom.conditioning``; Table 6),
+- ``conditioning``: how the atlas location p enters the encoder (``custom.model.conditioning``; Table 6),
 - ``global_queue``: one dictionary of negatives shared by all landmarks (plain MoCo) instead of one per landmark,
 - ``num_neighbours``: l, the neighbours of the neighbour loss; 0 trains with the local loss only (Table 8),
 - ``location``: ``"true"`` embeds each patch at its own landmark's location, ``"random"`` at a location drawn
@@ -12,7 +12,7 @@ Table 6 trains every conditioning with the local loss only (§4.4.1), so its Loc
 ``neighbours_0`` variant; ``neighbours_2`` is the full method (DrasCLR). The paper's "MoCo" baseline works on
 whole volumes; ``plain_moco`` is its patch version: no location, one global queue, no neighbour loss.
 This module holds the registry, trains a variant through the bundle's training config (train.yaml +
-ablation.yaml) and embeds a cohort with a variant's weights in the layout of ``custom.embedding.embed_cohort``.
+ablation.yaml) and embeds a cohort with a variant's weights in the layout of ``custom.embed.cohort.embed_cohort``.
 
 Like for like: a variant run merges the same train.yaml (+ paper.yaml) and the same overrides as the DrasCLR run
 it is compared with, and ablation.yaml only sets the variant's switches (``VARIANT_IDS``), so the budget
@@ -36,14 +36,14 @@ import torch
 from tqdm.auto import tqdm
 
 import custom
-from custom.atlas import atlas_mask_path, landmark_locations
+from custom.data.atlas import atlas_mask_path, landmark_locations
 from custom.atomic_io import atomic_path
-from custom.conditioning import check_conditioning
-from custom.embedding import embed_patches
+from custom.model.conditioning import check_conditioning
+from custom.embed.cohort import embed_patches
 from custom.flags import as_bool
-from custom.location import centre_to_location
-from custom.network import DrasCLRNetwork
-from custom.patch_dataset import prepared_patch_files
+from custom.data.location import centre_to_location
+from custom.model.network import DrasCLRNetwork
+from custom.data.patch_dataset import prepared_patch_files
 
 LOCATIONS = ("true", "random")
 RANDOM_SOURCES = ("landmarks", "lung")
@@ -226,7 +226,7 @@ def pretrain_variant(name: str, dataset_dir: str | Path, out_dir: str | Path, pa
     """
     from monai.bundle import ConfigWorkflow
 
-    from custom.checkpointing import latest_checkpoint
+    from custom.engine.checkpointing import latest_checkpoint
 
     variant = trainable_variant(name)
     out_dir = Path(out_dir)
@@ -315,7 +315,7 @@ def embed_cohort_variant(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Embed every prepared subject with a variant's weights: ``out_dir/patch_embeddings/<id>.npy`` (J x 128)
-    and ``out_dir/subject_embeddings.csv`` (subject_id, e0..e127), as ``custom.embedding.embed_cohort``.
+    and ``out_dir/subject_embeddings.csv`` (subject_id, e0..e127), as ``custom.embed.cohort.embed_cohort``.
 
     ``location="random"`` gives each patch a random lung location (seeded by ``seed`` and the subject's order).
     """

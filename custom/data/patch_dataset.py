@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from custom.atlas import landmark_locations, landmark_neighbours
-from custom.augmentation import contrastive_views, make_view, view_seed
+from custom.data.atlas import landmark_locations, landmark_neighbours
+from custom.data.augmentation import contrastive_views, make_view, view_seed
 
 ORDERS = ("mixed", "landmark")
 

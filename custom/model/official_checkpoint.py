@@ -16,8 +16,8 @@ from typing import Dict, Mapping, Union
 import torch
 
 from custom.atomic_io import atomic_path
-from custom.drasclr import DrasCLR
-from custom.encoder import DrasCLREncoder
+from custom.model.drasclr import DrasCLR
+from custom.model.encoder import DrasCLREncoder
 
 _PREFIXES = {"encoder_q": "module.encoder_q.", "encoder_k": "module.encoder_k."}
 
@@ -84,7 +84,7 @@ def load_official_model(source: Union[str, Path, Mapping], **model_kwargs) -> Dr
 
 def import_to_network(source: Union[str, Path, Mapping], output_path: Union[str, Path], **network_kwargs) -> Path:
     """Write ``models/pretrained.pt`` for the bundle's ``network_def`` from released weights."""
-    from custom.network import DrasCLRNetwork
+    from custom.model.network import DrasCLRNetwork
 
     network = DrasCLRNetwork(**network_kwargs)
     network.encoder.load_state_dict(convert_encoder_state(_load(source), "encoder_q"), strict=True)

@@ -15,8 +15,8 @@ import torch
 from ignite.engine import Events
 from monai.engines import Trainer
 
-from custom.distributed import is_distributed
-from custom.patch_dataset import PassSampler
+from custom.engine.distributed import is_distributed
+from custom.data.patch_dataset import PassSampler
 
 BATCH_KEYS = ("query", "key", "location", "landmark_ids", "neighbours", "neighbour_locations")
 LOGGED = ("loss", "loss_local", "loss_neighbour", "acc_local", "acc_neighbour")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from custom.embedding import embed_cohort
-from custom.official_checkpoint import import_to_network
+from custom.embed.cohort import embed_cohort
+from custom.model.official_checkpoint import import_to_network
 
 
 def is_prepared_cache(path: str | Path) -> bool:

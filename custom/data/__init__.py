@@ -1,0 +1,1 @@
+"""The atlas, locations, intensities, augmentations and the training dataset over the prepared cache."""

@@ -1,0 +1,1 @@
+"""Patch and subject embeddings of prepared or raw scans."""

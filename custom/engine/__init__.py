@@ -1,0 +1,1 @@
+"""Training: the ignite trainer, checkpoints, DDP helpers, training curves, baselines and ablations."""

@@ -1,0 +1,1 @@
+"""MONAI Model Zoo conformance and the self-contained export."""
