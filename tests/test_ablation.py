@@ -1,5 +1,6 @@
-"""Ablations of paper §4.4: location-conditioning variants, plain MoCo's global queue, no neighbour loss,
-random-location embedding, the ablation config and the runner (a real short pre-training and embedding)."""
+"""Ablations of paper §4.4: location-conditioning variants, plain MoCo's global queue, no neighbour loss, the
+ablation config and the runner (a real short pre-training and embedding). Table 7 (random locations) is the
+emphysema detection's: tests/test_emphysema_finetune.py."""
 
 import importlib.util
 import json
@@ -21,18 +22,15 @@ from custom.engine.ablation import (
     inherited_differences,
     load_variant_network,
     planned_budget,
-    random_locations,
     training_configs,
     training_settings,
 )
-from custom.data.atlas import atlas_mask_path, landmark_locations
+from custom.data.atlas import landmark_locations
 from custom.model.conditioning import CONDITIONINGS, HyperConv3d
 from custom.model.drasclr import DrasCLR
 from custom.embed.cohort import embed_patches
 from custom.model.encoder import DrasCLREncoder
 from custom.model.loc_condconv import LocCondConv3d
-from custom.data.location import location_to_centre
-from custom.model.network import DrasCLRNetwork
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
 
@@ -146,15 +144,16 @@ def test_ablation_config_sets_each_variant(cache):
         item = parser.get_parsed_content("train#dataset")[5]
         assert item["neighbours"].shape[0] == neighbours, name
     parser = ConfigParser(ConfigParser.load_config_files(files))
-    parser.update({"variant": "random_location"})
+    parser.update({"variant": "random_location"})  # Table 7 moved to the detection run
     with pytest.raises(RuntimeError) as error:  # MONAI wraps the error of a config expression
         parser.get_parsed_content("conditioning")
-    assert "not trained" in str(error.value.__cause__)
+    assert "no longer a pre-training variant" in str(error.value.__cause__)
+    assert "emphysema_finetune.yaml" in str(error.value.__cause__)
     with pytest.raises(ValueError, match="unknown ablation variant"):
         get_variant("mocov3")
 
 
-TRAINED = [name for name, variant in VARIANTS.items() if variant.trainable]
+TRAINED = list(VARIANTS)
 
 
 def _own(settings: dict) -> dict:
@@ -209,19 +208,6 @@ def test_a_variant_config_that_changes_a_training_setting_is_refused(tmp_path):
         check_inherited(drasclr, variant, "plain_moco")
 
 
-def test_random_locations_come_from_other_landmarks_or_the_lung():
-    table = landmark_locations()
-    rng = np.random.default_rng(0)
-    drawn = random_locations(len(table), rng, "landmarks", own=np.arange(len(table)))
-    assert not np.any(np.all(drawn == table, axis=1))  # never the patch's own landmark
-    assert len(np.unique(drawn, axis=0)) > 300
-    import nibabel as nib
-
-    mask = np.asarray(nib.load(str(atlas_mask_path())).dataobj) > 0
-    centres = np.rint(location_to_centre(random_locations(200, rng, "lung"))).astype(int)
-    assert mask[centres[:, 0], centres[:, 1], centres[:, 2]].all()
-
-
 def test_weights_that_do_not_fit_the_variant_are_refused(tmp_path):
     torch.save({f"encoder.{k}": v for k, v in DrasCLREncoder(conditioning="none").state_dict().items()},
                tmp_path / "none.pt")
@@ -231,15 +217,12 @@ def test_weights_that_do_not_fit_the_variant_are_refused(tmp_path):
         load_variant_network(tmp_path / "absent.pt")
 
 
-def test_runner_pretrains_plain_moco_embeds_random_locations_and_resumes(cache, tmp_path, capsys):
-    weights = tmp_path / "drasclr.pt"
-    network = DrasCLRNetwork()
-    torch.save(network.state_dict(), weights)
+def test_runner_pretrains_plain_moco_embeds_and_resumes(cache, tmp_path, capsys):
     out = tmp_path / "ablations"
     run = _runner().main
-    run(dataset_dir=str(cache), out_dir=str(out), variants="plain_moco,random_location", max_epochs=1,
-        epoch_length=2, batch_size=4, num_workers=0, mlflow=True, random_location_weights=str(weights))
-    for name in ("plain_moco", "random_location"):
+    run(dataset_dir=str(cache), out_dir=str(out), variants="plain_moco", max_epochs=1,
+        epoch_length=2, batch_size=4, num_workers=0, mlflow=True)
+    for name in ("plain_moco",):
         table = pd.read_csv(out / name / "subject_embeddings.csv", dtype={"subject_id": str})
         assert list(table["subject_id"]) == ["sub000"] and table.shape == (1, 129)
         patches = np.load(out / name / "patch_embeddings" / "sub000.npy")
@@ -268,21 +251,21 @@ def test_runner_pretrains_plain_moco_embeds_random_locations_and_resumes(cache, 
     assert set(record["settings"]) <= set(params)  # every inherited setting is an MLflow param
     trained = torch.load(out / "plain_moco" / "pretrained.pt")
     assert "encoder.conv1.weight" in trained and trained["encoder.conv1.weight"].shape == (8, 1, 3, 3, 3)
-    assert not (out / "neighbours_2").exists()  # the given weights stood in for the method's
-    # Without conditioning, random locations change nothing: the same table as the true-location one.
-    random = embed_cohort_variant(cache, out / "plain_moco" / "pretrained.pt", tmp_path / "moco_random", "none",
-                                  location="random", progress=False)
-    pd.testing.assert_frame_equal(random, pd.read_csv(out / "plain_moco" / "subject_embeddings.csv",
-                                                      dtype={"subject_id": str}), rtol=1e-6, atol=1e-7)
-    # Random locations change a Loc-CondConv encoder's embeddings (true ones computed here for 64 patches).
+    assert [p.name for p in out.iterdir() if p.is_dir()] == ["plain_moco"]  # only what was asked
+    # The stored patch embeddings are the variant network's embeddings of the cached patches at their landmarks.
+    network = load_variant_network(out / "plain_moco" / "pretrained.pt", "none")
     patches_hu = np.load(cache / "sub000" / "patches.npy")[:64]
-    true = embed_patches(network.eval(), patches_hu, landmark_locations()[:64])
-    shuffled = np.load(out / "random_location" / "patch_embeddings" / "sub000.npy")[:64]
-    assert np.abs(true - shuffled).max() > 1e-2 * np.abs(true).max()  # relative: the init sets the scale
+    expected = embed_patches(network, patches_hu, landmark_locations()[:64])
+    np.testing.assert_allclose(np.load(out / "plain_moco" / "patch_embeddings" / "sub000.npy")[:64], expected,
+                               rtol=1e-5, atol=1e-6)
+    again = embed_cohort_variant(cache, out / "plain_moco" / "pretrained.pt", tmp_path / "again", "none",
+                                 progress=False)
+    pd.testing.assert_frame_equal(again, pd.read_csv(out / "plain_moco" / "subject_embeddings.csv",
+                                                     dtype={"subject_id": str}), rtol=1e-6, atol=1e-7)
     # A second run skips the finished variants.
     stamp = (out / "plain_moco" / "variant.json").stat().st_mtime_ns
     run(dataset_dir=str(cache), out_dir=str(out), variants="plain_moco", max_epochs=1, epoch_length=2, batch_size=4,
         num_workers=0, mlflow=False)
     assert (out / "plain_moco" / "variant.json").stat().st_mtime_ns == stamp
     assert "finished in an earlier run" in capsys.readouterr().out
-    assert set(VARIANTS) >= {"plain_moco", "neighbours_0", "random_location"}
+    assert set(VARIANTS) >= {"plain_moco", "neighbours_0"} and "random_location" not in VARIANTS

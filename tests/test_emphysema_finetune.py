@@ -21,20 +21,22 @@ from custom.emphysema.annotations import (
     map_annotations,
     read_annotations,
 )
-from custom.emphysema.detection import (
-    annotation_subset,
+from custom.emphysema.cross_validation import annotation_subset, subject_folds
+from custom.emphysema.detection_rule import (
+    DetectionRule,
     box_offsets,
     box_predictions,
     box_probabilities,
     positive_shares,
-    subject_folds,
     subtype_scores,
-    summarise,
 )
+from custom.emphysema.detection_tables import summarise
+from custom.emphysema.random_location import RandomLocations, with_random_locations
 from custom.emphysema.labelled_patches import LabelledPatches, load_labelled_patches
 from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
 from custom.data.intensity import hu_to_network
 from custom.data.location import CORNER_MAX
+from custom.model.network import DrasCLRNetwork
 from custom.synthetic.labels import EMPHYSEMA_CODES
 
 SUBTYPE_CODE = {"centrilobular": 1, "paraseptal": 2}
@@ -155,6 +157,9 @@ def test_detection_rule_equals_brute_force():
     np.testing.assert_allclose(predictions["share_centrilobular"], brute_shares)
     assert 0 < brute_shares.max() and brute_shares.min() < 1
     assert (predictions["detected_centrilobular"] == (brute_shares >= 0.25)).all()
+    rule = DetectionRule(stride=16, threshold=threshold, batch_size=16)  # the config component: same calls
+    pd.testing.assert_frame_equal(rule.predict(network, boxes), predictions)
+    assert rule.describe().endswith("(stride 16: 8 voxels per box)")
 
 
 def test_shares_scores_and_summary():
@@ -194,6 +199,45 @@ def test_folds_never_share_a_subject_and_subsets_nest():
     with pytest.raises(ValueError, match="at least 2 subjects"):
         subject_folds(LabelledPatches(boxes.regions[:2], boxes.lungs[:2], boxes.region_to_atlas[:2], labels[:2],
                                       pd.DataFrame({"subject_id": ["A", "A"]})))
+
+
+@pytest.mark.parametrize("source", ["lung", "landmarks"])
+def test_random_locations_come_from_the_lung_or_the_landmarks(source):
+    """Table 7 moves every box, whole, to a random atlas point: a lung voxel (the paper's random coordinate in the
+    lung) or a landmark centre (only locations seen in pre-training)."""
+    from custom.data.atlas import atlas_mask_path, landmark_centres
+    from custom.emphysema.labelled_patches import CENTRE_IN_REGION
+
+    boxes = _random_boxes(40)
+    moved = RandomLocations(seed=2, source=source).apply(boxes)
+    np.testing.assert_array_equal(moved.region_to_atlas, with_random_locations(boxes, 2, source=source).region_to_atlas)
+    centres = np.stack([(m @ np.r_[[CENTRE_IN_REGION] * 3, 1.0])[:3] for m in moved.region_to_atlas])
+    if source == "lung":
+        mask = np.asarray(nib.load(str(atlas_mask_path())).dataobj) > 0
+        assert mask[tuple(np.rint(centres).astype(int).T)].all()
+    else:
+        landmarks = {tuple(c) for c in landmark_centres().astype(float).tolist()}
+        assert all(tuple(c) in landmarks for c in np.round(centres, 6).tolist())
+    assert len(np.unique(np.round(centres), axis=0)) > 30  # drawn, not one point
+    np.testing.assert_allclose(moved.region_to_atlas[:, :3, :3], boxes.region_to_atlas[:, :3, :3])  # same layout
+    with pytest.raises(ValueError, match="source must be one of"):
+        RandomLocations(source="anywhere")
+
+
+def test_random_locations_change_only_what_a_location_conditioned_encoder_sees():
+    """Moved boxes keep their image: an encoder without location conditioning embeds them exactly as before, a
+    Loc-CondConv encoder does not."""
+    boxes = _random_boxes(3)
+    moved = with_random_locations(boxes, seed=5)
+    before = torch.stack([boxes.inputs(i) for i in range(3)])
+    after = torch.stack([moved.inputs(i) for i in range(3)])
+    assert torch.equal(before[:, 0], after[:, 0]) and not torch.equal(before[:, 1:], after[:, 1:])
+    torch.manual_seed(0)
+    plain, conditioned = DrasCLRNetwork(conditioning="none").eval(), DrasCLRNetwork().eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(after), plain(before), rtol=1e-6, atol=1e-6)
+        h, g = conditioned(before), conditioned(after)
+    assert (h - g).abs().max() > 1e-2 * h.abs().max()  # relative: the initialisation sets the scale
 
 
 # ---------------------------------------------------------------- on the SYNTHETIC demo cohort (slow)
@@ -246,7 +290,13 @@ def cohort_boxes(demo_cohort, tmp_path_factory):
     from custom.model.network import DrasCLRNetwork
 
     torch.manual_seed(1)
-    torch.save(DrasCLRNetwork().state_dict(), pretrained)
+    network = DrasCLRNetwork().train()
+    for module in network.modules():  # BatchNorm statistics of lung patches, as a pre-trained encoder has them
+        if isinstance(module, torch.nn.BatchNorm3d):
+            module.momentum = None  # cumulative: one pass sets them to these patches' statistics
+    with torch.no_grad():
+        network(torch.stack([patches.inputs(i) for i in range(len(patches))]))
+    torch.save(network.state_dict(), pretrained)
     return {"annotations": path, "patches": patches, "cache": root / "boxes.npz", "pretrained": pretrained,
             "prepared": demo_cohort / "prepared", "root": root}
 

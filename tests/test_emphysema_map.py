@@ -117,16 +117,6 @@ def test_report_numbers_match_numpy():
     assert total == pytest.approx(regions["right"]["volume_ml"])
 
 
-def test_not_hounsfield_input_is_refused_naming_the_file(tmp_path):
-    from custom.emphysema.scan_transforms import LoadCTd
-    from custom.prepare.io import NotHounsfieldError
-
-    path = tmp_path / "normalised.nii.gz"
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4)), path)
-    with pytest.raises(NotHounsfieldError, match="normalised.nii.gz"):
-        LoadCTd()({"image": str(path)})
-
-
 def _demo_subject(demo_cohort, index=0):
     cohort = pd.read_csv(demo_cohort / "synthetic" / "cohort.csv")
     row = cohort.iloc[index]
@@ -215,7 +205,7 @@ def test_inference_config_end_to_end_on_a_demo_subject(demo_cohort, tmp_path):
 def test_inference_config_on_the_real_ct(tmp_path):
     if not REAL_CT.is_dir():
         pytest.skip(f"real CT not found at {REAL_CT} (TCIA Lung-PET-CT-Dx A0001, see ../shared/data/real_ct)")
-    from custom.emphysema.scan_transforms import input_grid
+    from custom.prepare.transforms import input_grid
     from custom.prepare.io import load_ct
 
     ct = load_ct(REAL_CT, axcodes="LAS")

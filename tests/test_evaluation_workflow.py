@@ -16,14 +16,13 @@ from monai.utils import path_to_sqlite_uri
 
 from custom.data.atlas import atlas_mask_path, landmark_corners, landmark_locations
 from custom.embed.cohort import embed_patches
-from custom.evaluation.feature_sets import (
+from custom.evaluation.baselines import (
     laa_features,
     landmark_major_means,
-    load_embedding_table,
     random_init_embeddings,
     random_init_network,
 )
-from custom.evaluation.workflow import evaluate
+from custom.evaluation.feature_sets import load_embedding_table
 from custom.synthetic import draw_clinical_table
 from custom.synthetic.covid import draw_covid_row
 
@@ -120,9 +119,13 @@ def test_evaluate_config_end_to_end(inputs, tmp_path):
 def test_missing_column_names_the_file_and_the_column(inputs, tmp_path):
     clinical = pd.read_csv(inputs / "clinical.csv").drop(columns=["fev1pp"])
     clinical.to_csv(tmp_path / "clinical.csv", index=False)
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser.update({"output_dir": str(tmp_path / "out"), "clinical": str(tmp_path / "clinical.csv"),
+                   "prepared_cache": None, "embeddings": {"DrasCLR": str(inputs / "drasclr")},
+                   "targets": {"fev1": {"column": "fev1pp", "kind": "continuous"}}, "mlflow#enabled": False})
     with pytest.raises(KeyError, match=r"clinical\.csv: missing column\(s\) \['fev1pp'\]"):
-        evaluate(tmp_path / "out", tmp_path / "clinical.csv", {"fev1": {"column": "fev1pp", "kind": "continuous"}},
-                 embeddings={"DrasCLR": inputs / "drasclr"}, mlflow={"enabled": False})
+        parser.get_parsed_content("evaluation").run()
     bad = pd.read_csv(inputs / "neighbours_1.csv").assign(e3="x")
     bad.to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(ValueError, match=r"bad\.csv: expected subject_id plus numeric feature columns.*e3"):

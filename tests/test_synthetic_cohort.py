@@ -15,22 +15,21 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from custom.synthetic import draw_clinical_table, generate_cohort, generate_covid_cohort, labels
+from custom.synthetic import (CopdLikeGenerator, CovidLikeGenerator, draw_clinical_table, generate_cohort,
+                              generate_covid_cohort, labels)
 from custom.synthetic.anatomy import load_atlas_reference
 from custom.synthetic.clinical import gold_stage
-from custom.synthetic.cohort import plan_subject, synthesize_subject
 from custom.synthetic.covid import grade_from_involvement
-from custom.synthetic.geometry import make_subject_grid
 
 VOXEL_MM = 4.0
+GENERATORS = {"copd": CopdLikeGenerator, "covid": CovidLikeGenerator}
 
 
 def _subject(index: int, cohort: str = "copd", seed: int = 0, deformation_mm: float = 4.0, **overrides):
-    row, protocol, streams = plan_subject(seed, cohort, index)
-    row.update(overrides)
-    grid = make_subject_grid(VOXEL_MM)
-    reference = load_atlas_reference(step=int(VOXEL_MM))
-    return row, grid, synthesize_subject(cohort, row, protocol, streams, grid, reference, deformation_mm)
+    generator = GENERATORS[cohort](index + 1, seed, VOXEL_MM, deformation_mm)
+    plan = generator.plan(index)
+    plan.row.update(overrides)
+    return plan.row, generator.grid, generator.synthesize(plan)
 
 
 def _index_with(table: pd.DataFrame, column: str, minimum: float) -> int:

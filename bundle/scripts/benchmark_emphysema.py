@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 from custom import bundle_root
 from custom.emphysema.dense_input import LUNG_CHANNEL, probabilities_at
 from custom.emphysema.folded_classifier import FoldedClassifier, folded_probabilities_at
-from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
+from custom.emphysema.finetune import load_emphysema_model
+from custom.emphysema.network import EMPHYSEMA_CLASSES
 from custom.emphysema.scan_transforms import preprocessing_chain
 from custom.emphysema.sliding_window import EmphysemaInferer, decide_labels
 
@@ -89,9 +90,7 @@ def main(argv=None) -> int:
     if not Path(args.model).is_file():
         parser.error(f"{args.model}: no emphysema model (EmphysemaNetwork state dict); run the fine-tuning first "
                      "or pass --model")
-    network = EmphysemaNetwork()
-    network.load_state_dict(torch.load(args.model, map_location="cpu"))
-    network.eval()
+    network = load_emphysema_model(args.model)
 
     start = time.perf_counter()
     data = {"image": args.image}

@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 
 from custom.flags import fire_cli
-from custom.synthetic import draw_clinical_table, generate_cohort, generate_covid_cohort
-from custom.synthetic.anatomy import load_atlas_reference
-from custom.synthetic.cohort import plan_subject, synthesize_subject
-from custom.synthetic.geometry import make_subject_grid
+from custom.synthetic import (CopdLikeGenerator, CovidLikeGenerator, draw_clinical_table, generate_cohort,
+                              generate_covid_cohort)
 from custom.synthetic.pictures import render_clinical_model, render_subject
 
 
@@ -26,19 +24,20 @@ def showcase_pictures(pictures_dir, seed: int = 0, voxel_size: float = 2.0) -> N
     """Docs pictures: a COPD-like subject with both emphysema subtypes (the first such subject among 64
     table draws), a CT-3 COVID-like subject, and the clinical model over 500 table draws."""
     pictures = Path(pictures_dir)
-    grid = make_subject_grid(voxel_size)
-    reference = load_atlas_reference(step=max(1, int(round(voxel_size))))
     table = draw_clinical_table(64, seed)
     both = table[(table["cle_fraction"] > 0.08) & (table["paraseptal_fraction"] > 0.01) & (table["kernel"] != "sharp")]
     index = int(both.index[0]) if len(both) else int(table["emphysema_fraction"].idxmax())
-    row, protocol, streams = plan_subject(seed, "copd", index)
-    sub = synthesize_subject("copd", row, protocol, streams, grid, reference)
-    render_subject(sub["image"], sub["lesion"], grid.spacing, pictures / "synthetic_copd_subject.png",
+    copd = CopdLikeGenerator(64, seed, voxel_size)
+    plan = copd.plan(index)
+    sub = copd.synthesize(plan)
+    row, protocol = plan.row, plan.protocol
+    render_subject(sub["image"], sub["lesion"], copd.grid.spacing, pictures / "synthetic_copd_subject.png",
                    f"{row['subject_id']} (COPD-like, {row['gold_label']}, {protocol['kernel']} kernel)")
-    covid_index = 3  # grades cycle with the index: subject 3 is CT-3
-    row, protocol, streams = plan_subject(seed, "covid", covid_index)
-    sub = synthesize_subject("covid", row, protocol, streams, grid, reference)
-    render_subject(sub["image"], sub["lesion"], grid.spacing, pictures / "synthetic_covid_subject.png",
+    covid = CovidLikeGenerator(5, seed, voxel_size)
+    plan = covid.plan(3)  # grades cycle with the index: subject 3 is CT-3
+    sub = covid.synthesize(plan)
+    row = plan.row
+    render_subject(sub["image"], sub["lesion"], covid.grid.spacing, pictures / "synthetic_covid_subject.png",
                    f"{row['subject_id']} (COVID-like, {row['grade_label']}, "
                    f"{100 * row['involvement_fraction']:.0f} % involved)", window=(-1100.0, 100.0))
     render_clinical_model(draw_clinical_table(500, seed), pictures / "synthetic_clinical_model.png")

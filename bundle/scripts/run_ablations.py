@@ -1,4 +1,4 @@
-"""Pre-train and embed the baselines and ablations of paper §4.4 (Tables 6-8) on a prepared cohort.
+"""Pre-train and embed the baselines and ablations of paper §4.4 (Tables 6 and 8) on a prepared cohort.
 
     python bundle/scripts/run_ablations.py --dataset_dir bundle/demo_data/prepared --out_dir /tmp/ablations \\
         --variants plain_moco,conditioning_none,conditioning_concatenation,conditioning_hypernetwork,neighbours_0 \\
@@ -8,10 +8,10 @@
 Each variant (``custom.engine.ablation.VARIANTS``; default: all) is pre-trained with the bundle's training workflow
 (train.yaml + ablation.yaml, with paper.yaml between them under ``--paper true``) and its encoder embeds every
 subject: ``<out_dir>/<variant>/subject_embeddings.csv`` and ``patch_embeddings/<id>.npy``, the layout of the
-embed workflow, so the evaluation reads each folder as one embedding set. ``random_location`` embeds the
-weights of ``neighbours_2`` (trained first if not asked for weights) or those of ``--random_location_weights``.
-Resumable: finished variants are skipped and a stopped pre-training continues from its checkpoint. A variant
-that fails is recorded and the others go on. ``<out_dir>/ablations.csv`` lists each variant's status and the
+embed workflow, so the evaluation reads each folder as one embedding set. (Table 7, random vs patch locations,
+is the emphysema detection run's: ``emphysema_finetune.yaml``, ``random_location: true``.) Resumable: finished
+variants are skipped and a stopped pre-training continues from its checkpoint. A variant that fails is recorded
+and the others go on. ``<out_dir>/ablations.csv`` lists each variant's status and the
 wall and CPU seconds spent training and embedding; MLflow runs go to ``<out_dir>/mlruns.db`` (experiment drasclr_ablation,
 one run per variant).
 
@@ -42,20 +42,13 @@ from custom.flags import fire_cli
 BUNDLE = Path(custom.bundle_root())
 
 
-def plan_variants(variants: str | list | tuple | None, external_weights: bool = False) -> list[str]:
-    """Canonical names to run, in order; a variant whose weights another one reuses comes first, unless the
-    reused weights are given from outside (``external_weights``)."""
+def plan_variants(variants: str | list | tuple | None) -> list[str]:
+    """Canonical names to run, in order, each once."""
     if variants is None or variants == "all":
         names = list(VARIANTS)
     else:
         names = [n.strip() for n in (variants.split(",") if isinstance(variants, str) else variants)]
-    asked = [get_variant(n).name for n in names if n]
-    plan: list[str] = []
-    for name in asked:
-        source = VARIANTS[name].weights_from
-        needed = [source] if source and not external_weights else []
-        plan.extend(n for n in needed + [name] if n not in plan)
-    return plan
+    return list(dict.fromkeys(get_variant(n).name for n in names if n))
 
 
 def main(
@@ -68,12 +61,11 @@ def main(
     batch_size: int | None = None,
     num_workers: int | None = None,
     mlflow: bool = True,
-    random_location_weights: str | None = None,
     seed: int = 0,
     dry_run: bool = False,
 ):
     out = Path(out_dir)
-    plan = plan_variants(variants, external_weights=random_location_weights is not None)
+    plan = plan_variants(variants)
     schedule = {"max_epochs": max_epochs, "epoch_length": epoch_length, "batch_size": batch_size,
                 "num_workers": num_workers}
     overrides = {k: v for k, v in schedule.items() if v is not None}
@@ -82,9 +74,7 @@ def main(
     print("configs: " + ", ".join(Path(f).name for f in ablation_config_files(paper)), flush=True)
     if dry_run:
         for name in plan:
-            variant = VARIANTS[name]
-            print(f"[{name}] " + (_budget_line(_planned(name, dataset_dir, out, paper, seed, overrides)[0])
-                                  if variant.trainable else f"embeds the weights of {variant.weights_from}"))
+            print(f"[{name}] " + _budget_line(_planned(name, dataset_dir, out, paper, seed, overrides)[0]))
         return
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -93,17 +83,14 @@ def main(
         print(f"\n=== {name}: {VARIANTS[name].description} ===", flush=True)
         start = time.perf_counter()
         try:
-            if VARIANTS[name].trainable:
-                budget, settings = _planned(name, dataset_dir, out, paper, seed, overrides)
-                print(f"[{name}] {_budget_line(budget)}", flush=True)
-                if variant_done(folder):
-                    check_reusable(folder, settings)
+            budget, settings = _planned(name, dataset_dir, out, paper, seed, overrides)
+            print(f"[{name}] {_budget_line(budget)}", flush=True)
             if variant_done(folder):
+                check_reusable(folder, settings)
                 print(f"[{name}] finished in an earlier run: skipped", flush=True)
                 rows.append(_row(name, "ok (earlier run)", json.loads((folder / "variant.json").read_text()), folder))
                 continue
-            weights = random_location_weights if not VARIANTS[name].trainable else None
-            record = run_variant(name, dataset_dir, out, weights=weights, seed=seed, paper=paper, **overrides)
+            record = run_variant(name, dataset_dir, out, seed=seed, paper=paper, **overrides)
         except Exception as error:  # noqa: BLE001 - a batch job records the failure and goes on with the other variants
             traceback.print_exc()
             rows.append({"variant": name, "status": f"failed: {type(error).__name__}: {error}"})

@@ -7,6 +7,9 @@ that pandas loads directly.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,26 +19,23 @@ from tqdm.auto import tqdm
 
 from custom.data.atlas import landmark_locations
 from custom.atomic_io import atomic_path
+from custom.engine import subject_shards
 from custom.data.intensity import hu_to_network
 from custom.model.network import DrasCLRNetwork, network_input
+from custom.model.weights import encoder_state, load_into
 from custom.data.patch_dataset import prepared_patch_files
 
 
-def load_network(model_path: str | Path, device: str | torch.device = "cpu") -> DrasCLRNetwork:
+def load_network(model_path: str | Path, device: str | torch.device = "cpu",
+                 conditioning: str = "loc_condconv") -> DrasCLRNetwork:
     """The representation network with the ``encoder.*`` weights of ``model_path``.
 
     Accepts ``models/pretrained.pt`` (a DrasCLRNetwork state dict) and ``models/model.pt`` (the fine-tuned
-    emphysema classifier, whose extra ``classifier.*`` weights are not needed for embeddings).
+    emphysema classifier, whose extra ``classifier.*`` weights are not needed for embeddings); ``conditioning``
+    builds an ablation variant's encoder (``custom.model.conditioning``).
     """
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise FileNotFoundError(f"model weights not found: {model_path} (train first, or import official weights)")
-    state = torch.load(model_path, map_location="cpu")
-    encoder_state = {k: v for k, v in state.items() if k.startswith("encoder.")}
-    if not encoder_state:
-        raise ValueError(f"{model_path} holds no 'encoder.*' weights: not a DrasCLR bundle model file")
-    network = DrasCLRNetwork()
-    network.load_state_dict(encoder_state, strict=True)
+    network = DrasCLRNetwork(conditioning=conditioning)
+    load_into(network, encoder_state(model_path), model_path, f"{conditioning!r} encoder")
     return network.to(device).eval()
 
 
@@ -58,23 +58,72 @@ def embed_cohort(
     device: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    conditioning: str = "loc_condconv",
 ) -> pd.DataFrame:
-    """Embed every prepared subject of ``cache_dir``; returns (and writes) the subject embedding table."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    network = load_network(model_path, device)
+    """Embed every prepared subject of ``cache_dir``; returns (and writes) the subject embedding table.
+
+    Under torchrun (``custom.engine.subject_shards``) each rank embeds its share of the subjects on its own
+    device (``cuda:LOCAL_RANK`` when there are GPUs) and rank 0 writes the table, in subject order. Resumable:
+    when ``out_dir`` was written by the same weights (``embedding_weights.json``, written at the end of a run),
+    subjects whose ``patch_embeddings/<id>.npy`` exists are read back instead of embedded again.
+    """
+    several = subject_shards.init_subject_group()
+    if device is None:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
+    network = load_network(model_path, device, conditioning)
     locations = landmark_locations()
     out_dir = Path(out_dir)
     (out_dir / "patch_embeddings").mkdir(parents=True, exist_ok=True)
-    rows = []
     files = prepared_patch_files(cache_dir)
-    for patch_file in tqdm(files, desc="embed", unit="subject", disable=not progress):
+    mine = subject_shards.shard(files)
+    stamp = {"weights": str(Path(model_path).resolve()), "weights_sha1": file_sha1(model_path),
+             "conditioning": conditioning}
+    reusable = _read_stamp(out_dir) == stamp  # same weights: a subject embedded earlier is not embedded again
+    subject_shards.barrier()
+    if not reusable and subject_shards.is_main():
+        (out_dir / STAMP).unlink(missing_ok=True)  # files written from now on are not those of the old stamp
+    where = f" (rank {subject_shards.rank()}/{subject_shards.world()})" if several else ""
+    rows = []
+    for patch_file in tqdm(mine, desc=f"embed{where}", unit="subject", disable=not progress):
         subject_id = patch_file.parent.name
-        patch_embeddings = embed_patches(network, np.load(patch_file, mmap_mode="r"), locations, batch_size)
-        with atomic_path(out_dir / "patch_embeddings" / f"{subject_id}.npy") as tmp:
-            np.save(tmp, patch_embeddings.astype(np.float32))
-        rows.append([subject_id] + patch_embeddings.mean(0).tolist())
+        target = out_dir / "patch_embeddings" / f"{subject_id}.npy"
+        if reusable and target.is_file():
+            patch_embeddings = np.load(target)
+        else:
+            patches = np.load(patch_file, mmap_mode="r")
+            if patches.ndim != 4 or len(patches) != len(locations):
+                raise ValueError(f"{patch_file}: expected ({len(locations)}, S, S, S) patches, got {patches.shape}")
+            patch_embeddings = embed_patches(network, patches, locations, batch_size)
+            with atomic_path(target) as tmp:
+                np.save(tmp, patch_embeddings.astype(np.float32))
+        rows.append([subject_id] + patch_embeddings.astype(np.float32).mean(0).tolist())
+    rows = subject_shards.gather_in_order(zip(subject_shards.positions(len(rows)), rows))
     dim = len(rows[0]) - 1
     table = pd.DataFrame(rows, columns=["subject_id"] + [f"e{i}" for i in range(dim)])
-    with atomic_path(out_dir / "subject_embeddings.csv") as tmp:
-        table.to_csv(tmp, index=False)
+    if subject_shards.is_main():
+        with atomic_path(out_dir / "subject_embeddings.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        with atomic_path(out_dir / STAMP) as tmp:
+            Path(tmp).write_text(json.dumps(stamp, indent=1))
+    subject_shards.barrier()
     return table
+
+
+STAMP = "embedding_weights.json"
+
+
+def file_sha1(path: str | Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_stamp(out_dir: Path) -> dict | None:
+    """Which weights made the embeddings already in ``out_dir`` (written when a run finishes)."""
+    try:
+        return json.loads((out_dir / STAMP).read_text())
+    except (OSError, ValueError):
+        return None

@@ -32,11 +32,16 @@ def embed(
     device: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    registration: str = "fast",
+    min_dice: float | None = None,
+    transforms=None,
 ) -> pd.DataFrame:
     """Embed ``source`` (prepared cache, or anything the prepare workflow accepts) into ``out_dir``.
 
     Exactly one of ``weights`` / ``official_checkpoint`` is used; ``official_checkpoint`` wins when given.
-    Raw inputs are prepared into ``cache_dir`` (default ``out_dir/prepared``); subjects that fail preparation
+    Raw inputs are prepared into ``cache_dir`` (default ``out_dir/prepared``) by the scan pipeline
+    ``transforms`` (``configs/embed.yaml``'s ``scan_pipeline``, the components of ``configs/prepare.yaml``; by
+    default the one built from ``atlas_dir``, ``registration``, ``min_dice``); subjects that fail preparation
     are listed in its ``failures.csv`` and left out of the table, the others are embedded.
     """
     out_dir = Path(out_dir)
@@ -52,10 +57,12 @@ def embed(
     else:
         if not Path(source).exists():
             raise FileNotFoundError(f"embed source not found: {source} (a prepared cache, a CT, a folder or a CSV)")
-        from custom.prepare.workflow import prepare_cohort
+        from custom.prepare.workflow import DEFAULT_MIN_DICE, prepare_cohort
 
         cache = Path(cache_dir) if cache_dir else out_dir / "prepared"
-        manifest = prepare_cohort(source, cache, atlas_dir=atlas_dir, num_workers=num_workers, progress=progress)
+        manifest = prepare_cohort(source, cache, atlas_dir=atlas_dir, registration=registration,
+                                  num_workers=num_workers, progress=progress,
+                                  min_dice=DEFAULT_MIN_DICE if min_dice is None else min_dice, transforms=transforms)
         if not (manifest["status"] == "ok").any():
             raise RuntimeError(f"no subject of {source} could be prepared; see {cache / 'failures.csv'}")
     return embed_cohort(cache, weights, out_dir, device=device, batch_size=batch_size, progress=progress)

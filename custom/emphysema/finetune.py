@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Events
+from ignite.metrics import Average
 from monai.engines import SupervisedTrainer
 from monai.transforms import Compose, RandAffine, RandGaussianNoise
 from monai.utils import set_determinism
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from custom.atomic_io import atomic_path
 from custom.emphysema.labelled_patches import LabelledPatchDataset, LabelledPatches
+from custom.model.weights import load_into, read_state
 from custom.emphysema.network import (
     EMPHYSEMA_CLASSES,
     EmphysemaNetwork,
@@ -134,31 +136,28 @@ def training_setup(patches: LabelledPatches, network: EmphysemaNetwork, indices=
     return training_loader(dataset, batch_size, seed, num_workers), network
 
 
+def _loss_value(output) -> float:
+    return float(torch.as_tensor(output["loss"]).detach())
+
+
 class EpochLoss:
-    """Mean training loss of every epoch: ``engine.state.metrics["epoch_loss"]`` (MLflow reads it) and ``history``."""
+    """Mean training loss of every epoch, ignite's ``Average`` metric: ``engine.state.metrics["epoch_loss"]`` (MLflow
+    reads it) and ``history``; the latest iteration's loss as ``engine.state.metrics["loss"]``."""
 
     def __init__(self):
         self.history: list = []
-        self._sum, self._count = 0.0, 0
+        self.average = Average(output_transform=_loss_value)
 
     def attach(self, engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._accumulate)
+        self.average.attach(engine, "epoch_loss")  # reset at every epoch start, computed at its end
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._latest)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
 
-    def _reset(self, engine) -> None:
-        self._sum, self._count = 0.0, 0
-
-    def _accumulate(self, engine) -> None:
-        loss = float(torch.as_tensor(engine.state.output["loss"]).detach())
-        self._sum += loss
-        self._count += 1
-        engine.state.metrics["loss"] = loss
+    def _latest(self, engine) -> None:
+        engine.state.metrics["loss"] = _loss_value(engine.state.output)
 
     def _complete(self, engine) -> None:
-        mean = self._sum / max(self._count, 1)
-        self.history.append(mean)
-        engine.state.metrics["epoch_loss"] = mean
+        self.history.append(engine.state.metrics["epoch_loss"])
 
 
 class LossProgressBar:
@@ -224,11 +223,7 @@ class SaveEmphysemaModel:
 
 def load_emphysema_model(path: str | Path, device: str | torch.device = "cpu") -> EmphysemaNetwork:
     """An ``EmphysemaNetwork`` in eval mode with the weights a fine-tuning run wrote."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"emphysema model not found: {path} (run the finetune config first)")
-    network = EmphysemaNetwork()
-    network.load_state_dict(torch.load(path, map_location="cpu"), strict=True)
+    network = load_into(EmphysemaNetwork(), read_state(path), path, "emphysema classifier")
     return network.to(device).eval()
 
 

@@ -6,8 +6,9 @@ So each entry keeps the 64^3 HU region around the centre (voxel r of the region 
 -1024 HU outside the scan), its lung mask, and the subject-to-atlas map shifted to the region's origin.
 ``scan_channels`` / ``patches_at`` (``custom.emphysema.dense_input``) then give exactly the network input of
 the whole scan. The prepared cache keeps no whole volumes, so building the set reloads each CT once
-(``custom.prepare.io.load_ct``, as preparation did); the result is cached in one ``.npz`` (written atomically)
-keyed by the annotations and the prepared transforms, so repeated fine-tuning and CV runs do not reload CTs.
+(the scan pipeline's ``LoadCTd`` and ``LungMaskd``, as preparation did); the result is cached in one ``.npz``
+(written atomically) keyed by the annotations and the prepared transforms, so repeated fine-tuning and CV runs
+do not reload CTs.
 """
 
 from __future__ import annotations
@@ -112,24 +113,21 @@ def translated(matrix: np.ndarray, offset) -> np.ndarray:
 
 
 def _subject_volumes(prepared_dir: Path, subject_id: str):
-    """Reload a prepared subject's CT (and lung mask) on the prepared grid, as preparation made it."""
-    from custom.prepare.io import load_ct, load_mask_like
-    from custom.prepare.lung_mask import segment_lungs
+    """Reload a prepared subject's CT (and lung mask) on the prepared grid with the scan pipeline's ``LoadCTd``
+    and ``LungMaskd`` (``custom.prepare.transforms.load_scan``), as preparation made them."""
+    from custom.prepare.transforms import load_scan
 
     subject = load_prepared_subject(prepared_dir, subject_id)
     qc_path = subject.folder / "qc.json"
     axcodes = json.loads(qc_path.read_text()).get("axcodes", "LAS") if qc_path.is_file() else "LAS"
     if isinstance(axcodes, (list, tuple)):
         axcodes = "".join(axcodes)
-    ct = load_ct(subject.source, axcodes=axcodes)
-    if tuple(ct.hu.shape) != subject.shape or not np.allclose(ct.affine, subject.affine_ras, atol=1e-3):
+    image, lung = load_scan(subject.source, subject.lung_mask, axcodes=axcodes)
+    hu, affine = image[0].numpy(), np.asarray(image.affine, dtype=np.float64)
+    if tuple(hu.shape) != subject.shape or not np.allclose(affine, subject.affine_ras, atol=1e-3):
         raise ValueError(f"{subject.source}: the scan no longer matches its prepared grid in {subject.folder} "
-                         f"(shape {ct.hu.shape} vs {subject.shape}); prepare it again")
-    if subject.lung_mask and subject.lung_mask != "auto":
-        lung = load_mask_like(subject.lung_mask, ct, axcodes=axcodes)
-    else:
-        lung = segment_lungs(ct.hu, spacing_mm=float(np.mean(ct.spacing)), source=ct.source)
-    return subject, ct.hu, lung
+                         f"(shape {hu.shape} vs {subject.shape}); prepare it again")
+    return subject, hu, lung
 
 
 def _cache_key(table: pd.DataFrame) -> str:

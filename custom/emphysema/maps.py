@@ -15,6 +15,7 @@ import pandas as pd
 from monai.data import Dataset
 
 from custom.atomic_io import atomic_path
+from custom.engine import subject_shards
 from custom.emphysema.report import write_cohort_csv
 
 logger = logging.getLogger("drasclr.emphysema")
@@ -46,6 +47,13 @@ def scan_datalist(source) -> list:
     return items
 
 
+def scan_shard(source) -> list:
+    """This process's scans of ``scan_datalist(source)``: all of them, or under torchrun its rank's share
+    (``custom.engine.subject_shards``; the cohort report merges the shares in input order)."""
+    subject_shards.init_subject_group()
+    return subject_shards.shard(scan_datalist(source))
+
+
 class FailureTolerantDataset(Dataset):
     """``monai.data.Dataset`` whose items become ``{"subject_id", "source", "error"}`` when preprocessing
     raises, so one bad scan is reported and the others are still mapped."""
@@ -54,6 +62,9 @@ class FailureTolerantDataset(Dataset):
         try:
             return super()._transform(index)
         except Exception as err:  # noqa: BLE001 - every failure is reported per subject
+            from custom.prepare.transforms import transform_error
+
+            err = transform_error(err)  # the failing step's own message (names the file), as prepare reports it
             item = self.data[index]
             source = str(item.get("image", "")) if isinstance(item, dict) else str(item)
             message = " ".join((str(err) or type(err).__name__).split())[:1000]
@@ -79,7 +90,9 @@ def _first(value):
 
 class CohortReport:
     """Ignite handler: after every scan, append its report (or its failure) and rewrite
-    ``<output_dir>/emphysema_report.csv`` and ``failures.csv``, so a stopped run keeps what it finished."""
+    ``<output_dir>/emphysema_report.csv`` and ``failures.csv``, so a stopped run keeps what it finished.
+    Under torchrun each rank keeps its rows (each scan's own outputs are on disk as soon as it is mapped) and
+    rank 0 writes the merged tables at completion, in input order."""
 
     def __init__(self, output_dir: str, inferer=None, report_key: str = "report"):
         self.output_dir = Path(output_dir)
@@ -99,6 +112,13 @@ class CohortReport:
 
     def _reset(self, engine) -> None:
         self.reports, self.failures = [], []
+        self._position = 0
+
+    def _next_position(self) -> int:
+        """Input position of this rank's next scan (``subject_shards.shard``'s rule; batch size 1)."""
+        position = subject_shards.positions(self._position + 1)[-1]
+        self._position += 1
+        return position
 
     def _start(self, engine) -> None:
         self._started = time.perf_counter()
@@ -106,9 +126,10 @@ class CohortReport:
     def _record(self, engine) -> None:
         output = engine.state.output
         seconds = round(time.perf_counter() - self._started, 2)
+        position = self._next_position()
         if isinstance(output, dict) and ERROR_KEY in output:
             failure = {k: _first(output.get(k)) for k in ("subject_id", "source", ERROR_KEY, "error_type")}
-            self.failures.append(failure)
+            self.failures.append((position, failure))
             logger.warning("FAILED %s: %s", failure["subject_id"], failure[ERROR_KEY])
         else:
             for item in output if isinstance(output, list) else [output]:
@@ -120,17 +141,31 @@ class CohortReport:
                     report["network_evaluations"] = self.inferer.last_evaluations
                 if "outputs" in item:
                     report["outputs"] = dict(item["outputs"])
-                self.reports.append(report)
-        self.write()
+                self.reports.append((position, report))
+        if subject_shards.world() == 1:
+            self.write(self.reports, self.failures)
 
-    def write(self) -> None:
+    def write(self, reports: list, failures: list) -> None:
+        """Write the tables of (position, row) pairs, rows in position order."""
+        reports = [row for _, row in sorted(reports, key=lambda pair: pair[0])]
+        failures = [row for _, row in sorted(failures, key=lambda pair: pair[0])]
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.reports:
-            write_cohort_csv(self.reports, self.output_dir / "emphysema_report.csv")
+        if reports:
+            write_cohort_csv(reports, self.output_dir / "emphysema_report.csv")
         with atomic_path(self.output_dir / "failures.csv") as tmp:
-            pd.DataFrame(self.failures, columns=["subject_id", "source", ERROR_KEY, "error_type"]).to_csv(
+            pd.DataFrame(failures, columns=["subject_id", "source", ERROR_KEY, "error_type"]).to_csv(
                 tmp, index=False)
 
     def _summary(self, engine) -> None:
-        logger.info("emphysema maps: %d scans mapped, %d failed; outputs in %s", len(self.reports),
-                    len(self.failures), self.output_dir)
+        reports, failures = self.reports, self.failures
+        if subject_shards.world() > 1:
+            tagged = subject_shards.gather_in_order((p, (p, "report", r)) for p, r in reports)
+            tagged += subject_shards.gather_in_order((p, (p, "failure", r)) for p, r in failures)
+            reports = [(p, r) for p, kind, r in tagged if kind == "report"]
+            failures = [(p, r) for p, kind, r in tagged if kind == "failure"]
+            if subject_shards.is_main():
+                self.write(reports, failures)
+            subject_shards.barrier()
+        if subject_shards.is_main():
+            logger.info("emphysema maps: %d scans mapped, %d failed; outputs in %s", len(reports), len(failures),
+                        self.output_dir)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from custom.model.weights import encoder_state, load_into
 from custom.model.network import DrasCLRNetwork
 
 EMPHYSEMA_CLASSES = ("healthy", "centrilobular", "paraseptal")
@@ -57,12 +58,5 @@ def load_pretrained_encoder(network: EmphysemaNetwork, model_path: str | Path) -
 
     Raises when an encoder key is missing, so a wrong file fails loudly instead of leaving random weights.
     """
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise FileNotFoundError(f"pre-trained encoder weights not found: {model_path}")
-    state = torch.load(model_path, map_location="cpu")
-    encoder_state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
-    if not encoder_state:
-        raise ValueError(f"{model_path} holds no 'encoder.*' weights (keys start with {next(iter(state), None)!r})")
-    network.encoder.load_state_dict(encoder_state, strict=True)
+    load_into(network.encoder, encoder_state(model_path, strip_prefix=True), model_path, "encoder")
     return network

@@ -30,7 +30,7 @@ LUNGS = ("right", "left")
 @lru_cache(maxsize=2)
 def atlas_midline(atlas_dir: str | None = None) -> tuple:
     """(atlas x index of the midline, True when larger x is the patient's left) of the atlas lung mask."""
-    from custom.prepare.workflow import load_atlas
+    from custom.prepare.transforms import load_atlas
 
     atlas = load_atlas(atlas_dir)
     profile = atlas.mask.sum(axis=(1, 2))

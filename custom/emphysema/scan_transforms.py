@@ -2,12 +2,12 @@
 (``preprocessing``), and the probability map back on the input's grid, written with its report and pictures
 (``postprocessing``). MONAI Label runs the same two chains around ``inferer(image, network)``.
 
-Preprocessing repeats the prepare workflow's steps with its own functions (custom.prepare): load, orient to the
-atlas's axes, resample to 1 mm, check HU; lung mask (a user mask wins); affine registration of the lung mask to
-the atlas lung mask with the same recipe and QC; then MONAI ``CropForegroundd`` to the lung plus the patch half
-(16 voxels, so every patch centred in the lung is whole) and ``dense_input.scan_channels``. The image's
-meta data keep what is needed to go back: the input grid (``original_affine``, ``spatial_shape``) and the
-world -> atlas voxel map (``atlas_from_world``, which cropping does not change).
+Preprocessing is the scan pipeline of every workflow (``custom.prepare.transforms``: ``LoadCTd`` -> ``LungMaskd``
+-> ``RegisterToAtlasd``, the config ids ``load``, ``lung_mask``, ``register`` that prepare and embed use too),
+then MONAI ``CropForegroundd`` to the lung plus the patch half (16 voxels, so every patch centred in the lung is
+whole) and ``ScanChannelsd`` (``dense_input.scan_channels``). The image's meta data keep what is needed to go
+back: the input grid (``original_affine``, ``spatial_shape``) and the world -> atlas voxel map
+(``atlas_from_world``, which cropping does not change).
 
 The input grid is the NIfTI file's own voxel grid; for a DICOM series it is the series' voxel lattice at its own
 spacing, in the atlas's axis order (LAS).
@@ -15,56 +15,25 @@ spacing, in the atlas's axis order (LAS).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialResample
 
+from custom.data.intensity import HALF_RANGE, HU_SHIFT
+from custom.data.location import location_to_centre
 from custom.emphysema.dense_input import LUNG_CHANNEL, scan_channels
 from custom.emphysema.network import EMPHYSEMA_CLASSES
 from custom.emphysema.sliding_window import decide_labels
 from custom.flags import as_bool
-from custom.data.intensity import HALF_RANGE, HU_SHIFT
-from custom.data.location import location_to_centre
-from custom.prepare.io import CTVolume, InputError, is_nifti, load_ct, load_mask_like
-from custom.prepare.landmarks import RegistrationQCError, registration_dice
-from custom.prepare.lung_mask import MIN_LUNG_ML, segment_lungs
-from custom.prepare.registration import get_recipe, register_to_atlas
-from custom.prepare.workflow import DEFAULT_MIN_DICE, load_atlas
+from custom.prepare.transforms import DEFAULT_MIN_DICE, LoadCTd, LungMaskd, RegisterToAtlasd, input_grid
+from custom.prepare.transforms import meta_of as _meta
 
 PATCH_HALF = 16
-
-
-def _strip_suffix(name: str) -> str:
-    for suffix in (".nii.gz", ".nii"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def subject_id_of(path: str | Path) -> str:
-    return _strip_suffix(Path(str(path)).name) or "scan"
-
-
-def input_grid(path: str | Path, ct: CTVolume) -> tuple:
-    """(affine, shape) of the input's voxel grid (see the module docstring)."""
-    path = Path(path)
-    if is_nifti(path):
-        header = nib.load(str(path))
-        return np.asarray(header.affine, dtype=np.float64), tuple(int(s) for s in header.shape[:3])
-    affine = ct.affine.copy()  # the oriented input lattice: same origin and directions, native spacing
-    affine[:3, :3] = ct.affine[:3, :3] * np.asarray(ct.original_spacing) / np.asarray(ct.spacing)
-    return affine, tuple(ct.original_shape)
-
-
-def _meta(image: MetaTensor) -> dict:
-    """The meta data to carry to a new MetaTensor on the same grid (the affine is passed separately)."""
-    return {k: v for k, v in image.meta.items() if k != "affine"}
+REGISTRATION_KEY = "registration"  # RegisterToAtlasd's whole result (what the prepare cache stores): dropped here
 
 
 def _hu_of(image: torch.Tensor) -> np.ndarray:
@@ -73,104 +42,6 @@ def _hu_of(image: torch.Tensor) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
-class LoadCTd(MapTransform):
-    """Path (NIfTI file or DICOM series folder) -> (1, X, Y, Z) HU MetaTensor on the 1 mm grid in the atlas's
-    axis order; meta: ``filename_or_obj``, ``original_affine`` and ``spatial_shape`` (the input grid)."""
-
-    def __init__(self, keys: KeysCollection = "image", atlas_dir: str | None = None, allow_missing_keys=False):
-        super().__init__(keys, allow_missing_keys)
-        self.atlas_dir = atlas_dir
-
-    def __call__(self, data):
-        d = dict(data)
-        axcodes = load_atlas(self.atlas_dir).axcodes
-        for key in self.key_iterator(d):
-            path = d[key]
-            if not isinstance(path, (str, Path)):
-                raise TypeError(f"{key}: expected the path of a NIfTI file or DICOM folder, got {type(path).__name__}")
-            ct = load_ct(path, axcodes=axcodes)
-            original_affine, original_shape = input_grid(path, ct)
-            meta = {"filename_or_obj": str(path), "original_affine": original_affine,
-                    "spatial_shape": np.asarray(original_shape), "subject_id": str(d.get("subject_id") or
-                                                                                   subject_id_of(path))}
-            d[key] = MetaTensor(torch.from_numpy(ct.hu)[None], affine=torch.as_tensor(ct.affine), meta=meta)
-            d.setdefault("subject_id", meta["subject_id"])
-        return d
-
-
-def _as_ct(image: MetaTensor) -> CTVolume:
-    meta = image.meta
-    return CTVolume(hu=image[0].numpy(), affine=np.asarray(image.affine, dtype=np.float64),
-                    source=str(meta.get("filename_or_obj", "")), original_spacing=(), original_shape=())
-
-
-class LungMaskd(MapTransform):
-    """The lung mask of ``keys`` (a loaded CT) into ``mask_key``: the user's mask when ``mask_key`` holds a path,
-    else the built-in classical segmentation. Raises naming the file when there is no lung."""
-
-    def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask", atlas_dir: str | None = None,
-                 allow_missing_keys=False):
-        super().__init__(keys, allow_missing_keys)
-        self.mask_key = mask_key
-        self.atlas_dir = atlas_dir
-
-    def __call__(self, data):
-        d = dict(data)
-        for key in self.key_iterator(d):
-            image = d[key]
-            ct = _as_ct(image)
-            voxel_ml = float(np.prod(ct.spacing)) / 1000.0
-            user_mask = d.get(self.mask_key)
-            if isinstance(user_mask, (str, Path)) and str(user_mask):
-                lung = load_mask_like(user_mask, ct, axcodes=load_atlas(self.atlas_dir).axcodes)
-                if lung.sum() * voxel_ml < MIN_LUNG_ML:
-                    raise InputError(f"{user_mask}: lung mask holds only {lung.sum() * voxel_ml:.0f} ml")
-            else:
-                lung = segment_lungs(ct.hu, spacing_mm=float(np.mean(ct.spacing)), source=ct.source)
-            d[self.mask_key] = MetaTensor(torch.from_numpy(np.asarray(lung, dtype=np.uint8))[None],
-                                          affine=image.affine, meta=_meta(image))
-        return d
-
-
-class RegisterToAtlasd(MapTransform):
-    """Affine registration of the lung mask to the atlas lung mask (custom.prepare's recipe and Dice QC); stores
-    the world -> atlas voxel map in the image's meta (``atlas_from_world``) and the Dice (``registration_dice``)."""
-
-    def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask", registration: str = "fast",
-                 min_dice: float = DEFAULT_MIN_DICE, atlas_dir: str | None = None, allow_missing_keys=False):
-        super().__init__(keys, allow_missing_keys)
-        self.mask_key = mask_key
-        self.recipe = get_recipe(registration)
-        self.min_dice = float(min_dice)
-        self.atlas_dir = atlas_dir
-
-    def __call__(self, data):
-        d = dict(data)
-        atlas = load_atlas(self.atlas_dir)
-        for key in self.key_iterator(d):
-            image = d[key]
-            source = image.meta.get("filename_or_obj", key)
-            lung = d[self.mask_key][0].numpy() > 0
-            affine = np.asarray(image.affine, dtype=np.float64)
-            start = time.perf_counter()
-            try:
-                result = register_to_atlas(lung, affine, atlas.mask, atlas.affine, self.recipe,
-                                           atlas_image=atlas.fixed_image(self.recipe))
-            except Exception as err:
-                raise RegistrationQCError(f"{source}: affine registration to the atlas failed: {err}") from err
-            try:
-                dice = registration_dice(lung, result.subject_to_atlas_vox, atlas.mask)
-            finally:
-                result.cleanup()
-            if dice < self.min_dice:
-                raise RegistrationQCError(f"{source}: registration to the atlas failed QC: lung overlap (Dice) "
-                                          f"{dice:.2f} < {self.min_dice:.2f}; check the lung mask and the orientation")
-            image.meta["atlas_from_world"] = result.subject_to_atlas_vox @ np.linalg.inv(affine)
-            image.meta["registration_dice"] = round(float(dice), 4)
-            image.meta["registration_seconds"] = round(time.perf_counter() - start, 2)
-        return d
-
-
 class ScanChannelsd(MapTransform):
     """(1, X, Y, Z) HU + lung mask -> the (5, X, Y, Z) scan channels (intensity, atlas location x3, lung) of
     ``dense_input.scan_channels``, on the image's (possibly cropped) grid; drops ``mask_key``."""
@@ -194,13 +65,14 @@ class ScanChannelsd(MapTransform):
 def preprocessing_chain(atlas_dir: str | None = None, registration: str = "fast",
                         min_dice: float = DEFAULT_MIN_DICE):
     """The ``preprocessing`` of ``configs/inference.yaml`` in Python (keys ``image`` and ``lung_mask``)."""
-    from monai.transforms import Compose, CropForegroundd
+    from monai.transforms import Compose, CropForegroundd, DeleteItemsd
 
     return Compose([
         LoadCTd("image", atlas_dir=atlas_dir),
         LungMaskd("image", mask_key="lung_mask", atlas_dir=atlas_dir),
         RegisterToAtlasd("image", mask_key="lung_mask", registration=registration, min_dice=min_dice,
                          atlas_dir=atlas_dir),
+        DeleteItemsd(keys=REGISTRATION_KEY),
         CropForegroundd(keys=["image", "lung_mask"], source_key="lung_mask", margin=PATCH_HALF, allow_smaller=True),
         ScanChannelsd("image", mask_key="lung_mask"),
     ])

@@ -1,12 +1,13 @@
-"""The pre-training baselines and ablations of paper §4.4 (Tables 6-8), each a named variant of the method.
+"""The pre-training baselines and ablations of paper §4.4 (Tables 6 and 8), each a named variant of the method.
 
-A variant fixes three training choices and one inference choice:
+A variant fixes three training choices:
 
 - ``conditioning``: how the atlas location p enters the encoder (``custom.model.conditioning``; Table 6),
 - ``global_queue``: one dictionary of negatives shared by all landmarks (plain MoCo) instead of one per landmark,
-- ``num_neighbours``: l, the neighbours of the neighbour loss; 0 trains with the local loss only (Table 8),
-- ``location``: ``"true"`` embeds each patch at its own landmark's location, ``"random"`` at a location drawn
-  at random in the lung (Table 7); a random-location variant reuses the weights of ``weights_from``.
+- ``num_neighbours``: l, the neighbours of the neighbour loss; 0 trains with the local loss only (Table 8).
+
+Table 7 (random instead of true locations) is an emphysema-detection experiment, not a pre-training variant: the
+detection run does it (``custom.emphysema.random_location``, ``emphysema_finetune.yaml``: ``random_location``).
 
 Table 6 trains every conditioning with the local loss only (§4.4.1), so its Loc-CondConv row is the
 ``neighbours_0`` variant; ``neighbours_2`` is the full method (DrasCLR). The paper's "MoCo" baseline works on
@@ -29,25 +30,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 import custom
-from custom.data.atlas import atlas_mask_path, landmark_locations
+from custom.data.atlas import landmark_locations
 from custom.atomic_io import atomic_path
 from custom.model.conditioning import check_conditioning
 from custom.embed.cohort import embed_patches
 from custom.flags import as_bool
-from custom.data.location import centre_to_location
 from custom.model.network import DrasCLRNetwork
 from custom.data.patch_dataset import prepared_patch_files
-
-LOCATIONS = ("true", "random")
-RANDOM_SOURCES = ("landmarks", "lung")
-
 
 @dataclass(frozen=True)
 class Variant:
@@ -56,12 +51,6 @@ class Variant:
     conditioning: str = "loc_condconv"
     global_queue: bool = False
     num_neighbours: int = 2
-    location: str = "true"
-    weights_from: str | None = None
-
-    @property
-    def trainable(self) -> bool:
-        return self.weights_from is None
 
 
 VARIANTS: dict[str, Variant] = {
@@ -80,28 +69,28 @@ VARIANTS: dict[str, Variant] = {
         Variant("neighbours_1", "Table 8: neighbour loss with 1 neighbour", num_neighbours=1),
         Variant("neighbours_2", "Table 8 / the method (DrasCLR): neighbour loss with 2 neighbours", num_neighbours=2),
         Variant("neighbours_3", "Table 8: neighbour loss with 3 neighbours", num_neighbours=3),
-        Variant("random_location", "Table 7: the DrasCLR weights (neighbours_2) embedding every patch at a random "
-                "lung location", location="random", weights_from="neighbours_2"),
     )
 }
 ALIASES = {"drasclr": "neighbours_2", "conditioning_loc_condconv": "neighbours_0"}
+# Former variants and where their experiment lives now.
+MOVED = {"random_location": "Table 7 (random vs patch locations) is the emphysema detection run's: "
+                            "python -m monai.bundle run detection --config_file bundle/configs/emphysema_finetune.yaml "
+                            "(random_location: true)"}
 
 
 def get_variant(name: str) -> Variant:
     """The variant called ``name`` (aliases resolve to their canonical variant)."""
     canonical = ALIASES.get(name, name)
+    if canonical in MOVED:
+        raise ValueError(f"{name!r} is no longer a pre-training variant: {MOVED[canonical]}")
     if canonical not in VARIANTS:
         raise ValueError(f"unknown ablation variant {name!r}; choose from {sorted(VARIANTS) + sorted(ALIASES)}")
     return VARIANTS[canonical]
 
 
 def trainable_variant(name: str) -> Variant:
-    """The variant called ``name``, refusing the inference-only ones (what ablation.yaml trains)."""
-    variant = get_variant(name)
-    if not variant.trainable:
-        raise ValueError(f"variant {name!r} is not trained: it embeds the weights of {variant.weights_from!r} "
-                         f"(train that variant, then embed with location='{variant.location}')")
-    return variant
+    """The variant called ``name`` (what ablation.yaml trains; every variant is pre-trained)."""
+    return get_variant(name)
 
 
 def ablation_config_files(paper: bool = False, variant: bool = True) -> list[str]:
@@ -269,74 +258,29 @@ def load_variant_network(model_path: str | Path, conditioning: str = "loc_condco
     return network.to(device).eval()
 
 
-def random_locations(num: int, rng: np.random.Generator, source: str = "landmarks",
-                     own: np.ndarray | None = None) -> np.ndarray:
-    """(num, 3) float32 locations drawn at random in the atlas lung.
-
-    ``source="landmarks"``: the location of a random landmark other than the patch's own (``own``: its index per
-    row); ``"lung"``: the location of a patch centred on a uniformly drawn atlas lung voxel.
-    """
-    if source == "landmarks":
-        table = landmark_locations()
-        if own is None:
-            return table[rng.integers(0, len(table), num)]
-        # Draw from the J - 1 other landmarks: shift draws at or above the row's own index by one.
-        draws = rng.integers(0, len(table) - 1, num)
-        return table[draws + (draws >= np.asarray(own))]
-    if source == "lung":
-        shape, lung = _atlas_lung_voxels()
-        centres = np.stack(np.unravel_index(lung[rng.integers(0, len(lung), num)], shape), axis=1)
-        return centre_to_location(centres).astype(np.float32)
-    raise ValueError(f"random location source must be one of {RANDOM_SOURCES}, got {source!r}")
-
-
-_LUNG_VOXELS: tuple | None = None
-
-
-def _atlas_lung_voxels() -> tuple:
-    """(shape, flat indices) of the atlas lung mask's voxels, loaded once."""
-    global _LUNG_VOXELS
-    if _LUNG_VOXELS is None:
-        mask = np.asarray(nib.load(str(atlas_mask_path())).dataobj) > 0
-        _LUNG_VOXELS = (mask.shape, np.flatnonzero(mask))
-    return _LUNG_VOXELS
-
-
 def embed_cohort_variant(
     cache_dir: str | Path,
     model_path: str | Path,
     out_dir: str | Path,
     conditioning: str = "loc_condconv",
-    location: str = "true",
-    random_source: str = "landmarks",
-    seed: int = 0,
     device: str | None = None,
     batch_size: int = 64,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Embed every prepared subject with a variant's weights: ``out_dir/patch_embeddings/<id>.npy`` (J x 128)
-    and ``out_dir/subject_embeddings.csv`` (subject_id, e0..e127), as ``custom.embed.cohort.embed_cohort``.
-
-    ``location="random"`` gives each patch a random lung location (seeded by ``seed`` and the subject's order).
-    """
-    if location not in LOCATIONS:
-        raise ValueError(f"location must be one of {LOCATIONS}, got {location!r}")
+    and ``out_dir/subject_embeddings.csv`` (subject_id, e0..e127), as ``custom.embed.cohort.embed_cohort``."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     network = load_variant_network(model_path, conditioning, device)
-    true_locations = landmark_locations()
+    locations = landmark_locations()
     out_dir = Path(out_dir)
     (out_dir / "patch_embeddings").mkdir(parents=True, exist_ok=True)
     rows = []
     files = prepared_patch_files(cache_dir)
-    for index, patch_file in enumerate(tqdm(files, desc="embed", unit="subject", disable=not progress)):
+    for patch_file in tqdm(files, desc="embed", unit="subject", disable=not progress):
         subject_id = patch_file.parent.name
         patches = np.load(patch_file, mmap_mode="r")
-        if patches.ndim != 4 or len(patches) != len(true_locations):
-            raise ValueError(f"{patch_file}: expected ({len(true_locations)}, S, S, S) patches, got {patches.shape}")
-        locations = true_locations
-        if location == "random":
-            rng = np.random.default_rng([seed, index])
-            locations = random_locations(len(true_locations), rng, random_source, own=np.arange(len(true_locations)))
+        if patches.ndim != 4 or len(patches) != len(locations):
+            raise ValueError(f"{patch_file}: expected ({len(locations)}, S, S, S) patches, got {patches.shape}")
         patch_embeddings = embed_patches(network, patches, locations, batch_size)
         with atomic_path(out_dir / "patch_embeddings" / f"{subject_id}.npy") as tmp:
             np.save(tmp, patch_embeddings.astype(np.float32))
@@ -360,37 +304,26 @@ def variant_done(out_dir: str | Path) -> bool:
     return (out_dir / "variant.json").is_file() and (out_dir / "subject_embeddings.csv").is_file()
 
 
-def run_variant(name: str, dataset_dir: str | Path, out_root: str | Path, weights: str | Path | None = None,
-                seed: int = 0, paper: bool = False, progress: bool = True, **train_overrides) -> dict:
-    """Pre-train (unless the variant reuses other weights) and embed one variant into ``out_root/<name>``.
+def run_variant(name: str, dataset_dir: str | Path, out_root: str | Path, seed: int = 0, paper: bool = False,
+                progress: bool = True, **train_overrides) -> dict:
+    """Pre-train and embed one variant into ``out_root/<name>``.
 
-    ``weights`` (random-location variants only) replaces ``out_root/<weights_from>/pretrained.pt``. Returns the
-    record also written to ``out_root/<name>/variant.json``: the variant's settings, the training budget it got
-    and every inherited training setting (those of the weights' variant for a random-location variant using
-    ``out_root``), the weights used, and the wall and CPU seconds spent training and embedding.
+    Returns the record also written to ``out_root/<name>/variant.json``: the variant's settings, the training
+    budget it got and every inherited training setting, the weights, and the wall and CPU seconds spent training
+    and embedding.
     """
     variant = get_variant(name)
-    if weights is not None and variant.trainable:
-        raise ValueError(f"variant {name!r} trains its own weights; 'weights' is for random-location variants")
     out_dir = Path(out_root) / variant.name
     record = {"variant": asdict(variant), "dataset_dir": str(dataset_dir), "paper_schedule": as_bool(paper),
               "seed": seed, "train_settings": train_overrides, "budget": None, "settings": None}
     start, cpu = time.perf_counter(), _cpu_seconds()
-    if variant.trainable:
-        weights, trained = pretrain_variant(variant.name, dataset_dir, out_dir, paper, seed=seed, **train_overrides)
-        record.update(trained)
-    elif weights is None:
-        weights = Path(out_root) / variant.weights_from / "pretrained.pt"
-        source = Path(out_root) / variant.weights_from / "variant.json"
-        if source.is_file():
-            record.update({k: json.loads(source.read_text()).get(k) for k in ("budget", "settings")})
+    weights, trained = pretrain_variant(variant.name, dataset_dir, out_dir, paper, seed=seed, **train_overrides)
+    record.update(trained)
     record["weights"] = str(weights)
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     record["train_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
     start, cpu = time.perf_counter(), _cpu_seconds()
-    source = get_variant(variant.weights_from) if variant.weights_from else variant
-    embed_cohort_variant(dataset_dir, weights, out_dir, conditioning=source.conditioning, location=variant.location,
-                         seed=seed, progress=progress)
+    embed_cohort_variant(dataset_dir, weights, out_dir, conditioning=variant.conditioning, progress=progress)
     record["embed_seconds"] = round(time.perf_counter() - start, 1)
     record["embed_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
     with atomic_path(out_dir / "variant.json") as tmp:

@@ -12,13 +12,14 @@ administrative censoring at horizon t: follow-up is cut at t, so an event after 
 C(t) then asks how well the score ranks the subjects who die before t against everyone known to live longer,
 which is what a clinician needs for a t-year prognosis. Horizons are the 25th/50th/75th percentiles of the
 observed follow-up times. Harrell's C itself is ``lifelines.utils.concordance_index`` (ties in the score count
-one half). Standard error: the standard deviation of C(t) over bootstrap resamples of the subjects (with their
-cross-validated scores). With ``repeats`` > 1 the whole cross-validation is repeated with new fold seeds and
-C(t) and its standard error are averaged over repeats (the paper averages five runs).
+one half). Standard error: the standard deviation of C(t) over bootstrap resamples of the subjects with their
+cross-validated scores (``scipy.stats.bootstrap``). With ``repeats`` > 1 the whole cross-validation is repeated
+with new fold seeds and C(t) and its standard error are averaged over repeats (the paper averages five runs).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import pandas as pd
 from lifelines import CoxPHFitter
 from lifelines.exceptions import ConvergenceError, ConvergenceWarning
 from lifelines.utils import concordance_index
+from scipy import stats
 from sklearn.decomposition import PCA
 from sklearn.model_selection import StratifiedKFold
 from sklearn.preprocessing import StandardScaler
@@ -36,6 +38,8 @@ from threadpoolctl import threadpool_limits
 from custom.evaluation.readouts import NotEvaluable
 
 DEFAULT_PERCENTILES = (25, 50, 75)
+# scipy >= 1.15 takes the generator as ``rng``; the older releases the project allows call it ``random_state``.
+_BOOTSTRAP_RNG = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
 
 
 def censor_at(time, event, horizon: float) -> tuple[np.ndarray, np.ndarray]:
@@ -64,29 +68,34 @@ def follow_up_horizons(time, percentiles: Sequence[float] = DEFAULT_PERCENTILES)
 
 
 def bootstrap_standard_errors(time, event, risk, horizons, n_bootstrap: int = 200, seed: int = 0) -> np.ndarray:
-    """Standard deviation of C(t) at each horizon over ``n_bootstrap`` resamples of the subjects."""
+    """Standard deviation of C(t) at each horizon over ``n_bootstrap`` resamples of the subjects
+    (``scipy.stats.bootstrap``, paired: a subject keeps its time, event and score). A resample without a
+    comparable pair gives no C(t) and is left out of that horizon's standard deviation."""
     time, event, risk = np.asarray(time, float), np.asarray(event).astype(bool), np.asarray(risk, float)
+
+    def statistic(t, e, r):
+        return np.array([time_dependent_concordance(t, e, r, horizon) for horizon in horizons])
+
     rng = np.random.default_rng(seed)
-    draws = np.full((n_bootstrap, len(horizons)), np.nan)
-    for b in range(n_bootstrap):
-        idx = rng.integers(0, len(time), len(time))
-        for h, horizon in enumerate(horizons):
-            draws[b, h] = time_dependent_concordance(time[idx], event[idx], risk[idx], horizon)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column: no comparable pair in any draw
-        return np.array([np.nanstd(col[np.isfinite(col)], ddof=1) if np.isfinite(col).sum() > 1 else np.nan
-                         for col in draws.T])
+        warnings.simplefilter("ignore", RuntimeWarning)  # percentile interval of a horizon with NaN draws
+        result = stats.bootstrap((time, event, risk), statistic, n_resamples=n_bootstrap, paired=True,
+                                 vectorized=False, method="percentile", **{_BOOTSTRAP_RNG: rng})
+    draws = np.asarray(result.bootstrap_distribution).reshape(len(horizons), -1)
+    finite = np.isfinite(draws)
+    return np.array([np.std(col[ok], ddof=1) if ok.sum() > 1 else np.nan for col, ok in zip(draws, finite)])
 
 
 def encode_covariates(table: pd.DataFrame, numeric: Sequence[str], categorical: Sequence[str]) -> pd.DataFrame:
-    """Numeric columns as floats and categorical ones one-hot (first sorted level dropped). The levels come from
-    the whole table: a fixed coding, not a fitted statistic."""
-    parts = [table[list(numeric)].astype(np.float64)]
-    for column in categorical:
-        levels = sorted(table[column].astype(str).unique())
-        for level in levels[1:]:
-            parts.append((table[column].astype(str) == level).astype(np.float64).rename(f"{column}={level}"))
-    return pd.concat(parts, axis=1)
+    """Numeric columns as floats and categorical ones one-hot (``pandas.get_dummies``: sorted levels, the first
+    dropped, columns ``<column>=<level>``). The levels come from the whole table: a fixed coding, not a fitted
+    statistic."""
+    numeric_part = table[list(numeric)].astype(np.float64)
+    if not categorical:
+        return numeric_part
+    dummies = pd.get_dummies(table[list(categorical)].astype(str), prefix=list(categorical), prefix_sep="=",
+                             drop_first=True, dtype=np.float64)
+    return pd.concat([numeric_part, dummies], axis=1)
 
 
 @dataclass

@@ -111,3 +111,84 @@ def write_table(table: pd.DataFrame, stem: str | Path, title: str, footnotes: Se
     with atomic_path(md_path) as tmp:
         tmp.write_text(markdown(table, title, footnotes, caption))
     return csv_path, md_path
+
+
+def parse_columns(columns) -> list[tuple[str, str]]:
+    """'target:metric' strings -> (target, metric) pairs."""
+    pairs = []
+    for item in columns:
+        target, _, metric = str(item).partition(":")
+        pairs.append((target, metric or "accuracy"))
+    return pairs
+
+
+def _strict(spec, allowed: set, required: set, what: str) -> dict:
+    """A config mapping with only the ``allowed`` keys (and every ``required`` one); others are an error."""
+    spec = dict(spec or {})
+    unknown, missing = sorted(set(spec) - allowed), sorted(required - set(spec))
+    if unknown or missing:
+        raise ValueError(f"{what}: " + "; ".join(
+            ([f"unknown setting(s) {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else []))
+            + f" (it takes {sorted(allowed)})")
+    return spec
+
+
+SURVIVAL_TITLE = "Table 3: time-dependent concordance C(t) ± bootstrap s.e., Cox model with the five confounders"
+SEVERITY_TITLE = "Table 4: COVID-like severity grade, linear readout of the frozen encoder (5-fold CV)"
+
+
+class TableWriter:
+    """Every table of the evaluation as CSV + Markdown under ``out_dir``.
+
+    ``layouts``: readout tables, stem -> {title, rows, columns}: rows are feature sets (a list, a mapping shown
+    name -> feature set, or null = all available; rows not available are left out), columns ``target:metric``.
+    ``external``: tables another workflow wrote (the emphysema detection's Tables 5 and 7), stem -> {path, title},
+    shown when their file exists. ``caption`` goes above every computed table (the synthetic-data warning)."""
+
+    def __init__(self, out_dir: str | Path, layouts: dict | None = None, external: dict | None = None,
+                 caption: str = ""):
+        self.out_dir = Path(out_dir)
+        self.layouts = {stem: _strict(spec, {"title", "rows", "columns"}, {"columns"}, f"table {stem!r}")
+                        for stem, spec in (layouts or {}).items()}
+        self.external = {stem: _strict(spec, {"path", "title"}, {"path"}, f"table {stem!r}")
+                         for stem, spec in (external or {}).items()}
+        self.caption = caption or ""
+
+    def _emit(self, blocks: list, display: pd.DataFrame, stem: str, title: str, footnotes, caption: str) -> None:
+        write_table(display, self.out_dir / stem, title, footnotes, caption)
+        blocks.append(markdown(display, title, footnotes, caption))
+
+    def write(self, readouts: pd.DataFrame, labels: dict, survival: pd.DataFrame | None = None,
+              severity: pd.DataFrame | None = None, severity_labels: dict | None = None, notes=None) -> list[str]:
+        """Write the tables the results allow; returns their Markdown blocks in table order (and writes them all
+        to ``all_tables.md``)."""
+        blocks: list[str] = []
+        available = list(dict.fromkeys(readouts["feature_set"])) if len(readouts) else []
+        for stem, layout in self.layouts.items():
+            wanted = layout.get("rows") or available
+            shown = {v: k for k, v in wanted.items()} if isinstance(wanted, dict) else {}
+            rows = [r for r in (wanted.values() if isinstance(wanted, dict) else wanted) if r in available]
+            if not rows:
+                notes.add(f"{stem} not written: none of its rows {list(wanted)} is an available feature set")
+                continue
+            display, footnotes = readout_table(readouts, rows, parse_columns(layout["columns"]), labels, shown)
+            self._emit(blocks, display, stem, layout.get("title", stem), footnotes, self.caption)
+        if survival is not None and len(survival):
+            display, footnotes = survival_table(survival)
+            self._emit(blocks, display, "table3_survival", SURVIVAL_TITLE, footnotes, self.caption)
+        if severity is not None and len(severity):
+            rows = list(dict.fromkeys(severity["feature_set"]))
+            name = next(iter(severity["target"]))
+            display, footnotes = readout_table(severity, rows, [(name, "accuracy"), (name, "one_off")],
+                                               severity_labels or {})
+            self._emit(blocks, display, "table4_covid_severity", SEVERITY_TITLE, footnotes, self.caption)
+        for stem, spec in self.external.items():
+            path, title = spec["path"], spec.get("title", stem)
+            if not path or not Path(path).is_file():
+                notes.add(f"{stem} not written: no results file ({path}); it comes from the emphysema detection "
+                          "workflow")
+                continue
+            self._emit(blocks, pd.read_csv(path), stem, title, [f"source: {path}"], "")
+        with atomic_path(self.out_dir / "all_tables.md") as tmp:
+            tmp.write_text("\n".join(blocks))
+        return blocks

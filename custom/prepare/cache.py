@@ -97,8 +97,9 @@ def _json_default(value):
 
 
 def write_subject_entry(cache_dir: str | Path, subject_id: str, patches: np.ndarray, landmarks_vox: np.ndarray,
-                        transform_mat: str | Path, transform: dict, qc: dict) -> Path:
-    """Write one subject's entry into a temporary folder, then move it into place in one rename."""
+                        transform_mat: str | Path | bytes, transform: dict, qc: dict) -> Path:
+    """Write one subject's entry into a temporary folder, then move it into place in one rename.
+    ``transform_mat``: the ANTs transform file, or its bytes."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / subject_id
@@ -107,7 +108,13 @@ def write_subject_entry(cache_dir: str | Path, subject_id: str, patches: np.ndar
     try:
         _save_npy(tmp / PATCHES, np.ascontiguousarray(patches, dtype=np.int16))
         _save_npy(tmp / LANDMARKS, np.asarray(landmarks_vox, dtype=np.float64))
-        shutil.copyfile(transform_mat, tmp / TRANSFORM_MAT)
+        if isinstance(transform_mat, bytes):
+            with open(tmp / TRANSFORM_MAT, "wb") as handle:
+                handle.write(transform_mat)
+                handle.flush()
+                os.fsync(handle.fileno())
+        else:
+            shutil.copyfile(transform_mat, tmp / TRANSFORM_MAT)
         _save_json(tmp / TRANSFORM_JSON, transform)
         _save_json(tmp / QC, {"format_version": FORMAT_VERSION, "status": "ok", **qc})  # written last
         if final.exists():  # a stale or invalid entry being redone: move it aside, then swap in one step
@@ -163,15 +170,20 @@ def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def write_manifest(cache_dir: str | Path, rows: list) -> pd.DataFrame:
-    """Rewrite manifest.csv (all subjects) and failures.csv (failed ones) atomically."""
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+def manifest_table(rows: list) -> pd.DataFrame:
+    """The manifest of ``rows`` (one dict per subject), columns in the documented order."""
     manifest = pd.DataFrame(rows)
     for column in MANIFEST_COLUMNS:
         if column not in manifest:
             manifest[column] = None
-    manifest = manifest[MANIFEST_COLUMNS + [c for c in manifest.columns if c not in MANIFEST_COLUMNS]]
+    return manifest[MANIFEST_COLUMNS + [c for c in manifest.columns if c not in MANIFEST_COLUMNS]]
+
+
+def write_manifest(cache_dir: str | Path, rows: list) -> pd.DataFrame:
+    """Rewrite manifest.csv (all subjects) and failures.csv (failed ones) atomically."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    manifest = manifest_table(rows)
     _write_csv_atomic(manifest, cache_dir / MANIFEST)
     failed = manifest[manifest.status == "failed"] if len(manifest) else manifest
     failures = pd.DataFrame({c: failed[c] if c in failed else None for c in FAILURE_COLUMNS})

@@ -57,17 +57,16 @@ def _inside(points: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def plot_cache_entry(cache_dir: str | Path, subject_id: str, out_file: str | Path, title: str | None = None) -> Path:
-    """Picture of a prepared subject: reloads its scan and lung mask the way preparation made them."""
-    from custom.prepare.io import load_ct, load_mask_like
-    from custom.prepare.lung_mask import segment_lungs
+    """Picture of a prepared subject: reloads its scan and lung mask the way preparation made them (the scan
+    pipeline's ``LoadCTd`` and ``LungMaskd``)."""
+    from custom.prepare.transforms import load_scan
 
     entry = Path(cache_dir) / subject_id
     qc = json.loads((entry / "qc.json").read_text())
-    ct = load_ct(qc["source"], axcodes=qc["axcodes"])
-    lung = (segment_lungs(ct.hu, source=ct.source) if qc["lung_mask"] == "auto"
-            else load_mask_like(qc["lung_mask"], ct, axcodes=qc["axcodes"]))
+    image, lung = load_scan(qc["source"], qc["lung_mask"], axcodes=qc["axcodes"])
+    hu = image[0].numpy()
     landmarks = np.load(entry / "landmarks_vox.npy")
     title = title or subject_id
     title += (f"  |  Dice {qc['dice']:.2f}, landmarks in lung {qc['share_inside_lung']:.0%} "
               f"(atlas {qc['atlas_share_inside_lung']:.0%})")
-    return plot_subject(ct.hu, lung, landmarks, title, out_file)
+    return plot_subject(hu, lung, landmarks, title, out_file)

@@ -10,7 +10,7 @@ Two recipes:
   2x1x0 voxels); about 6-7 minutes per subject on one CPU.
 - ``FAST`` (default): masks cropped to the lung with a 20 mm margin and block-averaged to 3 mm (the border
   stays a soft fraction, so sub-voxel position survives), shrink 2x1 (6 mm then 3 mm), 40x20 iterations, 10 %
-  random sampling, centre-of-mass start. A smooth lung outline needs no finer grid, so the result is as
+  random sampling (seeded, one ITK thread: reproducible), centre-of-mass start. A smooth lung outline needs no finer grid, so the result is as
   accurate at a small fraction of the time;
   ``bundle/scripts/benchmark_registration.py`` measures both side by side.
 
@@ -24,11 +24,18 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# ITK reads its thread count once, when the process makes its first ITK object. Multi-threaded metric sums make
+# the registration differ from run to run even with a seed, so prepare runs ITK in one thread (the fast recipe
+# works on a 3 mm grid: threads gain little; parallelism comes from subjects, in workers or ranks). A user who
+# sets the variable keeps their value, and with it run-to-run variation.
+ITK_THREADS = "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"
+os.environ.setdefault(ITK_THREADS, "1")
 
 
 @dataclass(frozen=True)
@@ -143,10 +150,35 @@ def working_image(mask: np.ndarray, affine: np.ndarray, recipe: RegistrationReci
     return ras_to_ants(soft, affine)
 
 
+REGISTRATION_SEED = 2024
+
+
+@contextmanager
+def _seeded_ants(seed: int | None):
+    """ANTs' random metric sampling with a fixed seed (restored afterwards). With one ITK thread (set when this
+    module is imported, see ``ITK_THREADS``) the sampled points then do not depend on the run or on thread
+    scheduling, so preparing a scan twice, or on another rank, gives the same transform. ``seed=None``: as ANTs
+    does by default, a new draw each run. ANTs treats seed 0 as "unseeded", so 0 is refused."""
+    if seed is None:
+        yield
+        return
+    if int(seed) <= 0:
+        raise ValueError(f"registration seed must be a positive integer (ANTs treats 0 as unseeded), got {seed}")
+    import ants
+
+    saved = ants.config._random_seed
+    ants.config._random_seed = int(seed)
+    try:
+        yield
+    finally:
+        ants.config._random_seed = saved
+
+
 def register_to_atlas(subject_mask: np.ndarray, subject_affine: np.ndarray, atlas_mask: np.ndarray,
                       atlas_affine: np.ndarray, recipe: str | RegistrationRecipe = "fast",
-                      atlas_image=None) -> AffineRegistration:
-    """Affine-register the subject lung mask (moving) to the atlas lung mask (fixed); RAS affines in."""
+                      atlas_image=None, seed: int | None = REGISTRATION_SEED) -> AffineRegistration:
+    """Affine-register the subject lung mask (moving) to the atlas lung mask (fixed); RAS affines in.
+    Seeded by default, so the result is reproducible (see ``_deterministic_ants``)."""
     import ants
 
     recipe = get_recipe(recipe)
@@ -154,12 +186,13 @@ def register_to_atlas(subject_mask: np.ndarray, subject_affine: np.ndarray, atla
     fixed = atlas_image if atlas_image is not None else working_image(atlas_mask, atlas_affine, recipe)
     moving = working_image(subject_mask, subject_affine, recipe)
     out_dir = tempfile.mkdtemp(prefix="drasclr_reg_")
-    result = ants.registration(
-        fixed=fixed, moving=moving, type_of_transform="Affine", aff_metric=recipe.metric,
-        aff_sampling=recipe.histogram_bins, aff_random_sampling_rate=recipe.sampling_rate,
-        aff_iterations=tuple(recipe.iterations), aff_shrink_factors=tuple(recipe.shrink_factors),
-        aff_smoothing_sigmas=tuple(recipe.smoothing_sigmas), outprefix=os.path.join(out_dir, "reg_"),
-        **recipe.extra)
+    with _seeded_ants(seed):
+        result = ants.registration(
+            fixed=fixed, moving=moving, type_of_transform="Affine", aff_metric=recipe.metric,
+            aff_sampling=recipe.histogram_bins, aff_random_sampling_rate=recipe.sampling_rate,
+            aff_iterations=tuple(recipe.iterations), aff_shrink_factors=tuple(recipe.shrink_factors),
+            aff_smoothing_sigmas=tuple(recipe.smoothing_sigmas), outprefix=os.path.join(out_dir, "reg_"),
+            **recipe.extra)
     transform_path = result["fwdtransforms"][0]
     atlas_lps_to_subject_lps = ants_affine_to_matrix(transform_path)
     atlas_vox_to_lps = RAS_TO_LPS @ atlas_affine

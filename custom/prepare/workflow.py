@@ -15,30 +15,24 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from functools import lru_cache
 from multiprocessing import get_context
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 
-from custom.data.atlas import atlas_mask_path, landmark_centres, resources_dir
+from custom.data.atlas import landmark_centres, resources_dir
+from custom.engine import subject_shards
 from custom.prepare import cache
-from custom.prepare.io import InputError, is_dicom_file, is_nifti, load_ct, load_mask_like
-from custom.prepare.landmarks import (RegistrationQCError, atlas_share_inside_lung, map_landmarks,
-                                     registration_dice, share_inside)
-from custom.prepare.lung_mask import MIN_LUNG_ML, segment_lungs
-from custom.prepare.patches import extract_patches
-from custom.prepare.registration import get_recipe, register_to_atlas, working_image
+from custom.prepare.io import is_dicom_file, is_nifti
+from custom.prepare.pipeline import _failed_row, _ok_row, prepare_subject
+from custom.prepare.registration import get_recipe
+from custom.prepare.transforms import DEFAULT_MIN_DICE, load_atlas  # noqa: F401 - load_atlas re-exported
 
 logger = logging.getLogger("drasclr.prepare")
 MASK_SUFFIX = "_lung_mask"
-DEFAULT_MIN_DICE = 0.5
 
 
 @dataclass(frozen=True)
@@ -117,98 +111,6 @@ def _check_unique(items: list, source: Path) -> list:
     return items
 
 
-# ----------------------------------------------------------------------------------------------- atlas
-@dataclass
-class AtlasContext:
-    """The atlas as each worker needs it, loaded once per process."""
-
-    mask: np.ndarray
-    affine: np.ndarray
-    axcodes: str
-    centres: np.ndarray
-    share_inside_lung: float
-    fixed_images: dict
-
-    def fixed_image(self, recipe):
-        if recipe.name not in self.fixed_images:
-            self.fixed_images[recipe.name] = working_image(self.mask, self.affine, recipe)
-        return self.fixed_images[recipe.name]
-
-
-@lru_cache(maxsize=2)
-def load_atlas(atlas_dir: str | None = None) -> AtlasContext:
-    image = nib.load(str(atlas_mask_path(atlas_dir)))
-    mask = np.asarray(image.dataobj) > 0
-    centres = landmark_centres(atlas_dir)
-    return AtlasContext(mask=mask, affine=image.affine, axcodes="".join(nib.aff2axcodes(image.affine)),
-                        centres=centres, share_inside_lung=atlas_share_inside_lung(mask, centres), fixed_images={})
-
-
-# ----------------------------------------------------------------------------------------------- one subject
-def prepare_subject(item: SubjectInput, cache_dir: str | Path, atlas_dir: str | None = None,
-                    registration: str = "fast", min_dice: float = DEFAULT_MIN_DICE) -> dict:
-    """Prepare one scan and write its cache entry; raises with a message naming the file on any problem."""
-    start = time.perf_counter()
-    atlas = load_atlas(atlas_dir)
-    recipe = get_recipe(registration)
-    if not item.image:
-        raise InputError(f"subject {item.subject_id}: no image path given")
-    ct = load_ct(item.image, axcodes=atlas.axcodes)
-    voxel_ml = float(np.prod(ct.spacing)) / 1000.0
-    if item.lung_mask:
-        lung = load_mask_like(item.lung_mask, ct, axcodes=atlas.axcodes)
-        if lung.sum() * voxel_ml < MIN_LUNG_ML:
-            raise InputError(f"{item.lung_mask}: lung mask holds only {lung.sum() * voxel_ml:.0f} ml")
-    else:
-        lung = segment_lungs(ct.hu, spacing_mm=float(np.mean(ct.spacing)), source=ct.source)
-    result = register_to_atlas(lung, ct.affine, atlas.mask, atlas.affine, recipe,
-                               atlas_image=atlas.fixed_image(recipe))
-    try:
-        landmarks = map_landmarks(result.atlas_to_subject_vox, atlas.centres)
-        dice = registration_dice(lung, result.subject_to_atlas_vox, atlas.mask)
-        if dice < min_dice:
-            raise RegistrationQCError(f"{item.image}: registration to the atlas failed QC: lung overlap (Dice) "
-                             f"{dice:.2f} < {min_dice:.2f}; check the lung mask and the image orientation")
-        patches = extract_patches(ct.hu, landmarks)
-        qc = {
-            "subject_id": item.subject_id, "source": item.image, "lung_mask": item.lung_mask or "auto",
-            "num_landmarks": int(len(landmarks)), "dice": round(dice, 4),
-            "share_inside_lung": round(share_inside(landmarks, lung), 4),
-            "atlas_share_inside_lung": round(atlas.share_inside_lung, 4),
-            "lung_volume_ml": round(float(lung.sum()) * voxel_ml, 1),
-            "registration_seconds": round(result.seconds, 2), "registration_recipe": recipe.name,
-            "spacing": list(ct.spacing), "shape": list(ct.hu.shape),
-            "original_spacing": list(ct.original_spacing), "original_shape": list(ct.original_shape),
-            "axcodes": atlas.axcodes,
-        }
-        transform = {
-            "atlas_to_subject_vox": result.atlas_to_subject_vox, "subject_to_atlas_vox": result.subject_to_atlas_vox,
-            "subject_affine_ras": ct.affine, "atlas_affine_ras": atlas.affine,
-            "subject_shape": list(ct.hu.shape), "atlas_shape": list(atlas.mask.shape),
-        }
-        qc["seconds"] = round(time.perf_counter() - start, 2)
-        cache.write_subject_entry(cache_dir, item.subject_id, patches, landmarks, result.ants_transform_path,
-                                  transform, qc)
-    finally:
-        result.cleanup()
-    return _ok_row(item.subject_id, qc, reused=False)
-
-
-def _ok_row(subject_id: str, qc: dict, reused: bool) -> dict:
-    return {"subject_id": subject_id, "status": "ok", "error": "", "error_type": "",
-            "dice": qc.get("dice"), "share_inside_lung": qc.get("share_inside_lung"),
-            "seconds": qc.get("seconds"), "registration_seconds": qc.get("registration_seconds"),
-            "source": qc.get("source"), "lung_mask": qc.get("lung_mask"), "path": subject_id, "reused": reused}
-
-
-def _failed_row(item: SubjectInput, err: BaseException) -> dict:
-    message = " ".join((str(err) or type(err).__name__).split())[:1000]  # one line in the report
-    if item.image and item.image not in message:
-        message = f"{item.image}: {message}"
-    return {"subject_id": item.subject_id, "status": "failed", "error": message, "error_type": type(err).__name__,
-            "source": item.image, "lung_mask": item.lung_mask or "auto", "path": "", "reused": False}
-
-
 def _prepare_safely(item: SubjectInput, cache_dir: str, options: dict) -> dict:
     """Worker body: a failure becomes a manifest row, never an exception that stops the cohort."""
     try:
@@ -219,7 +121,7 @@ def _prepare_safely(item: SubjectInput, cache_dir: str, options: dict) -> dict:
 
 
 def _init_worker(threads: int) -> None:
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
+    # ITK stays in one thread (custom.prepare.registration: reproducible registration).
     import torch
 
     torch.set_num_threads(threads)
@@ -228,11 +130,15 @@ def _init_worker(threads: int) -> None:
 # ----------------------------------------------------------------------------------------------- cohort
 def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | None = None,
                    registration: str = "fast", num_workers: int = 1, resume: bool = True,
-                   progress: bool = True, min_dice: float = DEFAULT_MIN_DICE) -> pd.DataFrame:
+                   progress: bool = True, min_dice: float = DEFAULT_MIN_DICE, transforms=None) -> pd.DataFrame:
     """Prepare every subject of ``source`` into ``cache_dir``; returns the manifest (also written to disk).
 
     ``resume``: subjects whose cache folder is complete and valid are not redone (``reused`` is True in the
     returned manifest); failed subjects are retried. ``num_workers`` > 1 runs subjects in separate processes.
+    ``transforms``: the scan pipeline each subject runs (a config's ``scan_pipeline``; see
+    ``custom.prepare.pipeline.prepare_subject``); by default the one built from atlas_dir, registration, min_dice.
+    Under torchrun (``custom.engine.subject_shards``) each rank prepares its share of the subjects and rank 0
+    writes the merged manifest, equal to a single-process run's.
     """
     from tqdm.auto import tqdm
 
@@ -241,26 +147,33 @@ def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | N
     atlas_dir = str(atlas_dir) if atlas_dir else str(resources_dir())
     get_recipe(registration)  # fail early on a typo
     items = discover_inputs(source)
-    removed = cache.remove_stale_temporaries(cache_dir)
-    if removed:
-        logger.info("removed %d unfinished entries left by an interrupted run", len(removed))
+    subject_shards.init_subject_group()
+    if subject_shards.is_main():  # before any rank starts: a temporary entry of a running rank is not stale
+        removed = cache.remove_stale_temporaries(cache_dir)
+        if removed:
+            logger.info("removed %d unfinished entries left by an interrupted run", len(removed))
+    subject_shards.barrier()
     num_landmarks = len(landmark_centres(atlas_dir))
+    several = subject_shards.world() > 1
+    mine = subject_shards.shard(items)  # under torchrun: this rank's subjects; else all of them
 
     rows = {}
     todo = []
-    for item in items:
+    for item in mine:
         if resume and cache.is_complete(cache_dir, item.subject_id, num_landmarks):
             rows[item.subject_id] = _ok_row(item.subject_id, cache.read_qc(cache_dir / item.subject_id), reused=True)
         else:
             todo.append(item)
-    order = [item.subject_id for item in items]
+    order = [item.subject_id for item in mine]
 
-    def flush() -> pd.DataFrame:
-        return cache.write_manifest(cache_dir, [rows[s] for s in order if s in rows])
+    def flush() -> pd.DataFrame | None:
+        """One process: rewrite the manifest after every subject. Several ranks: rank 0 writes it once, merged."""
+        return None if several else cache.write_manifest(cache_dir, [rows[s] for s in order if s in rows])
 
     flush()
-    options = dict(atlas_dir=atlas_dir, registration=registration, min_dice=min_dice)
-    bar = tqdm(total=len(todo), desc="prepare", unit="subject", disable=not progress or not todo)
+    options = dict(atlas_dir=atlas_dir, registration=registration, min_dice=min_dice, transforms=transforms)
+    where = f" (rank {subject_shards.rank()}/{subject_shards.world()})" if several else ""
+    bar = tqdm(total=len(todo), desc=f"prepare{where}", unit="subject", disable=not progress or not todo)
     if num_workers <= 1 or len(todo) <= 1:
         for item in todo:
             rows[item.subject_id] = _prepare_safely(item, str(cache_dir), options)
@@ -281,13 +194,21 @@ def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | N
                 flush()
                 bar.update()
     bar.close()
-    manifest = flush()
-    failed = manifest[manifest.status == "failed"]
-    for _, row in failed.iterrows():
-        logger.warning("FAILED %s: %s", row.subject_id, row.error)
-    logger.info("prepared %d of %d subjects (%d reused from the cache, %d failed) into %s",
-                int((manifest.status == "ok").sum()), len(manifest), int(manifest.reused.sum()), len(failed),
-                cache_dir)
+    for row in rows.values():
+        row["rank"] = subject_shards.rank()  # which process prepared (or found) the subject
+    if several:
+        merged = subject_shards.gather_in_order(zip(subject_shards.positions(len(order)), [rows[s] for s in order]))
+        manifest = cache.write_manifest(cache_dir, merged) if subject_shards.is_main() else cache.manifest_table(merged)
+        subject_shards.barrier()  # every rank returns once the merged manifest is on disk
+    else:
+        manifest = flush()
+    if subject_shards.is_main():
+        failed = manifest[manifest.status == "failed"]
+        for _, row in failed.iterrows():
+            logger.warning("FAILED %s: %s", row.subject_id, row.error)
+        logger.info("prepared %d of %d subjects (%d reused from the cache, %d failed) into %s",
+                    int((manifest.status == "ok").sum()), len(manifest), int(manifest.reused.sum()), len(failed),
+                    cache_dir)
     return manifest
 
 
