@@ -9,6 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+from custom.embed.cohort import embed_cohort
+from custom.embed.cohort import load_network as load_variant_network
 from conftest import REPO_ROOT, write_patch_cache
 from monai.bundle import ConfigParser
 
@@ -17,10 +20,8 @@ from custom.engine.ablation import (
     VARIANT_IDS,
     VARIANTS,
     check_inherited,
-    embed_cohort_variant,
     get_variant,
     inherited_differences,
-    load_variant_network,
     planned_budget,
     training_configs,
     training_settings,
@@ -212,8 +213,8 @@ def test_weights_that_do_not_fit_the_variant_are_refused(tmp_path):
     torch.save({f"encoder.{k}": v for k, v in DrasCLREncoder(conditioning="none").state_dict().items()},
                tmp_path / "none.pt")
     with pytest.raises(ValueError, match="do not fit the 'loc_condconv' encoder"):
-        load_variant_network(tmp_path / "none.pt", "loc_condconv")
-    with pytest.raises(FileNotFoundError, match="pre-train the variant first"):
+        load_variant_network(tmp_path / "none.pt", conditioning="loc_condconv")
+    with pytest.raises(FileNotFoundError, match="model weights not found"):
         load_variant_network(tmp_path / "absent.pt")
 
 
@@ -253,13 +254,13 @@ def test_runner_pretrains_plain_moco_embeds_and_resumes(cache, tmp_path, capsys)
     assert "encoder.conv1.weight" in trained and trained["encoder.conv1.weight"].shape == (8, 1, 3, 3, 3)
     assert [p.name for p in out.iterdir() if p.is_dir()] == ["plain_moco"]  # only what was asked
     # The stored patch embeddings are the variant network's embeddings of the cached patches at their landmarks.
-    network = load_variant_network(out / "plain_moco" / "pretrained.pt", "none")
+    network = load_variant_network(out / "plain_moco" / "pretrained.pt", conditioning="none")
     patches_hu = np.load(cache / "sub000" / "patches.npy")[:64]
     expected = embed_patches(network, patches_hu, landmark_locations()[:64])
     np.testing.assert_allclose(np.load(out / "plain_moco" / "patch_embeddings" / "sub000.npy")[:64], expected,
                                rtol=1e-5, atol=1e-6)
-    again = embed_cohort_variant(cache, out / "plain_moco" / "pretrained.pt", tmp_path / "again", "none",
-                                 progress=False)
+    again = embed_cohort(cache, out / "plain_moco" / "pretrained.pt", tmp_path / "again", conditioning="none",
+                         progress=False)
     pd.testing.assert_frame_equal(again, pd.read_csv(out / "plain_moco" / "subject_embeddings.csv",
                                                      dtype={"subject_id": str}), rtol=1e-6, atol=1e-7)
     # A second run skips the finished variants.

@@ -63,7 +63,7 @@ def test_the_three_configs_define_the_shared_components_identically():
         assert prepare[key] == embed[key], key
     assert prepare["scan_pipeline"]["transforms"] == ["@load", "@lung_mask", "@register", "@patches", "@write"]
     assert inference["preprocessing"]["transforms"][:3] == ["@load", "@lung_mask", "@register"]
-    assert "transforms=@scan_pipeline" in prepare["prepare"][-1] and "transforms=@scan_pipeline" in embed["embed"]
+    assert prepare["preparation"]["transforms"] == embed["embedding"]["transforms"] == "@scan_pipeline"
 
 
 def _parsed(name: str, override: dict | None = None) -> ConfigParser:
@@ -91,7 +91,7 @@ def test_one_override_reaches_every_workflow_pipeline(name, chain_id, small_ches
 
 
 def test_the_python_chains_are_the_configs():
-    """``prepare_transforms`` / ``preprocessing_chain`` (Python) build what prepare.yaml / inference.yaml declare."""
+    """``prepare_transforms`` / ``preprocessing_chain`` (Python) are read from prepare.yaml / inference.yaml."""
     from custom.emphysema.scan_transforms import preprocessing_chain
     from custom.prepare.pipeline import prepare_transforms
 

@@ -54,35 +54,6 @@ def annotation_subset(labels: np.ndarray, train: np.ndarray, fraction: float, se
     return np.sort(np.concatenate(keep))
 
 
-@dataclass
-class Experiment:
-    """One training recipe of the evaluation: scheme, initialisation and share of the training annotations."""
-
-    scheme: str  # linear_readout | full_finetuning
-    init: str  # pretrained | scratch
-    fraction: float = 1.0
-    location: str = PATCH_LOCATION  # patch | random (Table 7: boxes routed by random atlas lung locations)
-
-    @property
-    def name(self) -> str:
-        suffix = "" if self.location == PATCH_LOCATION else f"/{self.location}_location"
-        return f"{self.scheme}/{self.init}/{self.fraction:g}{suffix}"
-
-
-def experiments(fractions=(), scratch: bool = True, linear_readout: bool = True,
-                random_location: bool = False) -> list:
-    """Table 5 (linear readout, full fine-tuning) + Fig. 5 (pre-trained at ``fractions``, scratch at 100 %)
-    + Table 7 (linear readout with random locations) when ``random_location``."""
-    runs = [Experiment("linear_readout", "pretrained")] if linear_readout else []
-    if random_location:
-        runs.append(Experiment("linear_readout", "pretrained", location=RANDOM_LOCATION))
-    runs.append(Experiment("full_finetuning", "pretrained"))
-    runs += [Experiment("full_finetuning", "pretrained", float(f)) for f in sorted(set(fractions)) if f < 1.0]
-    if scratch:
-        runs.append(Experiment("full_finetuning", "scratch"))
-    return runs
-
-
 class SubjectFolds:
     """The fold splitter: ``n_splits`` subject-grouped, label-stratified folds, shuffled with ``seed``."""
 

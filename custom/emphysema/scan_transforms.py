@@ -64,18 +64,10 @@ class ScanChannelsd(MapTransform):
 
 def preprocessing_chain(atlas_dir: str | None = None, registration: str = "fast",
                         min_dice: float = DEFAULT_MIN_DICE):
-    """The ``preprocessing`` of ``configs/inference.yaml`` in Python (keys ``image`` and ``lung_mask``)."""
-    from monai.transforms import Compose, CropForegroundd, DeleteItemsd
+    """The ``preprocessing`` of ``configs/inference.yaml`` (keys ``image`` and ``lung_mask``), read from it."""
+    from custom.prepare.pipeline import chain_from_config
 
-    return Compose([
-        LoadCTd("image", atlas_dir=atlas_dir),
-        LungMaskd("image", mask_key="lung_mask", atlas_dir=atlas_dir),
-        RegisterToAtlasd("image", mask_key="lung_mask", registration=registration, min_dice=min_dice,
-                         atlas_dir=atlas_dir),
-        DeleteItemsd(keys=REGISTRATION_KEY),
-        CropForegroundd(keys=["image", "lung_mask"], source_key="lung_mask", margin=PATCH_HALF, allow_smaller=True),
-        ScanChannelsd("image", mask_key="lung_mask"),
-    ])
+    return chain_from_config("inference.yaml", "preprocessing", atlas_dir, registration, min_dice)
 
 
 # ----------------------------------------------------------------------------------------------- postprocessing

@@ -13,7 +13,8 @@ Table 6 trains every conditioning with the local loss only (§4.4.1), so its Loc
 ``neighbours_0`` variant; ``neighbours_2`` is the full method (DrasCLR). The paper's "MoCo" baseline works on
 whole volumes; ``plain_moco`` is its patch version: no location, one global queue, no neighbour loss.
 This module holds the registry, trains a variant through the bundle's training config (train.yaml +
-ablation.yaml) and embeds a cohort with a variant's weights in the layout of ``custom.embed.cohort.embed_cohort``.
+ablation.yaml) and embeds a cohort with a variant's weights through ``custom.embed.cohort.embed_cohort``
+(its ``conditioning`` argument builds the variant's encoder).
 
 Like for like: a variant run merges the same train.yaml (+ paper.yaml) and the same overrides as the DrasCLR run
 it is compared with, and ablation.yaml only sets the variant's switches (``VARIANT_IDS``), so the budget
@@ -30,19 +31,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-from tqdm.auto import tqdm
-
 import custom
-from custom.data.atlas import landmark_locations
 from custom.atomic_io import atomic_path
-from custom.model.conditioning import check_conditioning
-from custom.embed.cohort import embed_patches
+from custom.embed.cohort import embed_cohort
 from custom.flags import as_bool
-from custom.model.network import DrasCLRNetwork
-from custom.data.patch_dataset import prepared_patch_files
 
 @dataclass(frozen=True)
 class Variant:
@@ -243,54 +235,6 @@ def pretrain_variant(name: str, dataset_dir: str | Path, out_dir: str | Path, pa
     return Path(settings["model_path"]), {"budget": budget, "settings": inherited}
 
 
-def load_variant_network(model_path: str | Path, conditioning: str = "loc_condconv",
-                         device: str | torch.device = "cpu") -> DrasCLRNetwork:
-    """The representation network of a variant (its conditioning) with the ``encoder.*`` weights of ``model_path``."""
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise FileNotFoundError(f"model weights not found: {model_path} (pre-train the variant first)")
-    state = {k: v for k, v in torch.load(model_path, map_location="cpu").items() if k.startswith("encoder.")}
-    network = DrasCLRNetwork(conditioning=check_conditioning(conditioning))
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as error:
-        raise ValueError(f"{model_path}: weights do not fit the {conditioning!r} encoder ({error})") from error
-    return network.to(device).eval()
-
-
-def embed_cohort_variant(
-    cache_dir: str | Path,
-    model_path: str | Path,
-    out_dir: str | Path,
-    conditioning: str = "loc_condconv",
-    device: str | None = None,
-    batch_size: int = 64,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Embed every prepared subject with a variant's weights: ``out_dir/patch_embeddings/<id>.npy`` (J x 128)
-    and ``out_dir/subject_embeddings.csv`` (subject_id, e0..e127), as ``custom.embed.cohort.embed_cohort``."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    network = load_variant_network(model_path, conditioning, device)
-    locations = landmark_locations()
-    out_dir = Path(out_dir)
-    (out_dir / "patch_embeddings").mkdir(parents=True, exist_ok=True)
-    rows = []
-    files = prepared_patch_files(cache_dir)
-    for patch_file in tqdm(files, desc="embed", unit="subject", disable=not progress):
-        subject_id = patch_file.parent.name
-        patches = np.load(patch_file, mmap_mode="r")
-        if patches.ndim != 4 or len(patches) != len(locations):
-            raise ValueError(f"{patch_file}: expected ({len(locations)}, S, S, S) patches, got {patches.shape}")
-        patch_embeddings = embed_patches(network, patches, locations, batch_size)
-        with atomic_path(out_dir / "patch_embeddings" / f"{subject_id}.npy") as tmp:
-            np.save(tmp, patch_embeddings.astype(np.float32))
-        rows.append([subject_id] + patch_embeddings.mean(0).tolist())
-    table = pd.DataFrame(rows, columns=["subject_id"] + [f"e{i}" for i in range(len(rows[0]) - 1)])
-    with atomic_path(out_dir / "subject_embeddings.csv") as tmp:
-        table.to_csv(tmp, index=False)
-    return table
-
-
 def _cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (data-loader workers): unlike wall time,
     it does not grow when other jobs share the machine."""
@@ -323,7 +267,7 @@ def run_variant(name: str, dataset_dir: str | Path, out_root: str | Path, seed: 
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     record["train_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
     start, cpu = time.perf_counter(), _cpu_seconds()
-    embed_cohort_variant(dataset_dir, weights, out_dir, conditioning=variant.conditioning, progress=progress)
+    embed_cohort(dataset_dir, weights, out_dir, conditioning=variant.conditioning, progress=progress)
     record["embed_seconds"] = round(time.perf_counter() - start, 1)
     record["embed_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
     with atomic_path(out_dir / "variant.json") as tmp:

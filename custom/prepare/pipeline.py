@@ -15,22 +15,28 @@ from pathlib import Path
 
 from monai.transforms import Compose
 
-from custom.prepare.transforms import (DEFAULT_MIN_DICE, LandmarkPatchesd, LoadCTd, LungMaskd, RegisterToAtlasd,
-                                       WritePreparedSubjectd, run_transforms)
+from custom.prepare.transforms import DEFAULT_MIN_DICE, run_transforms
+
+
+def chain_from_config(config: str, chain_id: str, atlas_dir: str | None = None, registration: str = "fast",
+                      min_dice: float = DEFAULT_MIN_DICE):
+    """The transform chain ``chain_id`` of ``bundle/configs/<config>`` with these settings: Python callers get
+    exactly the components the config defines (one definition of the scan pipeline)."""
+    import custom
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(custom.bundle_root()) / "configs" / config))
+    parser.update({"atlas_dir": None if atlas_dir is None else str(atlas_dir), "registration": registration,
+                   "min_dice": min_dice})
+    return parser.get_parsed_content(chain_id)
 
 
 def prepare_transforms(atlas_dir: str | None = None, registration: str = "fast",
                        min_dice: float = DEFAULT_MIN_DICE) -> Compose:
     """The scan pipeline of ``configs/prepare.yaml`` (ids ``load``, ``lung_mask``, ``register``, ``patches``,
     ``write``) with these settings; the cache folder comes from each item's ``cache_dir``."""
-    return Compose([
-        LoadCTd("image", atlas_dir=atlas_dir),
-        LungMaskd("image", mask_key="lung_mask", atlas_dir=atlas_dir),
-        RegisterToAtlasd("image", mask_key="lung_mask", registration=registration, min_dice=min_dice,
-                         atlas_dir=atlas_dir),
-        LandmarkPatchesd("image", mask_key="lung_mask", atlas_dir=atlas_dir),
-        WritePreparedSubjectd("patches"),
-    ])
+    return chain_from_config("prepare.yaml", "scan_pipeline", atlas_dir, registration, min_dice)
 
 
 def prepare_subject(item, cache_dir: str | Path, atlas_dir: str | None = None, registration: str = "fast",
