@@ -53,7 +53,7 @@ def test_bundle_has_the_files_the_zoo_requires():
 
 def test_metadata_satisfies_the_vendored_schema_offline():
     meta = conformance.verify_bundle_metadata(BUNDLE)
-    assert meta["version"] == "0.3.0" and "0.3.0" in meta["changelog"]
+    assert meta["version"] == "0.4.0" and "0.4.0" in meta["changelog"]
 
 
 @pytest.mark.parametrize("field", SCHEMA["required"])
@@ -179,4 +179,4 @@ def test_ckpt_export_rejects_a_missing_checkpoint(tmp_path, network_config):
 
 def test_check_runs_every_offline_check(network_config):
     summary = conformance.check(BUNDLE, network_config)
-    assert summary["version"] == "0.3.0" and summary["network_verified"]
+    assert summary["version"] == "0.4.0" and summary["network_verified"]
