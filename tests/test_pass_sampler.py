@@ -59,3 +59,17 @@ def test_landmark_order_needs_enough_subjects_for_the_global_batch():
         PassSampler(6, 581, 4, "landmark", num_replicas=2, rank=0)
     with pytest.raises(ValueError, match="order must be one of"):
         PassSampler(6, 581, 4, "random")
+
+
+def test_subject_ids_with_leading_zeros_reach_the_training_file_list(tmp_path):
+    """'00', '0001' and '12345' are folder names, not numbers: none may be dropped or renamed."""
+    import pandas as pd
+
+    from custom.data.patch_dataset import prepared_patch_files
+
+    for sid in ("00", "0001", "12345"):
+        (tmp_path / sid).mkdir()
+        np.save(tmp_path / sid / "patches.npy", np.zeros((2, 2, 2, 2), np.int16))
+    pd.DataFrame({"subject_id": ["00", "0001", "12345"], "status": "ok", "path": ["00", "0001", "12345"]}).to_csv(
+        tmp_path / "manifest.csv", index=False)
+    assert [f.parent.name for f in prepared_patch_files(tmp_path)] == ["00", "0001", "12345"]

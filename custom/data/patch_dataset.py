@@ -30,7 +30,7 @@ def prepared_patch_files(cache_dir: str | Path) -> List[Path]:
     cache_dir = Path(cache_dir)
     manifest = cache_dir / "manifest.csv"
     if manifest.is_file():
-        table = pd.read_csv(manifest, dtype={"subject_id": str})
+        table = pd.read_csv(manifest, dtype={"subject_id": str, "path": str})  # ids such as "0001" stay strings
         if "status" in table.columns:
             table = table[table["status"] == "ok"]
         # ``path`` is the subject's folder relative to the cache (ids may have been made folder-safe).

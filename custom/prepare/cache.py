@@ -192,4 +192,4 @@ def write_manifest(cache_dir: str | Path, rows: list) -> pd.DataFrame:
 
 
 def read_manifest(cache_dir: str | Path) -> pd.DataFrame:
-    return pd.read_csv(Path(cache_dir) / MANIFEST, keep_default_na=False)
+    return pd.read_csv(Path(cache_dir) / MANIFEST, keep_default_na=False, dtype={"subject_id": str, "path": str})
