@@ -145,19 +145,19 @@ def test_preprocessing_locations_match_prepared_landmarks(demo_cohort):
     assert error_atlas_vox.max() < 6.0
 
 
-def _write_model(path):
-    torch.manual_seed(0)
+def _write_model(path, seed=0):
+    torch.manual_seed(seed)
     torch.save(EmphysemaNetwork().state_dict(), path)
     return path
 
 
-def _run_config(tmp_path, data, model_path, stride=48):
+def _run_config(tmp_path, data, model_path, stride=48, **overrides):
     from monai.bundle import ConfigWorkflow
 
     workflow = ConfigWorkflow(config_file=str(CONFIG), workflow_type="infer", logging_file=None,
                               meta_file=str(REPO_ROOT / "bundle" / "configs" / "metadata.json"),
                               input=data, output_dir=str(tmp_path / "out"), model_path=str(model_path),
-                              stride=stride, min_stride=stride, progress=False)
+                              stride=stride, min_stride=stride, progress=False, **overrides)
     workflow.initialize()
     assert workflow.check_properties() == []
     workflow.run()
@@ -199,6 +199,18 @@ def test_inference_config_end_to_end_on_a_demo_subject(demo_cohort, tmp_path):
     assert {"left_upper_centrilobular_pct", "right_lower_laa950_pct", "lung_perc15_hu"} <= set(table.columns)
     failures = pd.read_csv(out / "failures.csv")
     assert list(failures.subject_id) == ["broken"] and "broken.nii.gz" in failures.loc[0, "error"]
+
+    # Resume per subject: the same scan, model and settings are not mapped again; the report keeps its row.
+    mask = out / item["subject_id"] / "emphysema_mask.nii.gz"
+    written = mask.stat().st_mtime_ns
+    _run_config(tmp_path, [item, {"subject_id": "broken", "image": str(bad)}], tmp_path / "model.pt")
+    assert mask.stat().st_mtime_ns == written
+    again = pd.read_csv(out / "emphysema_report.csv")
+    pd.testing.assert_frame_equal(again, table)
+    assert list(pd.read_csv(out / "failures.csv").subject_id) == ["broken"]  # failures are retried, and reported
+    # Another model (or --resume false) maps it again.
+    _run_config(tmp_path, [item], _write_model(tmp_path / "other.pt", seed=5))
+    assert mask.stat().st_mtime_ns != written
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ recorded failure instead of a stopped run, the iteration that skips such items, 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import traceback
@@ -20,6 +21,22 @@ from custom.emphysema.report import write_cohort_csv
 
 logger = logging.getLogger("drasclr.emphysema")
 ERROR_KEY = "error"
+REUSED_KEY = "reused_row"  # a scan mapped by an earlier run with the same model and settings (JSON text)
+ROW_FILE = "cohort_row.json"  # <output_dir>/<subject_id>/: the scan's cohort row and what made it
+
+
+def _stored_row(output_dir, item, stamp) -> str | None:
+    """The cohort row an earlier run stored for this item's subject if it mapped the same source with the same
+    model and settings (``stamp``); None otherwise."""
+    subject = item.get("subject_id") if isinstance(item, dict) else None
+    if not output_dir or not subject or not stamp or not stamp.get("model_sha1"):
+        return None
+    try:
+        stored = json.loads((Path(output_dir) / str(subject) / ROW_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    same = stored.get("stamp") == stamp and stored.get("report", {}).get("source") == str(item.get("image", ""))
+    return json.dumps(stored["report"]) if same else None
 
 
 def scan_datalist(source) -> list:
@@ -56,9 +73,19 @@ def scan_shard(source) -> list:
 
 class FailureTolerantDataset(Dataset):
     """``monai.data.Dataset`` whose items become ``{"subject_id", "source", "error"}`` when preprocessing
-    raises, so one bad scan is reported and the others are still mapped."""
+    raises, so one bad scan is reported and the others are still mapped. With ``reuse_dir`` and ``stamp``, a
+    scan an earlier run already mapped there with the same model and settings becomes ``{"subject_id",
+    "reused_row"}`` (resume per subject) instead of being mapped again."""
+
+    def __init__(self, data, transform=None, reuse_dir: str | None = None, stamp: dict | None = None):
+        super().__init__(data, transform)
+        self.reuse_dir, self.stamp = reuse_dir, stamp
 
     def _transform(self, index: int):
+        item = self.data[index]
+        stored = _stored_row(self.reuse_dir, item, self.stamp)
+        if stored is not None:
+            return {"subject_id": str(item["subject_id"]), REUSED_KEY: stored}
         try:
             return super()._transform(index)
         except Exception as err:  # noqa: BLE001 - every failure is reported per subject
@@ -81,6 +108,8 @@ def skip_failed_scans(engine, batchdata):
     evaluator's own iteration (inferer, then postprocessing)."""
     if isinstance(batchdata, dict) and ERROR_KEY in batchdata:
         return {key: batchdata[key] for key in ("subject_id", "source", ERROR_KEY, "error_type")}
+    if isinstance(batchdata, dict) and REUSED_KEY in batchdata:
+        return {key: batchdata[key] for key in ("subject_id", REUSED_KEY)}
     return engine._iteration(engine, batchdata)
 
 
@@ -94,10 +123,11 @@ class CohortReport:
     Under torchrun each rank keeps its rows (each scan's own outputs are on disk as soon as it is mapped) and
     rank 0 writes the merged tables at completion, in input order."""
 
-    def __init__(self, output_dir: str, inferer=None, report_key: str = "report"):
+    def __init__(self, output_dir: str, inferer=None, report_key: str = "report", stamp: dict | None = None):
         self.output_dir = Path(output_dir)
         self.inferer = inferer
         self.report_key = report_key
+        self.stamp = stamp  # model and settings, stored with each row so a later run can reuse it
         self.reports: list = []
         self.failures: list = []
         self._started = 0.0
@@ -127,7 +157,9 @@ class CohortReport:
         output = engine.state.output
         seconds = round(time.perf_counter() - self._started, 2)
         position = self._next_position()
-        if isinstance(output, dict) and ERROR_KEY in output:
+        if isinstance(output, dict) and REUSED_KEY in output:
+            self.reports.append((position, json.loads(_first(output[REUSED_KEY]))))
+        elif isinstance(output, dict) and ERROR_KEY in output:
             failure = {k: _first(output.get(k)) for k in ("subject_id", "source", ERROR_KEY, "error_type")}
             self.failures.append((position, failure))
             logger.warning("FAILED %s: %s", failure["subject_id"], failure[ERROR_KEY])
@@ -142,8 +174,18 @@ class CohortReport:
                 if "outputs" in item:
                     report["outputs"] = dict(item["outputs"])
                 self.reports.append((position, report))
+                self._store(report)
         if subject_shards.world() == 1:
             self.write(self.reports, self.failures)
+
+    def _store(self, report: dict) -> None:
+        """``<output_dir>/<subject_id>/cohort_row.json``: the row and the stamp that made it (atomic)."""
+        if not self.stamp or not report.get("subject_id"):
+            return
+        folder = self.output_dir / str(report["subject_id"])
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / ROW_FILE) as tmp:
+            Path(tmp).write_text(json.dumps({"stamp": self.stamp, "report": report}, default=str))
 
     def write(self, reports: list, failures: list) -> None:
         """Write the tables of (position, row) pairs, rows in position order."""
