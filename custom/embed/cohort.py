@@ -7,7 +7,6 @@ that pandas loads directly.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,7 +21,7 @@ from custom.atomic_io import atomic_path
 from custom.engine import subject_shards
 from custom.data.intensity import hu_to_network
 from custom.model.network import DrasCLRNetwork, network_input
-from custom.model.weights import encoder_state, load_into
+from custom.model.weights import encoder_state, file_sha1, load_into
 from custom.data.patch_dataset import prepared_patch_files
 
 
@@ -111,14 +110,6 @@ def embed_cohort(
 
 
 STAMP = "embedding_weights.json"
-
-
-def file_sha1(path: str | Path) -> str:
-    digest = hashlib.sha1()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_stamp(out_dir: Path) -> dict | None:

@@ -7,7 +7,7 @@ the key batch across ranks, or within one process's batch when BatchNorm is spli
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -28,14 +28,14 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shuffle_batch(*tensors: torch.Tensor, local: bool = False) -> Tuple[List[torch.Tensor], torch.Tensor]:
+def shuffle_batch(*tensors: torch.Tensor, local: bool = False) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
     """Shuffle-BN's permutation of the key batch (same permutation for every tensor).
 
     Under DDP: the global batch is permuted (rank 0's draw, broadcast) and each rank takes its slice of it,
     as the reference does. In one process with ``local=True`` (split BatchNorm, ``custom.model.split_batchnorm``):
     the batch is permuted in place, so the contiguous sub-batches that BatchNorm normalises together are the
     slices R ranks would hold. Otherwise the identity. Returns the shuffled tensors and the index that undoes
-    the shuffle (``unshuffle_batch``). Both paths draw one ``torch.randperm`` of the global batch size from the
+    the shuffle (``unshuffle_batch``; None when nothing was shuffled). Both paths draw one ``torch.randperm`` of the global batch size from the
     default generator, so one process and R ranks seeded alike use the same permutation.
     """
     if is_distributed():
@@ -47,14 +47,16 @@ def shuffle_batch(*tensors: torch.Tensor, local: bool = False) -> Tuple[List[tor
         local_rows = permutation.view(world, -1)[rank]
         return [g[local_rows] for g in gathered], torch.argsort(permutation)
     if not local:
-        return list(tensors), torch.arange(tensors[0].shape[0], device=tensors[0].device)
+        return list(tensors), None
     permutation = torch.randperm(tensors[0].shape[0]).to(tensors[0].device)
     return [t[permutation] for t in tensors], torch.argsort(permutation)
 
 
 @torch.no_grad()
-def unshuffle_batch(tensor: torch.Tensor, unshuffle_index: torch.Tensor) -> torch.Tensor:
-    """Return this rank's original rows of a tensor computed on the shuffled batch."""
+def unshuffle_batch(tensor: torch.Tensor, unshuffle_index: torch.Tensor | None) -> torch.Tensor:
+    """Return this rank's original rows of a tensor computed on the shuffled batch (``None``: not shuffled)."""
+    if unshuffle_index is None:
+        return tensor
     if not is_distributed():
         return tensor[unshuffle_index]
     gathered = concat_all_gather(tensor)

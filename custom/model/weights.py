@@ -10,6 +10,7 @@ which file, and which workflow makes it.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -54,3 +55,12 @@ def load_into(module: nn.Module, state: dict, path: str | Path, what: str = "net
     except RuntimeError as error:
         raise ValueError(f"{path}: weights do not fit the {what} ({error})") from error
     return module
+
+
+def file_sha1(path: str | Path) -> str:
+    """Identity of a weights file: outputs stored with it (embeddings, map rows) are reused only for the same one."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
