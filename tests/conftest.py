@@ -8,6 +8,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("DRASCLR_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+REAL_CT = Path(os.environ.get("DRASCLR_REAL_CT", SHARED_DATA / "real_ct"))  # the shared chest CT, two kernels
+REAL_CT_SERIES = REAL_CT / "lung_pet_ct_dx_A0001" / "soft_kernel_B"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -71,3 +73,27 @@ def demo_cohort(tmp_path_factory):
     manifest = prepare_cohort(root / "synthetic" / "cohort.csv", root / "prepared", num_workers=1, progress=False)
     assert (manifest["status"] == "ok").all(), manifest
     return root
+
+
+def hand_cut_box_inputs(boxes, index, stride):
+    """The network inputs of the evaluated patches of box ``index``, each cut from its stored region by hand."""
+    import numpy as np
+    import torch
+
+    from custom.data.intensity import hu_to_network
+    from custom.data.location import CORNER_MAX
+
+    axis = [v for v in range(-16, 16) if (v + 16) % stride == stride // 2 % stride]
+    out = []
+    for dx in axis:
+        for dy in axis:
+            for dz in axis:
+                v = np.array([32 + dx, 32 + dy, 32 + dz])
+                hu = boxes.regions[index][v[0] - 16 : v[0] + 16, v[1] - 16 : v[1] + 16, v[2] - 16 : v[2] + 16]
+                atlas = (boxes.region_to_atlas[index] @ np.r_[v, 1.0])[:3]
+                x = torch.empty(4, 32, 32, 32)
+                x[0] = hu_to_network(torch.as_tensor(hu, dtype=torch.float32))
+                x[1:] = torch.as_tensor(2.0 * (atlas - 16.0) / np.asarray(CORNER_MAX) - 1.0,
+                                        dtype=torch.float32).view(3, 1, 1, 1)
+                out.append(x)
+    return torch.stack(out)

@@ -198,12 +198,12 @@ def test_a_variant_config_that_changes_a_training_setting_is_refused(tmp_path):
 
     tampered = tmp_path / "ablation.yaml"
     tampered.write_text((CONFIGS / "ablation.yaml").read_text()
-                        + "max_epochs: 1\nnetwork_def#queue_size: 4096\ntrain#sampler#seed: 7\n")
+                        + "max_epochs: 1\npretraining_def#queue_size: 4096\ntrain#sampler#seed: 7\n")
     drasclr, _ = training_configs("plain_moco")
     variant = ConfigParser()
     variant.read_config([str(CONFIGS / "train.yaml"), str(tampered)])
     variant.update({"variant": "plain_moco"})
-    assert set(inherited_differences(drasclr, variant)) == {"max_epochs", "network_def#queue_size",
+    assert set(inherited_differences(drasclr, variant)) == {"max_epochs", "pretraining_def#queue_size",
                                                              "train#sampler#seed"}
     with pytest.raises(ValueError, match="would not train like DrasCLR"):
         check_inherited(drasclr, variant, "plain_moco")
@@ -252,7 +252,8 @@ def test_runner_pretrains_plain_moco_embeds_and_resumes(cache, tmp_path, capsys)
     assert set(record["settings"]) <= set(params)  # every inherited setting is an MLflow param
     trained = torch.load(out / "plain_moco" / "pretrained.pt")
     assert "encoder.conv1.weight" in trained and trained["encoder.conv1.weight"].shape == (8, 1, 3, 3, 3)
-    assert [p.name for p in out.iterdir() if p.is_dir()] == ["plain_moco"]  # only what was asked
+    # only what was asked (+ mlruns/: the MLflow artifacts of the run, beside mlruns.db)
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["mlruns", "plain_moco"]
     # The stored patch embeddings are the variant network's embeddings of the cached patches at their landmarks.
     network = load_variant_network(out / "plain_moco" / "pretrained.pt", conditioning="none")
     patches_hu = np.load(cache / "sub000" / "patches.npy")[:64]

@@ -4,9 +4,12 @@ verify_net_in_out on network_def and the TorchScript export (ckpt_export) round 
 import copy
 import hashlib
 import json
+import subprocess
+import warnings
 from importlib import metadata as package_metadata
 from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 import yaml
@@ -53,7 +56,56 @@ def test_bundle_has_the_files_the_zoo_requires():
 
 def test_metadata_satisfies_the_vendored_schema_offline():
     meta = conformance.verify_bundle_metadata(BUNDLE)
-    assert meta["version"] == "0.4.0" and "0.4.0" in meta["changelog"]
+    assert meta["version"] == "0.5.0" and "0.5.0" in meta["changelog"]
+
+
+def test_the_zoo_schema_named_by_the_metadata_is_vendored_unchanged(tmp_path):
+    path = conformance.zoo_schema_path(BUNDLE)
+    assert path.name == METADATA["schema"].rsplit("/", 1)[-1] == "meta_schema_20240725.json"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == conformance.ZOO_SCHEMA_SHA256[path.name]
+    # an edited copy is refused, and so is a schema URL the bundle has no copy of
+    root = tmp_path / "bundle"
+    (root / "resources" / "schema").mkdir(parents=True)
+    (root / "resources" / "schema" / path.name).write_text(path.read_text().replace('"integer"', '"number"'))
+    with pytest.raises(ValueError, match="differs from the Model Zoo's schema"):
+        conformance.zoo_schema_path(root, METADATA)
+    with pytest.raises(FileNotFoundError, match="no offline copy"):
+        conformance.zoo_schema_path(root, dict(METADATA, schema="https://example.org/meta_schema_29990101.json"))
+
+
+LEGACY_JSONSCHEMA_PYTHON = REPO_ROOT / ".venv-monailabel" / "bin" / "python"  # jsonschema 3.2 (tools/monailabel_env.sh)
+SCHEMA_FILES = [conformance.SCHEMA_RELPATH, "resources/schema/meta_schema_20240725.json"]
+
+
+@pytest.mark.parametrize("schema_file", SCHEMA_FILES)
+def test_schemas_resolve_their_refs_as_jsonschema_3_does(schema_file):
+    """jsonschema 3.2 (MONAI Label's pin) and 4.0-4.17 resolve ``$ref`` with ``RefResolver``, which joins a relative
+    ``$id`` to itself ("unknown url type: 'drasclr-bundle/drasclr-bundle/...'"), and validate a schema whose
+    ``$schema`` they do not know as draft-07. The same resolver and draft here: the metadata passes, and a broken
+    one fails with a validation error, not a reference error."""
+    schema = json.loads((BUNDLE / schema_file).read_text())
+    assert "$id" not in schema
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # RefResolver is deprecated in jsonschema 4.18+
+        validator = jsonschema.Draft7Validator(schema, resolver=jsonschema.RefResolver.from_schema(schema))
+        jsonschema.Draft7Validator.check_schema(schema)
+        validator.validate(METADATA)
+        broken = copy.deepcopy(METADATA)
+        broken["network_data_format"]["inputs"]["image"]["num_channels"] = "four"
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate(broken)
+
+
+@pytest.mark.skipif(not LEGACY_JSONSCHEMA_PYTHON.is_file(), reason="the MONAI Label venv (jsonschema 3.2) is not built")
+@pytest.mark.parametrize("schema_file", SCHEMA_FILES)
+def test_schemas_validate_under_monai_labels_jsonschema(schema_file):
+    code = ("import json, sys, jsonschema; from importlib.metadata import version; "
+            "jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); "
+            "print(version('jsonschema'))")
+    done = subprocess.run([str(LEGACY_JSONSCHEMA_PYTHON), "-c", code, str(BUNDLE / conformance.METADATA_RELPATH),
+                           str(BUNDLE / schema_file)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "3.2.0"
 
 
 @pytest.mark.parametrize("field", SCHEMA["required"])
@@ -134,6 +186,16 @@ def test_large_files_list_the_weights_and_hashes_are_checked(tmp_path):
     (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": [{"path": "../outside.pt", "url": ""}]}))
     with pytest.raises(ValueError, match="inside the bundle"):
         conformance.read_large_files(root)
+    # An export's list: every listed file must be there with its hash (else the Zoo's CI would download it).
+    entry["hash_val"] = hashlib.md5(b"weights").hexdigest()
+    absent = {"path": "models/model.ts", "url": ""}
+    (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": [entry, absent]}))
+    assert conformance.verify_large_files(root) == [root / "models" / "model.pt"]
+    with pytest.raises(ValueError, match="lists models/model.ts, which is not there"):
+        conformance.verify_large_files(root, require_present=True)
+    (root / "large_files.yml").write_text(yaml.safe_dump({"large_files": []}))  # an export without weights
+    assert conformance.read_large_files(root) == []
+    assert conformance.verify_large_files(root, require_present=True) == []
 
 
 def test_verify_net_in_out_on_network_def(network_config):
@@ -179,4 +241,4 @@ def test_ckpt_export_rejects_a_missing_checkpoint(tmp_path, network_config):
 
 def test_check_runs_every_offline_check(network_config):
     summary = conformance.check(BUNDLE, network_config)
-    assert summary["version"] == "0.4.0" and summary["network_verified"]
+    assert summary["version"] == "0.5.0" and summary["network_verified"]

@@ -20,6 +20,7 @@ import torch
 import yaml
 
 import custom
+from custom.errors import MissingInputError
 from custom.zoo.export import bundle_name, export_bundle
 from custom.zoo.conformance import read_large_files, verify_large_files
 from custom.emphysema.network import EmphysemaNetwork
@@ -91,9 +92,22 @@ def test_export_leaves_data_runs_checkpoints_and_caches_behind(exported):
 def test_exported_large_files_record_the_shipped_hashes(exported):
     bundle_dir = Path(exported["bundle_dir"])
     entries = {e["path"]: e for e in read_large_files(bundle_dir)}
+    assert sorted(entries) == sorted(exported["models"])  # exactly the files shipped, nothing to download
     for rel in ("models/model.pt", "models/pretrained.pt", "models/model.ts"):
         assert entries[rel]["hash_type"] == "sha256" and entries[rel]["hash_val"] == _sha256(bundle_dir / rel)
-    assert len(verify_large_files(bundle_dir)) == 3
+    assert len(verify_large_files(bundle_dir, require_present=True)) == 3
+
+
+def test_large_files_of_an_export_list_only_what_it_ships(source_bundle, tmp_path):
+    """The source list names model.pt, model.ts and pretrained.pt; the default export ships model.pt only, so its
+    list holds model.pt only (the Model Zoo's CI downloads every listed file that is not there)."""
+    assert {"models/model.ts", "models/pretrained.pt"} <= {e["path"] for e in read_large_files(source_bundle)}
+    result = export_bundle(tmp_path, bundle_root=source_bundle)
+    bundle_dir = Path(result["bundle_dir"])
+    assert result["models"] == ["models/model.pt"]
+    assert read_large_files(bundle_dir) == [{"path": "models/model.pt", "url": "", "hash_val":
+                                             _sha256(bundle_dir / "models" / "model.pt"), "hash_type": "sha256"}]
+    assert not (bundle_dir / "models" / "pretrained.pt").exists()
 
 
 def test_zip_holds_the_bundle_folder(exported):
@@ -118,9 +132,32 @@ def test_export_refuses_to_clobber_and_reports_missing_weights(source_bundle, tm
 
     bare = tmp_path / "bare"
     shutil.copytree(source_bundle, bare, ignore=shutil.ignore_patterns("models"))
+    # No weights: the default export refuses, naming the file, the workflow that makes it and the opt-out.
+    with pytest.raises(MissingInputError) as missing:
+        export_bundle(tmp_path / "out", bundle_root=bare)
+    message = str(missing.value)
+    assert message.startswith(f"model weights not found: {bare / 'models' / 'model.pt'}")
+    assert "the finetune workflow" in message and "--include_model false" in message
     with pytest.raises(FileNotFoundError, match="pretrained.pt"):
-        export_bundle(tmp_path / "out", bundle_root=bare, include_pretrained=True)
+        export_bundle(tmp_path / "out", bundle_root=bare, include_model=False, include_pretrained=True)
     assert not [p for p in (tmp_path / "out").iterdir()], "a failed export left files behind"
+    # Asked for explicitly: a development export without weights, whose large-file list is empty.
+    dev = export_bundle(tmp_path / "out", bundle_root=bare, include_model=False)
+    assert dev["models"] == [] and read_large_files(dev["bundle_dir"]) == []
+    assert not list((Path(dev["bundle_dir"]) / "models").iterdir())
+
+
+def test_export_script_without_weights_is_one_error_line(source_bundle, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(source_bundle, bare, ignore=shutil.ignore_patterns("models"))
+    done = subprocess.run([sys.executable, str(BUNDLE / "scripts" / "export_bundle.py"), "--out_dir",
+                           str(tmp_path / "dist"), "--bundle_root", str(bare), "--zip", "true"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "DRASCLR_TRACEBACK"})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "model weights not found" in lines[0] and "models/model.pt" in lines[0], done.stderr
+    assert not (tmp_path / "dist" / NAME).exists() and not list((tmp_path / "dist").glob("*.zip"))
 
 
 def test_export_cli(source_bundle, tmp_path, capsys):
@@ -161,9 +198,9 @@ ISOLATED_CHECKS = textwrap.dedent("""
         ts_error = float((scripted(x) - net(x)).abs().max())
     properties = None
     if config.endswith("inference.yaml"):
-        # A data dict is taken as given (no file lookup): the exported bundle has no demo scans.
-        workflow = ConfigWorkflow(config_file=str(bundle / config), workflow_type="infer",
-                                  input=[{"subject_id": "s", "image": "s.nii.gz"}], output_dir="out")
+        # The default settings, as MONAI's check does: the exported bundle has no demo scans, and its default
+        # input is a data item that is read only when mapped.
+        workflow = ConfigWorkflow(config_file=str(bundle / config), workflow_type="infer")
         workflow.initialize()
         properties = workflow.check_properties()
     print(json.dumps({

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 from scipy import ndimage
+from conftest import hand_cut_box_inputs
 
 from custom.emphysema.annotations import (
     AnnotationError,
@@ -114,21 +115,9 @@ def _random_boxes(n=3, seed=0, labels=None, subjects=None):
 
 def _brute_force_probabilities(network, boxes, index, stride):
     """Cut every evaluated patch from the stored region by hand and run the network on it alone."""
-    axis = [v for v in range(-16, 16) if (v + 16) % stride == stride // 2 % stride]
-    out = []
-    for dx in axis:
-        for dy in axis:
-            for dz in axis:
-                v = np.array([32 + dx, 32 + dy, 32 + dz])
-                hu = boxes.regions[index][v[0] - 16 : v[0] + 16, v[1] - 16 : v[1] + 16, v[2] - 16 : v[2] + 16]
-                atlas = (boxes.region_to_atlas[index] @ np.r_[v, 1.0])[:3]
-                p = 2.0 * (atlas - 16.0) / np.asarray(CORNER_MAX) - 1.0
-                x = torch.empty(1, 4, 32, 32, 32)
-                x[0, 0] = hu_to_network(torch.as_tensor(hu, dtype=torch.float32))
-                x[0, 1:] = torch.as_tensor(p, dtype=torch.float32).view(3, 1, 1, 1)
-                with torch.no_grad():
-                    out.append(torch.softmax(network(x), 1)[0].numpy())
-    return np.stack(out)
+    with torch.no_grad():
+        return np.stack([torch.softmax(network(x[None]), 1)[0].numpy()
+                         for x in hand_cut_box_inputs(boxes, index, stride)])
 
 
 def test_box_offsets_cover_the_box():
@@ -265,6 +254,22 @@ def test_annotation_centres_land_on_their_lesions(demo_cohort):
     assert np.mean(hits) >= 0.9, np.mean(hits)
 
 
+def _healthy_boxes(cohort, subject_id: str, count: int) -> pd.DataFrame:
+    """``count`` healthy box rows of ``subject_id``: centres of 32 mm boxes free of emphysema in the ground truth
+    and almost all lung, spread over the candidates."""
+    image = nib.load(str(cohort / "synthetic" / "labels" / f"{subject_id}_lesions.nii.gz"))
+    lesion = np.asarray(image.dataobj)
+    lung = np.asarray(nib.load(str(cohort / "synthetic" / "lungs" / f"{subject_id}_lung.nii.gz")).dataobj) > 0
+    box = round(32 / abs(float(image.affine[0, 0])))
+    free = ndimage.uniform_filter(np.isin(lesion, EMPHYSEMA_CODES).astype(np.float32), box) == 0
+    inside = ndimage.uniform_filter(lung.astype(np.float32), box) > 0.9
+    candidates = np.argwhere(free & inside & lung)
+    picks = candidates[np.linspace(0, len(candidates) - 1, count).astype(int)]
+    world = (image.affine @ np.c_[picks, np.ones(count)].T).T[:, :3]
+    return pd.DataFrame({"subject_id": subject_id, "label": "healthy", "centre_x_mm": world[:, 0],
+                         "centre_y_mm": world[:, 1], "centre_z_mm": world[:, 2]})
+
+
 @pytest.fixture(scope="module")
 def cohort_boxes(demo_cohort, tmp_path_factory):
     """3 centrilobular boxes of SYN0001 (the generator's) + 3 emphysema-free healthy boxes of SYN0000 picked from
@@ -272,17 +277,7 @@ def cohort_boxes(demo_cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("boxes")
     table = pd.read_csv(demo_cohort / "synthetic" / "annotations.csv")
     cle = table[(table.subject_id == "SYN0001") & (table.label == "centrilobular")].head(3)
-    image = nib.load(str(demo_cohort / "synthetic" / "labels" / "SYN0000_lesions.nii.gz"))
-    lesion = np.asarray(image.dataobj)
-    lung = np.asarray(nib.load(str(demo_cohort / "synthetic" / "lungs" / "SYN0000_lung.nii.gz")).dataobj) > 0
-    box = round(32 / abs(float(image.affine[0, 0])))
-    free = ndimage.uniform_filter(np.isin(lesion, EMPHYSEMA_CODES).astype(np.float32), box) == 0
-    inside = ndimage.uniform_filter(lung.astype(np.float32), box) > 0.9
-    candidates = np.argwhere(free & inside & lung)
-    picks = candidates[np.linspace(0, len(candidates) - 1, 3).astype(int)]
-    world = (image.affine @ np.c_[picks, np.ones(3)].T).T[:, :3]
-    healthy = pd.DataFrame({"subject_id": "SYN0000", "label": "healthy", "centre_x_mm": world[:, 0],
-                            "centre_y_mm": world[:, 1], "centre_z_mm": world[:, 2]})
+    healthy = _healthy_boxes(demo_cohort, "SYN0000", 3)
     path = root / "annotations.csv"
     pd.concat([cle[healthy.columns], healthy]).to_csv(path, index=False)
     patches = load_labelled_patches(path, demo_cohort / "prepared", cache_path=root / "boxes.npz")
@@ -362,8 +357,26 @@ def test_full_finetuning_changes_the_encoder_and_writes_a_loadable_model(cohort_
     assert not list(model_path.parent.glob(".tmp-*"))
 
 
+@pytest.fixture(scope="module")
+def detection_boxes(demo_cohort, cohort_boxes):
+    """For the detection CV: 2 centrilobular boxes of SYN0001 and of SYN0002 (the generator's) + emphysema-free
+    healthy boxes of SYN0000 (2), SYN0001 (2) and SYN0002 (2), so that with 2 subject-grouped folds every training
+    part holds both classes of the centrilobular task (the small cohort has no paraseptal box)."""
+    root = cohort_boxes["root"] / "detection"
+    root.mkdir(exist_ok=True)
+    table = pd.read_csv(demo_cohort / "synthetic" / "annotations.csv")
+    cle = table[table.subject_id.isin(["SYN0001", "SYN0002"]) & (table.label == "centrilobular")]
+    cle = cle.groupby("subject_id").head(2)
+    healthy = pd.concat([_healthy_boxes(demo_cohort, s, 2) for s in ("SYN0000", "SYN0001", "SYN0002")])
+    path = root / "annotations.csv"
+    pd.concat([cle[healthy.columns], healthy]).to_csv(path, index=False)
+    patches = load_labelled_patches(path, demo_cohort / "prepared", cache_path=root / "boxes.npz")
+    assert sorted(patches.table["label"].value_counts().items()) == [("centrilobular", 4), ("healthy", 6)]
+    return {"annotations": path, "cache": root / "boxes.npz", "patches": patches}
+
+
 @pytest.mark.slow
-def test_bundle_configs_finetune_and_detection(cohort_boxes, tmp_path):
+def test_bundle_configs_finetune_and_detection(cohort_boxes, detection_boxes, tmp_path):
     from monai.bundle import run
 
     common = {"annotations": str(cohort_boxes["annotations"]), "prepared_dir": str(cohort_boxes["prepared"]),
@@ -377,23 +390,38 @@ def test_bundle_configs_finetune_and_detection(cohort_boxes, tmp_path):
     assert {k.split(".")[0] for k in state} == {"encoder", "classifier"}
     EmphysemaNetwork().load_state_dict(state)
     out = tmp_path / "detection"
+    common.update(annotations=str(detection_boxes["annotations"]), patch_cache=str(detection_boxes["cache"]))
     run("detection", config_file=config, detection_dir=str(out), folds=2, fractions=[0.5, 1.0], stride=32,
-        cv_epochs_linear=2, cv_epochs_full=1, batch_size=2, **common)
-    table = pd.read_csv(out / "detection_table.csv")
-    assert set(table["scheme"]) == {"linear readout", "full finetuning"}
-    assert set(table["initialisation"]) == {"pretrained", "scratch"}
+        cv_epochs_linear=2, cv_epochs_full=1, batch_size=2, laa_features=["laa950", "perc15"], **common)
+    metrics = pd.read_csv(out / "fold_metrics.csv")
+    cle = metrics[metrics["subtype"] == "centrilobular"]
+    assert (cle["status"] == "ok").all() and len(cle) == 2 * 6  # 2 folds x (LAA, linear, random, full, 0.5, scratch)
+    assert (cle["n_train_boxes"] < 10).all()  # trained on a fold's part, never on all boxes
+    assert (metrics.loc[metrics["subtype"] == "paraseptal", "status"].str.startswith("not trained")).all()
+    table = pd.read_csv(out / "detection_table.csv", keep_default_na=False)  # "n/a" stays text
+    assert len(table) == 8 and (table.groupby("subtype").size() == 4).all()  # four rows per subtype
+    assert table["model"].tolist()[:4] == ["Patch LAA (logistic regression)", "DrasCLR (ours)",
+                                           "patch-based CNN from scratch", "DrasCLR (ours)"]
+    assert (table.loc[table["subtype"] == "paraseptal", "f1"] == "n/a").all()
+    predictions = pd.read_csv(out / "box_predictions.csv")
+    assert set(predictions["label"]) == {"centrilobular", "healthy"}
+    assert predictions.loc[predictions["scheme"] == "patch_laa", ["laa950", "perc15"]].notna().all().all()
     folds = pd.read_csv(out / "folds.csv")
-    assert folds.groupby("subject_id")["fold"].nunique().max() == 1
+    assert folds["subject_id"].is_unique and set(folds["fold"]) == {0, 1}
     efficiency = pd.read_csv(out / "label_efficiency.csv")
     assert {0.5, 1.0} <= set(efficiency["fraction"])
     assert (out / "label_efficiency.png").stat().st_size > 1000
-    assert "| scheme |" in (out / "detection_table.md").read_text()
+    text = (out / "detection_table.md").read_text()
+    assert "| subtype | scheme | model |" in text and "LAA-950 + Perc15" in text
     table7 = pd.read_csv(out / "table7_location_sensitivity.csv")  # Table 7: linear readout, random vs patch locations
     assert set(table7["subtype"]) == {"centrilobular", "paraseptal"}
-    assert (table7["random location folds"] > 0).all() and (table7["patch location folds"] > 0).all()
+    row = table7.set_index("subtype").loc["centrilobular"]
+    assert row["random location folds"] == 2 and row["patch location folds"] == 2 and row["paired folds"] == 2
+    assert len(pd.read_csv(out / "table7_folds.csv")) == 4
     assert "| subtype | random location | patch location |" in (out / "table7_location_sensitivity.md").read_text()
 
 
+@pytest.mark.slow
 def test_random_locations_move_boxes_into_the_atlas_lung_and_table7_tests_folds(cohort_boxes):
     import nibabel as nib
     from scipy import stats
@@ -424,5 +452,5 @@ def test_random_locations_move_boxes_into_the_atlas_lung_and_table7_tests_folds(
                          "subtype": "centrilobular", "location": location, "accuracy": accuracy})
     table = location_table(pd.DataFrame(rows)).iloc[0]
     assert table["patch location"] == "0.88 ± 0.08" and table["random location folds"] == 3
-    expected = stats.ttest_ind([0.9, 0.8, 0.95], [0.7, 0.75, 0.6], alternative="greater").pvalue
-    assert table["p (one-sided t-test)"] == pytest.approx(expected, rel=1e-2)
+    expected = stats.ttest_rel([0.9, 0.8, 0.95], [0.7, 0.75, 0.6], alternative="greater").pvalue  # same folds
+    assert table["p (one-sided paired t-test)"] == pytest.approx(expected, rel=1e-2)

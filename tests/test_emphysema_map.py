@@ -197,6 +197,7 @@ def test_inference_config_end_to_end_on_a_demo_subject(demo_cohort, tmp_path):
     assert list(table.subject_id) == [item["subject_id"]]
     assert table.loc[0, "lung_volume_ml"] == pytest.approx(report["regions"]["lung"]["volume_ml"])
     assert {"left_upper_centrilobular_pct", "right_lower_laa950_pct", "lung_perc15_hu"} <= set(table.columns)
+    assert table.loc[0, "qc_status"] == "ok" and report["qc_status"] == "ok"  # the scan pipeline's anatomy QC
     failures = pd.read_csv(out / "failures.csv")
     assert list(failures.subject_id) == ["broken"] and "broken.nii.gz" in failures.loc[0, "error"]
 
@@ -208,9 +209,17 @@ def test_inference_config_end_to_end_on_a_demo_subject(demo_cohort, tmp_path):
     again = pd.read_csv(out / "emphysema_report.csv")
     pd.testing.assert_frame_equal(again, table)
     assert list(pd.read_csv(out / "failures.csv").subject_id) == ["broken"]  # failures are retried, and reported
-    # Another model (or --resume false) maps it again.
+    # Another model (or --resume false) maps it again: its row is replaced, not repeated; the earlier run's
+    # failure row of a scan this run did not see is kept.
     _run_config(tmp_path, [item], _write_model(tmp_path / "other.pt", seed=5))
     assert mask.stat().st_mtime_ns != written
+    merged = pd.read_csv(out / "emphysema_report.csv", dtype={"subject_id": str})
+    assert list(merged.subject_id) == [item["subject_id"]]
+    assert list(pd.read_csv(out / "failures.csv").subject_id) == ["broken"]
+    # A run of other scans into the same folder keeps the rows of earlier runs (was: rewritten with its own only).
+    _run_config(tmp_path, [{"subject_id": "0042", "image": str(bad)}], tmp_path / "other.pt")
+    pd.testing.assert_frame_equal(pd.read_csv(out / "emphysema_report.csv", dtype={"subject_id": str}), merged)
+    assert list(pd.read_csv(out / "failures.csv", dtype={"subject_id": str}).subject_id) == ["broken", "0042"]
 
 
 @pytest.mark.slow
@@ -225,3 +234,42 @@ def test_inference_config_on_the_real_ct(tmp_path):
     out = _run_config(tmp_path, [{"subject_id": "A0001", "image": str(REAL_CT)}], _write_model(tmp_path / "m.pt"))
     assert shape == (512, 512, 64)
     _check_outputs(out, "A0001", affine, shape)
+
+
+def _red_title_pixels(png) -> int:
+    """Strongly red pixels in the top eighth of a picture (where the title and a warning banner go)."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    top = pixels[: max(1, pixels.shape[0] // 8)]
+    return int(((top[..., 0] > 150) & (top[..., 1] < 70) & (top[..., 2] < 70)).sum())
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_synthetic_data_warns_on_a_scan_that_is_not(demo_cohort, tmp_path):
+    """The model card says the weights were trained on the SYNTHETIC cohort: a map of a scan that is not synthetic
+    (the same voxels without the generator's mark) carries the warning in report.json, the CSV row and both
+    pictures; the map of the synthetic scan itself does not."""
+    from custom.emphysema.model_card import SYNTHETIC_WARNING, write_model_card
+    from custom.synthetic.writer import is_synthetic_scan
+
+    item = _demo_subject(demo_cohort)
+    assert is_synthetic_scan(item["image"])
+    model = _write_model(tmp_path / "model.pt")
+    write_model_card(model, "annotations.csv", {item["subject_id"]: item["image"]}, boxes=12)
+    image = nib.load(item["image"])
+    unmarked = nib.Nifti1Image(np.asarray(image.dataobj), image.affine, image.header.copy())
+    unmarked.header["descrip"] = b"a scanner"
+    nib.save(unmarked, str(tmp_path / "outside.nii.gz"))
+    assert not is_synthetic_scan(tmp_path / "outside.nii.gz")
+    outside = {"subject_id": "outside", "image": str(tmp_path / "outside.nii.gz"), "lung_mask": item["lung_mask"]}
+    out = _run_config(tmp_path, [item, outside], model)
+    rows = pd.read_csv(out / "emphysema_report.csv", dtype={"subject_id": str}).set_index("subject_id")
+    for subject, warned in ((item["subject_id"], False), ("outside", True)):
+        report = json.loads((out / subject / "report.json").read_text())
+        assert report["model_trained_on"] == "SYNTHETIC demo cohort"
+        assert report["warning"] == (SYNTHETIC_WARNING if warned else None)
+        assert (rows.loc[subject, "warning"] == SYNTHETIC_WARNING) if warned else pd.isna(rows.loc[subject, "warning"])
+        for name in ("emphysema_coronal.png", "emphysema_projection.png"):
+            red = _red_title_pixels(out / subject / name)
+            assert (red > 100) if warned else (red == 0), (subject, name, red)

@@ -22,7 +22,7 @@ from custom.evaluation.baselines import (
     random_init_embeddings,
     random_init_network,
 )
-from custom.evaluation.feature_sets import load_embedding_table
+from custom.subject_table import read_embedding_table as load_embedding_table
 from custom.synthetic import draw_clinical_table
 from custom.synthetic.covid import draw_covid_row
 

@@ -45,7 +45,7 @@ def test_ablation_config_reads_its_queue_switch_as_a_flag():
     parser = ConfigParser()
     parser.read_config([str(configs / "train.yaml"), str(configs / "ablation.yaml")])
     parser.update({"variant": "plain_moco", "global_queue": "false"})
-    assert parser.get_parsed_content("network_def#global_queue") is False
+    assert parser.get_parsed_content("pretraining_def#global_queue") is False
     assert parser.get_parsed_content("hyper_parameters#num_queues") == 581
     parser.update({"global_queue": "True"})
-    assert parser.get_parsed_content("network_def#global_queue", lazy=False) is True
+    assert parser.get_parsed_content("pretraining_def#global_queue", lazy=False) is True

@@ -10,19 +10,17 @@ Read from ``../shared/data/real_ct`` beside the repository (``$DRASCLR_SHARED_DA
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from custom.prepare import cache
 from custom.prepare.workflow import discover_inputs, prepare_cohort
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("DRASCLR_SHARED_DATA", REPO.parent / "shared" / "data"))
-REAL_CT = Path(os.environ.get("DRASCLR_REAL_CT", SHARED_DATA / "real_ct"))
-SERIES = REAL_CT / "lung_pet_ct_dx_A0001" / "soft_kernel_B"
+from conftest import REAL_CT
+from conftest import REAL_CT_SERIES as SERIES
+
 
 pytestmark = pytest.mark.skipif(not SERIES.is_dir(), reason=f"real CT not found at {SERIES} (set DRASCLR_REAL_CT)")
 
@@ -40,6 +38,12 @@ def test_real_ct_dicom_prepares_with_most_landmarks_inside_the_lung(tmp_path):
     assert cache.is_complete(tmp_path, row.subject_id)
     qc = json.loads((entry / "qc.json").read_text())
     assert qc["original_spacing"] == pytest.approx([0.8418, 0.8418, 5.0], abs=1e-3)
+    # the anatomy QC passes the unmodified scan, and the cohort QC sheet lists it with its picture
+    assert qc["qc_status"] == "ok" and row.qc_status == "ok" and row.qc_reason == "", qc["qc_reasons"]
+    assert (entry / "qc.png").stat().st_size > 5000
+    sheet = pd.read_csv(tmp_path / "qc.csv", keep_default_na=False)
+    assert sheet.subject_id.tolist() == [row.subject_id] and sheet.picture[0] == f"{row.subject_id}/qc.png"
+    assert (tmp_path / "qc_sheet.html").is_file() and (tmp_path / "qc_sheet.png").is_file()
     assert qc["spacing"] == [1.0, 1.0, 1.0]
     assert 3000 < qc["lung_volume_ml"] < 8000  # an adult's lungs, found by the built-in segmentation
     assert qc["dice"] > 0.8

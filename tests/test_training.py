@@ -138,6 +138,52 @@ def test_mlflow_store_holds_params_and_metric_histories(cache, tmp_path):
     assert lr[0] == pytest.approx(0.01) and lr[2] < lr[0]  # cosine schedule, stepped per iteration
 
 
+def test_mlflow_run_is_complete_and_a_crashed_run_resumes_into_it(cache, tmp_path, capsys):
+    """The run holds tags (bundle version, git commit, world size, data folder), the prepared manifest as an
+    MLflow dataset, and at the end the config, the training-curve picture and the exported weights. A crash at
+    iteration 5 (run left RUNNING, checkpoint at 4) then a resume: the same run continues, says so, and holds each
+    step once (was: steps 5.. logged twice); old checkpoints of the crashed process are rotated out."""
+    from mlflow.tracking import MlflowClient
+
+    settings = dict(mlflow=True, max_epochs=2, epoch_length=3, checkpoint_every=2)
+    crashed = _workflow(cache, tmp_path, **settings)
+    trainer = crashed.parser.get_parsed_content("train#trainer")
+
+    def crash(engine):
+        raise RuntimeError("simulated crash")
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(once=5), crash)
+    with pytest.raises(RuntimeError):  # MONAI wraps it: "Failed to evaluate ConfigExpression"
+        crashed.run()
+    client = MlflowClient(tracking_uri=crashed.parser.get_parsed_content("tracking_uri"))
+    (run,) = client.search_runs([client.get_experiment_by_name("drasclr_pretraining").experiment_id])
+    assert run.info.status == "RUNNING" and [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [
+        1, 2, 3, 4, 5]
+
+    resumed = _workflow(cache, tmp_path, resume=True, **settings)
+    resumed.run()
+    resumed.finalize()
+    assert "resumed from iteration 4" in capsys.readouterr().out
+    (run,) = client.search_runs([client.get_experiment_by_name("drasclr_pretraining").experiment_id])
+    assert run.info.status == "FINISHED"
+    for metric in ("loss", "acc_local", "lr"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, metric)] == [1, 2, 3, 4, 5, 6], metric
+    tags = run.data.tags
+    assert tags["resumed_at_iterations"] == "4" and tags["world_size"] == "1"
+    assert tags["bundle_version"] and tags["dataset_dir"] == str(cache.resolve())
+    assert len(tags.get("git_commit", "")) >= 40  # the tests run from a git checkout
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "prepared_cohort" and dataset.dataset.digest
+    artifacts = {f.path for folder in ("config", "figures", "model", "dataset")
+                 for f in client.list_artifacts(run.info.run_id, folder)}
+    assert artifacts == {"config/train.yaml", "figures/training_curves.png", "model/model.pt",
+                         "dataset/manifest.csv"}, artifacts
+    weights = client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp_path / "download"))
+    assert set(torch.load(weights, weights_only=True)) == set(torch.load(tmp_path / "model.pt", weights_only=True))
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint_iteration=*.pt"))
+    assert kept == ["checkpoint_iteration=4.pt", "checkpoint_iteration=6.pt"]  # 2 of the crashed run: rotated
+
+
 def test_two_process_gloo_training_through_torchrun(cache, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     command = [

@@ -156,3 +156,61 @@ def test_a_component_swapped_on_the_command_line_runs(tmp_path):
     covid = pd.read_csv(out / "covid_clinical.csv")
     assert covid["grade"].tolist() == [4, 4] and (covid["measured_grade"] == 4).all()  # the swapped generator ran
     assert pd.read_csv(out / "cohort.csv")["subject_id"].tolist() == ["SYN0000"]  # the COPD-like one as configured
+
+
+# ---- one architecture id: encoder_def (configs/network.yaml) in every workflow that builds the encoder
+ARCHITECTURE_USERS = {  # config -> the network id built from encoder_def
+    "network.yaml": "representation_def",
+    "train.yaml": "pretraining_def",
+    "embed.yaml": "representation_def",
+    "evaluate.yaml": "baselines",
+    "emphysema_finetune.yaml": "classifier_def",
+    "inference.yaml": "classifier_def",
+}
+
+
+def test_every_workflow_carries_the_same_encoder_def():
+    reference = _raw("network.yaml")["encoder_def"]
+    assert set(reference) == {"representation_dim", "projection_dim", "num_experts", "conditioning"}
+    for name in ARCHITECTURE_USERS:
+        assert _raw(name)["encoder_def"] == reference, f"{name}: encoder_def differs from network.yaml's"
+
+
+def _sizes(encoder) -> tuple:
+    return encoder.representation_dim, encoder.projection_dim, encoder.num_experts, encoder.conditioning
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURE_USERS))
+def test_an_encoder_def_override_changes_the_network_each_workflow_builds(name):
+    """--encoder_def#... on the command line reaches the encoder of every workflow (no sizes left in Python)."""
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / name))
+    parser.update({"encoder_def#representation_dim": 16, "encoder_def#projection_dim": 8,
+                   "encoder_def#num_experts": 2, "encoder_def#conditioning": "concatenation"})
+    built = parser.get_parsed_content(ARCHITECTURE_USERS[name])
+    if name == "evaluate.yaml":  # the random-init baseline's encoder
+        from custom.evaluation.baselines import random_init_network
+
+        built = random_init_network(0, built.architecture)
+    encoder = built.encoder_q if name == "train.yaml" else built.encoder
+    assert _sizes(encoder) == (16, 8, 2, "concatenation")
+    assert encoder.fc[-1].out_features == 8
+
+
+def test_weights_of_other_sizes_fail_naming_the_file_and_the_sizes(tmp_path):
+    """A pre-trained file of other sizes is refused by embed with the sizes to set, not a bare shape error."""
+    import torch
+
+    from custom.embed.cohort import load_network
+    from custom.model.network import DrasCLRNetwork
+
+    small = DrasCLRNetwork(representation_dim=16, projection_dim=8, num_experts=2)
+    torch.save(small.state_dict(), tmp_path / "small.pt")
+    with pytest.raises(ValueError, match=r"small\.pt.*representation_dim=128.*--encoder_def"):
+        load_network(tmp_path / "small.pt")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "embed.yaml"))
+    parser.update({"encoder_def#representation_dim": 16, "encoder_def#projection_dim": 8,
+                   "encoder_def#num_experts": 2})
+    loaded = load_network(tmp_path / "small.pt", network=parser.get_parsed_content("representation_def"))
+    assert loaded.encoder.representation_dim == 16

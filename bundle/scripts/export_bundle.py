@@ -1,10 +1,13 @@
 """Export the bundle as a self-contained folder (and zip) that runs without this repository.
 
-    python bundle/scripts/export_bundle.py --out_dir dist --zip true --include_pretrained true
+    python bundle/scripts/export_bundle.py --out_dir dist --zip true      # needs models/model.pt
+    PYTHONPATH=dist/drasclr_lung_ct python -m custom.zoo.verify --bundle_dir dist/drasclr_lung_ct --mode full
     PYTHONPATH=dist/drasclr_lung_ct python -m monai.bundle run inference \
-        --config_file dist/drasclr_lung_ct/configs/inference.yaml ...
+        --config_file dist/drasclr_lung_ct/configs/inference.yaml --input scan.nii.gz ...
 
-See ``custom/zoo/export.py`` for what is shipped and what stays behind.
+``models/model.pt`` is required (an error names it and the finetune workflow); ``--include_model false`` makes a
+development export without it. ``large_files.yml`` of the export lists exactly the weights shipped, with their
+sha256. See ``custom/zoo/export.py`` for what is shipped and what stays behind.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default=None, help="exported folder name (default: from metadata name)")
     for flag, default, text in [
         ("zip", False, "also write <name>_v<version>.zip"),
-        ("include_model", True, "ship models/model.pt (and model.ts) when present"),
+        ("include_model", True, "ship models/model.pt (required) and models/model.ts when there; false: a "
+                                "development export without weights, which the Model Zoo's checks refuse"),
         ("include_pretrained", False, "ship models/pretrained.pt (the pre-trained encoder)"),
         ("torchscript", False, "script models/model.pt into models/model.ts inside the export"),
         ("overwrite", False, "replace an existing export"),

@@ -17,9 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for ``custom``
 
+from fire.decorators import SetParseFn  # noqa: E402
+
 from custom.flags import fire_cli  # noqa: E402  (--resume false / --strict true mean what they say)
 
 
+@SetParseFn(str, "source", "cache_dir", "atlas_dir", "registration", "log_level")  # a folder named 2024 stays text
 def run(source: str, cache_dir: str, atlas_dir: str | None = None, registration: str = "fast",
         num_workers: int = 1, resume: bool = True, progress: bool = True, min_dice: float = 0.5,
         strict: bool = False, log_level: str = "INFO") -> dict:
@@ -36,6 +39,7 @@ def run(source: str, cache_dir: str, atlas_dir: str | None = None, registration:
     return counts
 
 
+@SetParseFn(str, "atlas_mask", "out_file")
 def landmarks(atlas_mask: str, out_file: str, patch_size: int = 32, step: int = 26,
               min_lung_fraction: float = 0.1) -> int:
     """Landmarks (patch corners, ``atlas_patch_loc.npy`` format) for your own atlas lung mask."""
@@ -45,6 +49,7 @@ def landmarks(atlas_mask: str, out_file: str, patch_size: int = 32, step: int = 
     return int(len(corners))
 
 
+@SetParseFn(str, "cache_dir", "subject_id", "out_file", "title")  # ids stay text: --subject_id 00 is '00', not 0
 def picture(cache_dir: str, subject_id: str, out_file: str, title: str | None = None) -> str:
     """PNG of a prepared subject: coronal + axial slice with lung mask and landmarks."""
     from custom.prepare.qc_figure import plot_cache_entry

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from custom.data.atlas import landmark_locations, landmark_neighbours
+from custom.errors import MissingInputError
 from custom.data.augmentation import contrastive_views, make_view, view_seed
 
 ORDERS = ("mixed", "landmark")
@@ -40,7 +41,8 @@ def prepared_patch_files(cache_dir: str | Path) -> List[Path]:
         files = sorted(cache_dir.glob("*/patches.npy"))
     files = [f for f in files if f.is_file()]
     if not files:
-        raise FileNotFoundError(f"{cache_dir}: no prepared subjects (run the prepare workflow first)")
+        raise MissingInputError(cache_dir, "prepared subjects", "prepare",
+                                "no manifest.csv row with status ok and a patches.npy", cache_dir=cache_dir)
     return files
 
 

@@ -23,19 +23,29 @@ from custom.data.intensity import hu_to_network
 from custom.model.network import DrasCLRNetwork, network_input
 from custom.model.weights import encoder_state, file_sha1, load_into
 from custom.data.patch_dataset import prepared_patch_files
+from custom.subject_table import embedding_table, write_embedding_table
 
 
 def load_network(model_path: str | Path, device: str | torch.device = "cpu",
-                 conditioning: str = "loc_condconv") -> DrasCLRNetwork:
+                 conditioning: str = "loc_condconv", network: DrasCLRNetwork | None = None) -> DrasCLRNetwork:
     """The representation network with the ``encoder.*`` weights of ``model_path``.
 
     Accepts ``models/pretrained.pt`` (a DrasCLRNetwork state dict) and ``models/model.pt`` (the fine-tuned
-    emphysema classifier, whose extra ``classifier.*`` weights are not needed for embeddings); ``conditioning``
-    builds an ablation variant's encoder (``custom.model.conditioning``).
+    emphysema classifier, whose extra ``classifier.*`` weights are not needed for embeddings). ``network`` is the
+    configs' ``representation_def`` (built from ``encoder_def``, so other sizes need no code change); without it,
+    the default sizes with ``conditioning`` (an ablation variant's encoder, ``custom.model.conditioning``).
     """
-    network = DrasCLRNetwork(conditioning=conditioning)
-    load_into(network, encoder_state(model_path), model_path, f"{conditioning!r} encoder")
+    network = network if network is not None else DrasCLRNetwork(conditioning=conditioning)
+    what = f"{network.encoder.conditioning!r} encoder ({encoder_sizes(network)}; set them with --encoder_def#...)"
+    load_into(network, encoder_state(model_path), model_path, what)
     return network.to(device).eval()
+
+
+def encoder_sizes(network: DrasCLRNetwork) -> str:
+    """The architecture of ``network``'s encoder in words, for errors and the embedding stamp."""
+    encoder = network.encoder
+    return (f"representation_dim={encoder.representation_dim}, projection_dim={encoder.projection_dim}, "
+            f"num_experts={encoder.num_experts}, conditioning={encoder.conditioning}")
 
 
 @torch.no_grad()
@@ -58,6 +68,7 @@ def embed_cohort(
     batch_size: int = 64,
     progress: bool = True,
     conditioning: str = "loc_condconv",
+    network: DrasCLRNetwork | None = None,
 ) -> pd.DataFrame:
     """Embed every prepared subject of ``cache_dir``; returns (and writes) the subject embedding table.
 
@@ -65,19 +76,20 @@ def embed_cohort(
     device (``cuda:LOCAL_RANK`` when there are GPUs) and rank 0 writes the table, in subject order. Resumable:
     when ``out_dir`` was written by the same weights (``embedding_weights.json``, written at the end of a run),
     subjects whose ``patch_embeddings/<id>.npy`` exists are read back instead of embedded again.
+    ``network``: the configs' ``representation_def`` (``load_network``).
     """
     several = subject_shards.init_subject_group()
     if device is None:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = f"cuda:{local % torch.cuda.device_count()}" if torch.cuda.is_available() else "cpu"
-    network = load_network(model_path, device, conditioning)
+    network = load_network(model_path, device, conditioning, network)
     locations = landmark_locations()
     out_dir = Path(out_dir)
     (out_dir / "patch_embeddings").mkdir(parents=True, exist_ok=True)
     files = prepared_patch_files(cache_dir)
     mine = subject_shards.shard(files)
     stamp = {"weights": str(Path(model_path).resolve()), "weights_sha1": file_sha1(model_path),
-             "conditioning": conditioning}
+             "architecture": encoder_sizes(network)}
     reusable = _read_stamp(out_dir) == stamp  # same weights: a subject embedded earlier is not embedded again
     subject_shards.barrier()
     if not reusable and subject_shards.is_main():
@@ -98,15 +110,13 @@ def embed_cohort(
                 np.save(tmp, patch_embeddings.astype(np.float32))
         rows.append([subject_id] + patch_embeddings.astype(np.float32).mean(0).tolist())
     rows = subject_shards.gather_in_order(zip(subject_shards.positions(len(rows)), rows))
-    dim = len(rows[0]) - 1
-    table = pd.DataFrame(rows, columns=["subject_id"] + [f"e{i}" for i in range(dim)])
+    table = embedding_table([row[0] for row in rows], [row[1:] for row in rows])
     if subject_shards.is_main():
-        with atomic_path(out_dir / "subject_embeddings.csv") as tmp:
-            table.to_csv(tmp, index=False)
+        write_embedding_table(table, out_dir)
         with atomic_path(out_dir / STAMP) as tmp:
             Path(tmp).write_text(json.dumps(stamp, indent=1))
     subject_shards.barrier()
-    return table
+    return table.reset_index()
 
 
 STAMP = "embedding_weights.json"

@@ -13,7 +13,9 @@ from pathlib import Path
 import pandas as pd
 
 from custom.embed.cohort import embed_cohort
+from custom.errors import producer_of, require
 from custom.model.official_checkpoint import import_to_network
+from custom.model.weights import require_weights
 
 
 def is_prepared_cache(path: str | Path) -> bool:
@@ -35,6 +37,7 @@ def embed(
     registration: str = "fast",
     min_dice: float | None = None,
     transforms=None,
+    network=None,
 ) -> pd.DataFrame:
     """Embed ``source`` (prepared cache, or anything the prepare workflow accepts) into ``out_dir``.
 
@@ -42,7 +45,9 @@ def embed(
     Raw inputs are prepared into ``cache_dir`` (default ``out_dir/prepared``) by the scan pipeline
     ``transforms`` (``configs/embed.yaml``'s ``scan_pipeline``, the components of ``configs/prepare.yaml``; by
     default the one built from ``atlas_dir``, ``registration``, ``min_dice``); subjects that fail preparation
-    are listed in its ``failures.csv`` and left out of the table, the others are embedded.
+    are listed in its ``failures.csv`` and left out of the table, the others are embedded. ``network``: the
+    representation network to load the weights into (``configs/embed.yaml``'s ``representation_def``, sized by
+    ``encoder_def``); default: the standard sizes.
     """
     out_dir = Path(out_dir)
     if official_checkpoint:
@@ -50,13 +55,11 @@ def embed(
         weights = import_to_network(official_checkpoint, out_dir / "imported_official_encoder.pt")
     if not weights:
         raise ValueError("embed needs `weights` (models/pretrained.pt or models/model.pt) or `official_checkpoint`")
-    if not Path(weights).is_file():
-        raise FileNotFoundError(f"model weights not found: {weights} (train first, or import official weights)")
+    require_weights(weights)  # before preparing anything
     if is_prepared_cache(source):
         cache = Path(source)
     else:
-        if not Path(source).exists():
-            raise FileNotFoundError(f"embed source not found: {source} (a prepared cache, a CT, a folder or a CSV)")
+        require(source, "embed source", producer_of(source), "a prepared cache, a CT, a folder or a CSV")
         from custom.prepare.workflow import DEFAULT_MIN_DICE, prepare_cohort
 
         cache = Path(cache_dir) if cache_dir else out_dir / "prepared"
@@ -65,4 +68,5 @@ def embed(
                                   min_dice=DEFAULT_MIN_DICE if min_dice is None else min_dice, transforms=transforms)
         if not (manifest["status"] == "ok").any():
             raise RuntimeError(f"no subject of {source} could be prepared; see {cache / 'failures.csv'}")
-    return embed_cohort(cache, weights, out_dir, device=device, batch_size=batch_size, progress=progress)
+    return embed_cohort(cache, weights, out_dir, device=device, batch_size=batch_size, progress=progress,
+                        network=network)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from custom.emphysema.network import EMPHYSEMA_CLASSES
+from custom.errors import MissingInputError, producer_of
 
 REQUIRED_COLUMNS = ("subject_id", "label", "centre_x_mm", "centre_y_mm", "centre_z_mm")
 CENTRE_MM = ("centre_x_mm", "centre_y_mm", "centre_z_mm")
@@ -52,7 +53,7 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
     """The annotation table with checked columns, labels (lower-cased) and finite numeric centres."""
     path = Path(path)
     if not path.is_file():
-        raise AnnotationError(f"{path}: annotation table not found")
+        raise MissingInputError(path, "annotation table", producer_of(path, "your own box CSV (docs/emphysema_finetune.md)"))
     try:
         table = pd.read_csv(path, dtype={"subject_id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -97,7 +98,7 @@ def prepared_subjects(prepared_dir: str | Path) -> dict:
     prepared_dir = Path(prepared_dir)
     manifest = prepared_dir / "manifest.csv"
     if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest}: no manifest; run the prepare workflow first")
+        raise MissingInputError(manifest, "prepared cache manifest", "prepare", cache_dir=prepared_dir)
     table = pd.read_csv(manifest, dtype={"subject_id": str, "path": str}, keep_default_na=False)
     table = table[table["status"] == "ok"] if "status" in table.columns else table
     folders = table["path"] if "path" in table.columns else table["subject_id"]

@@ -3,8 +3,9 @@ detection on annotated boxes (paper §4.3.1, Table 5), the label-efficiency curv
 sensitivity to the routing location (§4.4, Table 7).
 
 It runs its components in order: the cross-validation (``custom.emphysema.cross_validation``: fold splitter,
-experiments, linear-readout and fine-tuning runners, the detection rule of ``custom.emphysema.detection_rule``)
-and then every writer (``custom.emphysema.detection_writers``) into ``output_dir``.
+experiments, one binary detector per subtype trained by the linear-readout, fine-tuning and Patch-LAA
+(``custom.emphysema.patch_laa``) runners, the detection rule of ``custom.emphysema.detection_rule``) and then
+every writer (``custom.emphysema.detection_writers``) into ``output_dir``.
 """
 
 from __future__ import annotations

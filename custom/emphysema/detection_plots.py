@@ -1,4 +1,5 @@
-"""Paper Fig. 5 of the detection run: F1 against the share of annotations used for training."""
+"""Paper Fig. 5 of the detection run: F1 of each subtype's binary detector against the share of that subtype's
+annotations used for training."""
 
 from __future__ import annotations
 
@@ -31,8 +32,11 @@ def plot_label_efficiency(efficiency: pd.DataFrame, path: str | Path, note: str 
             mean, sd = float(scratch["f1_mean"].iloc[0]), float(np.nan_to_num(scratch["f1_sd"].iloc[0]))
             ax.axhline(mean, color="tab:red", linestyle="--", label="from scratch, 100 % of annotations")
             ax.axhspan(mean - sd, mean + sd, color="tab:red", alpha=0.12)
-        ax.set_title(f"{subtype} emphysema")
-        ax.set_xlabel("annotations used for training (%)")
+        if not np.isfinite(rows["f1_mean"].to_numpy(dtype=float)).any():
+            ax.text(0.5, 0.5, "no fold could score this subtype\n(see fold_metrics.csv)", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
+        ax.set_title(f"{subtype} emphysema (vs healthy)")
+        ax.set_xlabel(f"{subtype} annotations used for training (%)")
         ax.set_ylabel("F1 (mean ± s.d. over folds)")
         ax.set_xlim(0, 105)
         ax.set_ylim(-0.05, 1.05)

@@ -1,15 +1,19 @@
 """The emphysema detection rule on annotated boxes (paper §4.3.1).
 
 A box is detected positive for a subtype when at least 25 % of its voxels have p(subtype) > 0.5, where p at a
-voxel is the classifier's probability for the 32^3 patch centred at that voxel. The exact rule needs one forward
-pass per box voxel (32^3 = 32768); ``stride`` evaluates the voxels of a regular sub-grid of the box instead (per
-axis the voxels ``-16 + stride // 2, ... + stride, ...`` around the centre; stride 1 = every voxel = exact; 8 = 64
-voxels, the default; 16 = 8; 32 = the centre only). The share above 0.5 on the sub-grid estimates the share over
-the box.
+voxel is the classifier's probability for the 32^3 patch centred at that voxel. The paper's detector of a subtype
+is a binary classifier (healthy vs that subtype: ``EmphysemaNetwork(num_classes=2)``, output 1 = the subtype),
+so p(subtype) is its output-1 probability (``box_predictions(..., subtype=...)``); a 3-class softmax (healthy /
+centrilobular / paraseptal, ``subtype=None``) is a different rule, as the subtypes compete for the probability.
+
+The exact rule needs one forward pass per box voxel (32^3 = 32768); ``stride`` evaluates the voxels of a regular
+sub-grid of the box instead (per axis the voxels ``-16 + stride // 2, ... + stride, ...`` around the centre;
+stride 1 = every voxel = exact; 8 = 64 voxels, the default; 16 = 8; 32 = the centre only). The share above 0.5 on
+the sub-grid estimates the share over the box.
 
 Scores per subtype compare that subtype's boxes (positives) with the healthy boxes (negatives); metrics a set of
-boxes cannot define (no positive box, or no positive call) are NaN. ``DetectionRule`` is the config component
-(``emphysema_finetune.yaml``: ``detection_rule``).
+boxes cannot define (no positive box, or no positive call) are NaN (``detection_scores``). ``DetectionRule`` is the
+config component (``emphysema_finetune.yaml``: ``detection_rule``).
 """
 
 from __future__ import annotations
@@ -72,28 +76,44 @@ def positive_shares(probabilities: np.ndarray, threshold: float = VOXEL_THRESHOL
     return (np.asarray(probabilities) > threshold).mean(axis=1)
 
 
+def detector_classes(subtype: str | None = None) -> tuple:
+    """Output classes of a detector: ``("healthy", subtype)`` for the binary detector of ``subtype``, the 3
+    ``EMPHYSEMA_CLASSES`` for ``None`` (the 3-class softmax)."""
+    if subtype is None:
+        return EMPHYSEMA_CLASSES
+    if subtype not in SUBTYPES:
+        raise ValueError(f"subtype must be one of {SUBTYPES}, got {subtype!r}")
+    return ("healthy", subtype)
+
+
 def box_predictions(network: torch.nn.Module, patches: LabelledPatches, indices=None,
                     stride: int = DEFAULT_STRIDE, batch_size: int = 64, fraction: float = BOX_FRACTION,
-                    threshold: float = VOXEL_THRESHOLD) -> pd.DataFrame:
-    """One row per box: ``box`` (index in ``patches``), ``subject_id``, ``label``, ``share_<class>`` (share of
-    evaluated voxels with p > ``threshold``) and ``detected_<subtype>`` (share >= ``fraction``)."""
+                    threshold: float = VOXEL_THRESHOLD, subtype: str | None = None) -> pd.DataFrame:
+    """One row per box: ``box`` (index in ``patches``), ``subject_id``, ``label`` (its class in ``patches``),
+    ``share_<class>`` (share of evaluated voxels with p(class) > ``threshold``) and ``detected_<subtype>`` (share
+    >= ``fraction``). ``subtype`` given: ``network`` is that subtype's binary detector (2 outputs: healthy,
+    subtype) and the frame has its ``share_healthy``, ``share_<subtype>``, ``detected_<subtype>``; ``None``: a
+    3-class network and every subtype's columns."""
+    classes = detector_classes(subtype)
     indices = np.arange(len(patches)) if indices is None else np.asarray(indices, dtype=np.int64)
-    shares = positive_shares(box_probabilities(network, patches, indices, stride, batch_size), threshold)
+    probabilities = box_probabilities(network, patches, indices, stride, batch_size)
+    if len(probabilities) and probabilities.shape[-1] != len(classes):
+        raise ValueError(f"the detector has {probabilities.shape[-1]} outputs, the rule for "
+                         f"{subtype or 'the 3-class softmax'} expects {len(classes)} ({', '.join(classes)})")
+    shares = positive_shares(probabilities, threshold)
     frame = pd.DataFrame({"box": indices, "subject_id": patches.subject_ids[indices],
                           "label": [EMPHYSEMA_CLASSES[k] for k in patches.labels[indices]]})
-    for k, name in enumerate(EMPHYSEMA_CLASSES):
+    for k, name in enumerate(classes):
         frame[f"share_{name}"] = shares[:, k] if len(shares) else []
-    for subtype in SUBTYPES:
-        frame[f"detected_{subtype}"] = frame[f"share_{subtype}"] >= fraction
+    for name in classes[1:]:
+        frame[f"detected_{name}"] = frame[f"share_{name}"] >= fraction
     return frame
 
 
-def subtype_scores(predictions: pd.DataFrame, subtype: str) -> dict:
-    """F1, precision, recall and accuracy of the ``subtype`` boxes against the healthy boxes (NaN where
-    undefined)."""
-    rows = predictions[predictions["label"].isin([subtype, "healthy"])]
-    truth = (rows["label"] == subtype).to_numpy()
-    called = rows[f"detected_{subtype}"].to_numpy(dtype=bool)
+def detection_scores(truth, called) -> dict:
+    """F1, precision, recall and accuracy of box calls ``called`` against ``truth`` (both boolean; True = the
+    subtype); NaN where a set of boxes cannot define them (no positive box; no positive call for precision)."""
+    truth, called = np.asarray(truth, dtype=bool), np.asarray(called, dtype=bool)
     scores = {"n_positive": int(truth.sum()), "n_healthy": int((~truth).sum())}
     scores["accuracy"] = float((truth == called).mean()) if len(truth) else np.nan
     if not truth.any():
@@ -102,6 +122,13 @@ def subtype_scores(predictions: pd.DataFrame, subtype: str) -> dict:
     scores["recall"] = float(recall_score(truth, called, zero_division=np.nan))
     scores["f1"] = float(f1_score(truth, called, zero_division=np.nan))
     return scores
+
+
+def subtype_scores(predictions: pd.DataFrame, subtype: str) -> dict:
+    """F1, precision, recall and accuracy of the ``subtype`` boxes against the healthy boxes (NaN where
+    undefined)."""
+    rows = predictions[predictions["label"].isin([subtype, "healthy"])]
+    return detection_scores((rows["label"] == subtype).to_numpy(), rows[f"detected_{subtype}"].to_numpy(dtype=bool))
 
 
 class DetectionRule:
@@ -114,10 +141,12 @@ class DetectionRule:
         self.batch_size = int(batch_size)
         self.voxels_per_box = len(box_offsets(self.stride))
 
-    def predict(self, network: torch.nn.Module, patches: LabelledPatches, indices=None) -> pd.DataFrame:
-        """``box_predictions`` of the boxes ``indices`` (all by default)."""
+    def predict(self, network: torch.nn.Module, patches: LabelledPatches, indices=None,
+                subtype: str | None = None) -> pd.DataFrame:
+        """``box_predictions`` of the boxes ``indices`` (all by default): ``subtype``'s binary detector, or the
+        3-class softmax (``None``)."""
         return box_predictions(network, patches, indices, self.stride, self.batch_size, self.fraction,
-                               self.threshold)
+                               self.threshold, subtype)
 
     def describe(self) -> str:
         return (f"rule: positive when >= {self.fraction:.0%} of the box voxels have p > {self.threshold:g} "

@@ -40,12 +40,12 @@ from custom.model.network import DrasCLRNetwork
 
 
 def emphysema_network(pretrained_path: str | Path | None = None, freeze_encoder: bool = False, seed: int = 0,
-                      mode: str = "grouped") -> EmphysemaNetwork:
+                      mode: str = "grouped", num_classes: int = len(EMPHYSEMA_CLASSES)) -> EmphysemaNetwork:
     """A classifier whose random initialisation depends only on ``seed``; encoder from ``pretrained_path`` if
-    given (else "from scratch")."""
+    given (else "from scratch"). ``num_classes`` 2 is a binary detector (healthy vs one subtype)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        network = EmphysemaNetwork(num_classes=len(EMPHYSEMA_CLASSES), freeze_encoder=freeze_encoder, mode=mode)
+        network = EmphysemaNetwork(num_classes=int(num_classes), freeze_encoder=freeze_encoder, mode=mode)
     if pretrained_path:
         load_pretrained_encoder(network, pretrained_path)
     return network
@@ -201,8 +201,9 @@ class RecalibrateBatchNorm:
         if getattr(model, "freeze_encoder", False):
             return
         device = next(model.parameters()).device
-        batches = (torch.stack([self.patches.inputs(int(i)) for i in self.indices[s : s + self.batch_size]])
-                   for s in range(0, len(self.indices), self.batch_size))
+        # near-equal chunks of at most batch_size: a trailing batch of one box would fail in train-mode BatchNorm
+        chunks = np.array_split(self.indices, max(1, math.ceil(len(self.indices) / self.batch_size)))
+        batches = (torch.stack([self.patches.inputs(int(i)) for i in chunk]) for chunk in chunks)
         with torch.no_grad():
             torch.optim.swa_utils.update_bn(batches, model, device=device)
         model.eval()
@@ -239,16 +240,18 @@ def finetune(patches: LabelledPatches, indices=None, pretrained_path: str | Path
              freeze_encoder: bool = True, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4,
              batch_size: int = 8, seed: int = 0, augment: bool = False, balance_classes: bool = True,
              device: str | torch.device = "cpu", progress: bool = False, model_path: str | Path | None = None,
-             handlers: list | None = None) -> FinetuneResult:
+             handlers: list | None = None, num_classes: int = len(EMPHYSEMA_CLASSES)) -> FinetuneResult:
     """Train a classifier on the boxes ``indices`` of ``patches`` (all by default); Adam on the trainable
-    parameters, class-weighted cross-entropy. Writes ``model_path`` when given."""
+    parameters, class-weighted cross-entropy. Writes ``model_path`` when given. ``num_classes`` outputs, the
+    labels of ``patches`` being class indices below it (2: a binary detector on relabelled boxes)."""
     start = time.perf_counter()
     set_determinism(seed=seed)
     device = torch.device(device)
     indices = np.arange(len(patches)) if indices is None else np.asarray(indices, dtype=np.int64)
-    network = emphysema_network(pretrained_path, freeze_encoder=freeze_encoder, seed=seed).to(device)
+    network = emphysema_network(pretrained_path, freeze_encoder=freeze_encoder, seed=seed,
+                                num_classes=num_classes).to(device)
     loader, module = training_setup(patches, network, indices, batch_size=batch_size, augment=augment, seed=seed)
-    weights = class_weights(patches.labels[indices], balance=balance_classes).to(device)
+    weights = class_weights(patches.labels[indices], num_classes, balance=balance_classes).to(device)
     optimizer = torch.optim.Adam(trainable_parameters(module), lr=lr, weight_decay=weight_decay)
     epoch_loss = EpochLoss()
     train_handlers = [epoch_loss, *(handlers or [])]

@@ -117,11 +117,36 @@ def _first(value):
     return value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value
 
 
+REPORT_FILE, FAILURES_FILE = "emphysema_report.csv", "failures.csv"
+FAILURE_COLUMNS = ["subject_id", "source", ERROR_KEY, "error_type"]
+
+
+def _read_rows(path: Path) -> pd.DataFrame:
+    """An earlier run's table in ``output_dir`` (ids as text), or an empty one."""
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path, dtype={"subject_id": str}, keep_default_na=False)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError) as error:
+        logger.warning("earlier table %s not readable (%s): it is replaced by this run's rows", path, error)
+        return pd.DataFrame()
+
+
+def _without(table: pd.DataFrame | None, subject_ids: set) -> pd.DataFrame:
+    """``table`` less the rows of ``subject_ids``."""
+    if table is None or table.empty or "subject_id" not in table.columns:
+        return pd.DataFrame()
+    return table[~table["subject_id"].astype(str).isin(subject_ids)]
+
+
 class CohortReport:
     """Ignite handler: after every scan, append its report (or its failure) and rewrite
     ``<output_dir>/emphysema_report.csv`` and ``failures.csv``, so a stopped run keeps what it finished.
     Under torchrun each rank keeps its rows (each scan's own outputs are on disk as soon as it is mapped) and
-    rank 0 writes the merged tables at completion, in input order."""
+    rank 0 writes the merged tables at completion, in input order.
+
+    Rows that earlier runs wrote into the same ``output_dir`` are kept (read when the run starts): a subject this
+    run maps or fails replaces its earlier row in both tables, the others stay, before this run's rows."""
 
     def __init__(self, output_dir: str, inferer=None, report_key: str = "report", stamp: dict | None = None):
         self.output_dir = Path(output_dir)
@@ -143,6 +168,7 @@ class CohortReport:
     def _reset(self, engine) -> None:
         self.reports, self.failures = [], []
         self._position = 0
+        self._earlier = {name: _read_rows(self.output_dir / name) for name in (REPORT_FILE, FAILURES_FILE)}
 
     def _next_position(self) -> int:
         """Input position of this rank's next scan (``subject_shards.shard``'s rule; batch size 1)."""
@@ -192,11 +218,14 @@ class CohortReport:
         reports = [row for _, row in sorted(reports, key=lambda pair: pair[0])]
         failures = [row for _, row in sorted(failures, key=lambda pair: pair[0])]
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if reports:
-            write_cohort_csv(reports, self.output_dir / "emphysema_report.csv")
-        with atomic_path(self.output_dir / "failures.csv") as tmp:
-            pd.DataFrame(failures, columns=["subject_id", "source", ERROR_KEY, "error_type"]).to_csv(
-                tmp, index=False)
+        earlier = getattr(self, "_earlier", {})
+        done_now = {str(row.get("subject_id")) for row in reports + failures}
+        kept = {name: _without(earlier.get(name), done_now) for name in (REPORT_FILE, FAILURES_FILE)}
+        if reports or len(kept[REPORT_FILE]):
+            write_cohort_csv(reports, self.output_dir / REPORT_FILE, earlier=kept[REPORT_FILE])
+        table = pd.concat([kept[FAILURES_FILE], pd.DataFrame(failures, columns=FAILURE_COLUMNS)], ignore_index=True)
+        with atomic_path(self.output_dir / FAILURES_FILE) as tmp:
+            table.reindex(columns=FAILURE_COLUMNS).to_csv(tmp, index=False)
 
     def _summary(self, engine) -> None:
         reports, failures = self.reports, self.failures

@@ -6,7 +6,8 @@ The state dict holds ``encoder.*`` (the same keys as ``models/pretrained.pt`` fr
 weights load with ``load_pretrained_encoder``) and ``classifier.*``.
 
 ``freeze_encoder=True`` is the paper's linear readout: the encoder is a fixed feature extractor (eval mode,
-no gradients); ``False`` is full fine-tuning.
+no gradients); ``False`` is full fine-tuning. The configs build it as ``classifier_def`` from the architecture
+id ``encoder_def`` (``configs/network.yaml``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ class EmphysemaNetwork(DrasCLRNetwork):
         num_experts: int = 8,
         freeze_encoder: bool = False,
         mode: str = "grouped",
+        conditioning: str = "loc_condconv",
     ):
-        super().__init__(representation_dim, projection_dim, num_experts, output="representation", mode=mode)
+        super().__init__(representation_dim, projection_dim, num_experts, output="representation", mode=mode,
+                         conditioning=conditioning)
         self.classifier = nn.Linear(representation_dim, num_classes)
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:

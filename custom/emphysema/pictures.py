@@ -40,12 +40,20 @@ def _legend():
                                                       zip(SUBTYPE_REDS, EMPHYSEMA_CLASSES[1:])]
 
 
+def _titles(fig, title: str, warning: str | None) -> None:
+    """The title, and under a warning (e.g. a model trained on synthetic data) a red banner across the top."""
+    if warning:
+        fig.suptitle(f"{title}\n{warning.upper()}", fontsize=10, color="#c00000", fontweight="bold")
+    else:
+        fig.suptitle(title, fontsize=10)
+
+
 def _save(fig, path: Path) -> Path:
     return save_figure(fig, path, dpi=110, tight=True)
 
 
 def coronal_slices(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "",
-                   num_slices: int = 4, alpha: float = 0.45) -> Path:
+                   num_slices: int = 4, alpha: float = 0.45, warning: str | None = None) -> Path:
     """Coronal slices (fixed y) of a (x, y, z) LAS-grid scan; patient right on the viewer's left, head up."""
     lung = np.asarray(lung, dtype=bool)
     ys = np.nonzero(lung.any(axis=(0, 2)))[0]
@@ -58,11 +66,12 @@ def coronal_slices(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray, path: s
         ax.set_title(f"coronal y={y}", fontsize=9)
         ax.axis("off")
     fig.legend(handles=_legend(), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
+    _titles(fig, title, warning)
     return _save(fig, Path(path))
 
 
-def coronal_projection(lung: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "") -> Path:
+def coronal_projection(lung: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "",
+                       warning: str | None = None) -> Path:
     """Coronal projection: lung depth in blue, per subtype the share of that depth that is emphysema in red."""
     lung = np.asarray(lung, dtype=bool)
     depth = lung.sum(axis=1).astype(np.float64)
@@ -76,5 +85,5 @@ def coronal_projection(lung: np.ndarray, labels: np.ndarray, path: str | Path, t
         ax.set_title(f"{EMPHYSEMA_CLASSES[code]}: {100.0 * (labels == code)[lung].mean():.2f} % of lung", fontsize=9)
         ax.axis("off")
     fig.legend(handles=_legend(), loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=10)
+    _titles(fig, title, warning)
     return _save(fig, Path(path))

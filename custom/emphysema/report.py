@@ -108,9 +108,12 @@ def report_row(report: dict) -> dict:
     return row
 
 
-def write_cohort_csv(reports: list, path: str | Path) -> Path:
-    """The cohort table, one row per subject report."""
+def write_cohort_csv(reports: list, path: str | Path, earlier: pd.DataFrame | None = None) -> Path:
+    """The cohort table, one row per subject report, after the rows of ``earlier`` (kept from earlier runs)."""
     path = Path(path)
+    table = pd.DataFrame([report_row(r) for r in reports])
+    if earlier is not None and len(earlier):
+        table = pd.concat([earlier, table], ignore_index=True)
     with atomic_path(path) as tmp:
-        pd.DataFrame([report_row(r) for r in reports]).to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False)
     return path

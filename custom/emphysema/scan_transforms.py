@@ -84,12 +84,18 @@ def prepared_arrays(image: torch.Tensor, pred: torch.Tensor, threshold: float) -
 
 class EmphysemaReportd(MapTransform):
     """Per-region emphysema report of ``keys`` (prepared-grid probabilities) into ``report_key`` (a dict);
-    written as ``<output_dir>/<subject_id>/report.json`` and pictures beside it when ``output_dir`` is set."""
+    written as ``<output_dir>/<subject_id>/report.json`` and pictures beside it when ``output_dir`` is set.
+
+    With ``model_path``, the report says which weights made the map and what they were trained on (their model
+    card, ``custom.emphysema.model_card``), and a model trained on SYNTHETIC data that maps a scan which is not
+    synthetic puts its warning in the report, the CSV row and the picture titles."""
 
     def __init__(self, keys: KeysCollection = "pred", image_key: str = "image", threshold: float = 0.5,
                  output_dir: str | None = None, pictures: bool = True, report_key: str = "report",
-                 allow_missing_keys=False):
+                 model_path: str | None = None, allow_missing_keys=False):
         super().__init__(keys, allow_missing_keys)
+        self.model_path = model_path
+        self._provenance: dict | None = None
         self.image_key = image_key
         self.threshold = float(threshold)
         self.output_dir = output_dir
@@ -107,8 +113,10 @@ class EmphysemaReportd(MapTransform):
             arrays = prepared_arrays(image, d[key], self.threshold)
             voxel_ml = float(np.prod(np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0))) / 1000.0
             info = {"subject_id": subject, "source": str(meta.get("filename_or_obj", "")),
-                    "threshold": self.threshold, "registration_dice": meta.get("registration_dice")}
+                    "threshold": self.threshold, "registration_dice": meta.get("registration_dice"),
+                    "qc_status": meta.get("qc_status"), "qc_reasons": meta.get("qc_reasons")}
             info = {k: (v.item() if hasattr(v, "item") else v) for k, v in info.items()}
+            info.update(self._model_info(info["source"]))
             d[self.report_key] = report.emphysema_report(arrays["hu"], arrays["lung"], arrays["labels"],
                                                          arrays["atlas_x"], voxel_ml=voxel_ml, **info)
             if self.output_dir:
@@ -116,11 +124,26 @@ class EmphysemaReportd(MapTransform):
                 report.write_report_json(d[self.report_key], folder / "report.json")
                 if self.pictures:
                     title = f"{subject}: emphysema (threshold {self.threshold:g})"
+                    if info.get("model_trained_on"):
+                        title += f"; model trained on {info['model_trained_on']}"
+                    warning = info.get("warning")
                     pictures.coronal_slices(arrays["hu"], arrays["lung"], arrays["labels"],
-                                            folder / "emphysema_coronal.png", title)
+                                            folder / "emphysema_coronal.png", title, warning=warning)
                     pictures.coronal_projection(arrays["lung"], arrays["labels"], folder / "emphysema_projection.png",
-                                                title)
+                                                title, warning=warning)
         return d
+
+    def _model_info(self, source: str) -> dict:
+        """The report fields that say which model made the map (read once: the SHA-1 of the weights)."""
+        if not self.model_path:
+            return {}
+        from custom.emphysema.model_card import map_warning, model_provenance
+
+        if self._provenance is None:
+            self._provenance = model_provenance(self.model_path)
+        return {"model_file": self._provenance["file"], "model_sha1": self._provenance["sha1"],
+                "model_trained_on": self._provenance["trained_on"],
+                "warning": map_warning(self._provenance, source)}
 
 
 class ResampleToInputd(MapTransform):

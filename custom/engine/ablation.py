@@ -14,7 +14,7 @@ Table 6 trains every conditioning with the local loss only (§4.4.1), so its Loc
 whole volumes; ``plain_moco`` is its patch version: no location, one global queue, no neighbour loss.
 This module holds the registry, trains a variant through the bundle's training config (train.yaml +
 ablation.yaml) and embeds a cohort with a variant's weights through ``custom.embed.cohort.embed_cohort``
-(its ``conditioning`` argument builds the variant's encoder).
+(with the representation network of the variant's ``encoder_def``, as it was trained).
 
 Like for like: a variant run merges the same train.yaml (+ paper.yaml) and the same overrides as the DrasCLR run
 it is compared with, and ablation.yaml only sets the variant's switches (``VARIANT_IDS``), so the budget
@@ -34,6 +34,7 @@ from pathlib import Path
 import custom
 from custom.atomic_io import atomic_path
 from custom.embed.cohort import embed_cohort
+from custom.model.network import DrasCLRNetwork
 from custom.flags import as_bool
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def ablation_config_files(paper: bool = False, variant: bool = True) -> list[str
 
 # What ablation.yaml may set differently from the DrasCLR run: the variant's switches, where its outputs go and
 # how it is recorded. Anything else of train.yaml (+ paper.yaml) is inherited (checked by inherited_differences).
-VARIANT_IDS = ("num_neighbours", "network_def#conditioning", "network_def#global_queue", "output_dir", "model_path",
+VARIANT_IDS = ("num_neighbours", "encoder_def#conditioning", "pretraining_def#global_queue", "output_dir", "model_path",
                "experiment_name", "run_name", "hyper_parameters")
 # Settings that say how a run executes, not what it trains: a finished variant is reused whatever they were.
 RUN_KEYS = ("resume", "num_workers", "checkpoint_every", "mlflow", "tracking_uri", "output_dir", "ckpt_dir",
@@ -162,9 +163,9 @@ def planned_budget(variant) -> dict:
     epochs, length = variant.get_parsed_content("max_epochs"), variant.get_parsed_content("epoch_length")
     return {"iterations": epochs * length if length else None, "batch_size": variant.get_parsed_content("batch_size"),
             "max_epochs": epochs, "epoch_length": length, "order": variant.get_parsed_content("order"),
-            "queue_size": variant.get_parsed_content("network_def#queue_size"),
-            "num_queues": 1 if as_bool(variant.get_parsed_content("network_def#global_queue"))
-            else variant.get_parsed_content("network_def#num_landmarks")}
+            "queue_size": variant.get_parsed_content("pretraining_def#queue_size"),
+            "num_queues": 1 if as_bool(variant.get_parsed_content("pretraining_def#global_queue"))
+            else variant.get_parsed_content("pretraining_def#num_landmarks")}
 
 
 def check_inherited(drasclr, variant, name: str) -> None:
@@ -231,8 +232,9 @@ def pretrain_variant(name: str, dataset_dir: str | Path, out_dir: str | Path, pa
     workflow.run()
     budget = planned_budget(workflow.parser)
     budget["iterations"] = int(workflow.parser.get_parsed_content("train#trainer").state.iteration)
+    architecture = dict(workflow.parser.get_parsed_content("encoder_def"))
     workflow.finalize()
-    return Path(settings["model_path"]), {"budget": budget, "settings": inherited}
+    return Path(settings["model_path"]), {"budget": budget, "settings": inherited, "architecture": architecture}
 
 
 def _cpu_seconds() -> float:
@@ -267,7 +269,7 @@ def run_variant(name: str, dataset_dir: str | Path, out_root: str | Path, seed: 
     record["train_seconds"] = round(time.perf_counter() - start, 1)
     record["train_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
     start, cpu = time.perf_counter(), _cpu_seconds()
-    embed_cohort(dataset_dir, weights, out_dir, conditioning=variant.conditioning, progress=progress)
+    embed_cohort(dataset_dir, weights, out_dir, network=DrasCLRNetwork(**record["architecture"]), progress=progress)
     record["embed_seconds"] = round(time.perf_counter() - start, 1)
     record["embed_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
     with atomic_path(out_dir / "variant.json") as tmp:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from custom.atomic_io import atomic_path
+from custom.errors import MissingInputError
 from custom.flags import as_bool
 
 
@@ -33,13 +34,17 @@ class RNGState:
         torch.set_rng_state(state["torch"])
 
 
+def _iteration_of(path: Path) -> int:
+    return int(re.search(r"iteration=(\d+)", path.name).group(1))
+
+
 def latest_checkpoint(checkpoint_dir: str | Path) -> Optional[str]:
     """Path of the most advanced ``checkpoint_iteration=N.pt`` in ``checkpoint_dir``, or None when there is none."""
     checkpoint_dir = Path(checkpoint_dir)
     files = list(checkpoint_dir.glob("checkpoint_iteration=*.pt")) if checkpoint_dir.is_dir() else []
     if not files:
         return None
-    return str(max(files, key=lambda p: int(re.search(r"iteration=(\d+)", p.name).group(1))))
+    return str(max(files, key=_iteration_of))
 
 
 def resume_path(checkpoint_dir: str | Path, resume: bool) -> Optional[str]:
@@ -48,7 +53,8 @@ def resume_path(checkpoint_dir: str | Path, resume: bool) -> Optional[str]:
         return None
     path = latest_checkpoint(checkpoint_dir)
     if path is None:
-        raise FileNotFoundError(f"resume requested but {checkpoint_dir} holds no checkpoint")
+        raise MissingInputError(checkpoint_dir, "checkpoint to resume from", "training",
+                                "resume requested but the folder holds no checkpoint")
     return path
 
 
@@ -99,8 +105,19 @@ class TrainingCheckpoint:
             filename_pattern="{filename_prefix}_iteration={global_step}.{ext}",
         )
         engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.prune)
         if self.every_n_iterations:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), checkpoint)
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self.prune)
+
+    def prune(self, engine=None) -> None:
+        """Keep the newest ``n_saved`` checkpoints of the folder, also those an earlier (killed) process wrote,
+        which ignite's Checkpoint does not know about (rank 0 only)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+            return
+        files = sorted(self.save_dir.glob("checkpoint_iteration=*.pt"), key=_iteration_of)
+        for old in files[: max(0, len(files) - int(self.n_saved))]:
+            old.unlink(missing_ok=True)
 
 
 class ResumeFromCheckpoint:

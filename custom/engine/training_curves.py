@@ -20,18 +20,20 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def plot_training_curves(tracking_uri: str, out_file: str | Path, experiment_name: str = "drasclr_pretraining",
-                         title: str = "DrasCLR pre-training") -> Path:
-    """Plot the latest run's loss terms and top-1 accuracies per iteration (raw and moving average)."""
+                         title: str = "DrasCLR pre-training", run_id: str | None = None) -> Path:
+    """Plot a run's loss terms and top-1 accuracies per iteration (raw and moving average): ``run_id``, or the
+    latest run of ``experiment_name``."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise ValueError(f"no MLflow experiment {experiment_name!r} at {tracking_uri}")
-    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
-    if not runs:
-        raise ValueError(f"experiment {experiment_name!r} has no runs")
-    run_id = runs[0].info.run_id
+    if run_id is None:
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            raise ValueError(f"no MLflow experiment {experiment_name!r} at {tracking_uri}")
+        runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+        if not runs:
+            raise ValueError(f"experiment {experiment_name!r} has no runs")
+        run_id = runs[0].info.run_id
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, names, label in ((axes[0], ("loss", "loss_local", "loss_neighbour"), "loss"),
                              (axes[1], ("acc_local", "acc_neighbour"), "contrastive top-1 accuracy")):

@@ -33,7 +33,7 @@ from custom.data.atlas import atlas_mask_path, landmark_corners, landmark_locati
 from custom.data.intensity import hu_to_network
 from custom.data.patch_dataset import prepared_patch_files
 from custom.embed.cohort import embed_patches
-from custom.evaluation.feature_sets import EMBEDDING_FILE, load_embedding_table
+from custom.subject_table import EMBEDDING_FILE, embedding_table, read_embedding_table, write_embedding_table
 from custom.evaluation.notes import Notes
 from custom.flags import as_bool
 from custom.model.network import DrasCLRNetwork, network_input
@@ -94,12 +94,13 @@ def _stamp(path: Path) -> str:
     return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
-def random_init_network(seed: int) -> DrasCLRNetwork:
-    """An untrained DrasCLRNetwork with PyTorch's default initialisation under ``torch.manual_seed(seed)``."""
+def random_init_network(seed: int, architecture: dict | None = None) -> DrasCLRNetwork:
+    """An untrained DrasCLRNetwork (sizes: the configs' ``encoder_def``, default the standard ones) with its
+    default initialisation under ``torch.manual_seed(seed)``."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        return DrasCLRNetwork().eval()
+        return DrasCLRNetwork(**(architecture or {})).eval()
     finally:
         torch.random.set_rng_state(state)
 
@@ -126,7 +127,8 @@ def landmark_major_means(
 
 
 def random_init_embeddings(
-    cache_dir: str | Path, out_dir: str | Path, seed: int = 0, batch_size: int = 64, atlas_dir=None
+    cache_dir: str | Path, out_dir: str | Path, seed: int = 0, batch_size: int = 64, atlas_dir=None,
+    architecture: dict | None = None,
 ) -> pd.DataFrame:
     """Subject embeddings (mean over landmarks) of a seeded random-init encoder, cached in ``out_dir``."""
     out_dir = Path(out_dir)
@@ -134,8 +136,8 @@ def random_init_embeddings(
     cached, stamps = pd.DataFrame(), {}
     if table_path.is_file() and stamp_path.is_file():
         saved = json.loads(stamp_path.read_text())
-        if saved.get("seed") == seed:
-            cached, stamps = load_embedding_table(table_path), saved.get("subjects", {})
+        if saved.get("seed") == seed and saved.get("architecture") == (architecture or {}):
+            cached, stamps = read_embedding_table(table_path), saved.get("subjects", {})
     locations = landmark_locations(atlas_dir)
     rows, new_stamps, todo = {}, {}, []
     for subject_id, patch_file in cache_subjects(cache_dir):
@@ -149,19 +151,17 @@ def random_init_embeddings(
             raise ValueError(f"{patch_file}: {len(patches)} patches, the atlas has {len(locations)} landmarks")
         todo.append((subject_id, patches))
     if len(todo) == 1:  # nothing to batch across: the per-subject path
-        means = [embed_patches(random_init_network(seed), todo[0][1], locations, batch_size).mean(axis=0)]
+        means = [embed_patches(random_init_network(seed, architecture), todo[0][1], locations, batch_size).mean(axis=0)]
     elif todo:
-        means = landmark_major_means(random_init_network(seed), [p for _, p in todo], locations, batch_size)
+        means = landmark_major_means(random_init_network(seed, architecture), [p for _, p in todo], locations, batch_size)
     if todo:
         rows.update({subject_id: mean for (subject_id, _), mean in zip(todo, means)})
-    table = pd.DataFrame.from_dict(rows, orient="index").sort_index()
-    table.columns = [f"e{i}" for i in range(table.shape[1])]
-    table.index.name = "subject_id"
+    subject_ids = sorted(rows)
+    table = embedding_table(subject_ids, [rows[s] for s in subject_ids])
     if todo:
-        with atomic_path(table_path) as tmp:
-            table.to_csv(tmp)
+        write_embedding_table(table, table_path)
         with atomic_path(stamp_path) as tmp:
-            tmp.write_text(json.dumps({"seed": seed, "subjects": new_stamps}, indent=1))
+            tmp.write_text(json.dumps({"seed": seed, "architecture": architecture or {}, "subjects": new_stamps}, indent=1))
     logger.info("random-init embeddings: %d computed, %d reused from %s", len(todo), len(rows) - len(todo), out_dir)
     return table.astype(np.float64)
 
@@ -175,12 +175,13 @@ class Baselines:
 
     def __init__(self, prepared_cache: str | Path | None = None, cache_dir: str | Path | None = None,
                  atlas_dir: str | Path | None = None, laa950: bool = True, laa950_patch: bool = True,
-                 random_init: bool = True, random_init_seed: int = 0):
+                 random_init: bool = True, random_init_seed: int = 0, architecture: dict | None = None):
         self.prepared_cache = prepared_cache
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.atlas_dir = atlas_dir
         self.laa950, self.laa950_patch = as_bool(laa950), as_bool(laa950_patch)
         self.random_init, self.random_init_seed = as_bool(random_init), int(random_init_seed)
+        self.architecture = dict(architecture or {})  # the configs' encoder_def: the random encoder's sizes
         if self.random_init and self.cache_dir is None:
             raise ValueError("Baselines: random_init needs a cache_dir for the random-init embeddings")
 
@@ -211,6 +212,6 @@ class Baselines:
             seed = self.random_init_seed
             sets[RANDOM_INIT] = random_init_embeddings(
                 self.prepared_cache, self.cache_dir / f"{cohort}_random_init_seed{seed}", seed,
-                atlas_dir=self.atlas_dir)
+                atlas_dir=self.atlas_dir, architecture=self.architecture)
             notes.add(f"[{cohort}] random-init embeddings ready in {time.perf_counter() - start:.1f} s")
         return sets

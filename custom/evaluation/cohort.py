@@ -14,8 +14,10 @@ from pathlib import Path
 import pandas as pd
 
 from custom.evaluation.baselines import Baselines
-from custom.evaluation.feature_sets import EmbeddingSets, read_subject_table
+from custom.evaluation.feature_sets import EmbeddingSets
+from custom.subject_table import read_subject_table
 from custom.evaluation.notes import Notes
+from custom.errors import MissingInputError
 from custom.flags import as_bool
 
 
@@ -71,8 +73,8 @@ class Cohort:
         if not sets and self.required:
             paths = list(self.embeddings.paths.values()) if self.embeddings is not None else []
             cache = self.baselines.prepared_cache if self.baselines is not None else None
-            raise FileNotFoundError(f"no feature set available: none of {paths} exists "
-                                    f"and no prepared cache for the baselines ({cache})")
+            raise MissingInputError(paths[0] if paths else cache, "feature sets (subject embeddings)", "embed",
+                                    f"none of {paths} exists and no prepared cache for the baselines ({cache})")
         sets = {k: v for k, v in shared_subjects(clinical, sets, self.common_subjects, notes, self.name).items()
                 if len(v)}
         if not sets:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from custom.evaluation.baselines import LAA
-from custom.evaluation.feature_sets import read_subject_table, require_columns
+from custom.subject_table import read_subject_table, require_columns
 from custom.figures import save_figure
 
 

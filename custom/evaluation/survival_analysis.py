@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from custom.evaluation.cohort import CohortData
-from custom.evaluation.feature_sets import require_columns
+from custom.subject_table import require_columns
 from custom.evaluation.notes import Notes
 from custom.evaluation.survival import (
     BODE_PARTS,

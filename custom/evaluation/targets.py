@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from custom.evaluation.feature_sets import require_columns
+from custom.subject_table import require_columns
 from custom.evaluation.readouts import KINDS
 
 TRANSFORMS = (None, "none", "log")

@@ -58,6 +58,7 @@ class DrasCLREncoder(nn.Module):
         super().__init__()
         self.representation_dim = representation_dim
         self.projection_dim = projection_dim
+        self.num_experts = num_experts
         self.conditioning = check_conditioning(conditioning)
         def conv(i: int, o: int, stride: int = 1) -> nn.Module:
             return conditioned_conv3d(conditioning, i, o, stride, num_experts, mode, init)

@@ -16,6 +16,7 @@ from typing import Dict, Mapping, Union
 import torch
 
 from custom.atomic_io import atomic_path
+from custom.errors import MissingInputError
 from custom.model.drasclr import DrasCLR
 from custom.model.encoder import DrasCLREncoder
 
@@ -26,7 +27,7 @@ def _load(source: Union[str, Path, Mapping]) -> Mapping[str, torch.Tensor]:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"official checkpoint not found: {path}")
+            raise MissingInputError(path, "official checkpoint", "the DrasCLR authors release it (a .pth.tar)")
         try:
             source = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as error:  # pragma: no cover - message matters, not the type

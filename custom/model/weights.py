@@ -16,22 +16,30 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from custom.errors import MissingInputError
+
 ENCODER_PREFIX = "encoder."
-MADE_BY = {
-    "pretrained.pt": "the training workflow (configs/train.yaml) writes it",
-    "model.pt": "the finetune workflow (configs/emphysema_finetune.yaml) writes it",
-}
+MADE_BY = {"pretrained.pt": "training", "model.pt": "finetune"}  # file name -> custom.errors.WORKFLOWS key
 
 
 def _made_by(path: Path) -> str:
-    return MADE_BY.get(path.name, "train or fine-tune first, or import official weights (embed --official_checkpoint)")
+    return MADE_BY.get(path.name, "made by the training workflow (configs/train.yaml) or the finetune workflow "
+                                  "(configs/emphysema_finetune.yaml), or imported (embed --official_checkpoint)")
+
+
+def require_weights(path: str | Path, made_by: str | None = None) -> Path:
+    """``path`` when it is a file, else ``custom.errors.MissingInputError`` naming it and the workflow that
+    writes it: ``made_by`` (a ``custom.errors.WORKFLOWS`` key), by default found from the file name. Every
+    reader of weights checks here, before any slow work."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingInputError(path, "model weights", made_by or _made_by(path))
+    return path
 
 
 def read_state(path: str | Path) -> dict:
     """The state dict in ``path``; a missing file or one that is not a state dict raises, naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model weights not found: {path} ({_made_by(path)})")
+    path = require_weights(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{path}: not a state dict of tensors (a bundle weights file holds one)")

@@ -5,9 +5,12 @@ Format (version 1; the training data loader reads exactly this)::
     <cache_dir>/
       manifest.csv            one row per subject of the last run: subject_id, status (ok | failed), error,
                               error_type, dice, share_inside_lung, seconds, registration_seconds, source, lung_mask,
-                              path (the subject folder, relative to cache_dir; empty when failed),
-                              reused (True when an earlier run's entry was kept)
+                              path (the subject folder, relative to cache_dir; empty when failed), qc_status
+                              (ok | warning | failed: the anatomy QC, custom.prepare.anatomy_qc), qc_reason (one
+                              line, empty when ok), reused (True when an earlier run's entry was kept)
       failures.csv            the failed rows only: subject_id, source, error_type, error
+      qc_sheet.html, qc_sheet.png, qc.csv   the cohort QC sheet (custom.prepare.qc_sheet), flagged subjects first
+      .qc_failed/<subject_id>.png           QC picture of a subject that failed the anatomy QC
       <subject_id>/
         patches.npy           int16 (581, 32, 32, 32): HU clipped to [-1024, 3071], -1024 outside the scan;
                               axes (x, y, z) of the subject's working grid (below); load with
@@ -23,7 +26,10 @@ Format (version 1; the training data loader reads exactly this)::
         qc.json               format_version, status "ok", subject_id, source, lung_mask ("auto" or the
                               user's file), num_landmarks, dice, share_inside_lung, atlas_share_inside_lung,
                               lung_volume_ml, seconds, registration_seconds, registration_recipe,
-                              spacing (1,1,1), shape, original_spacing, original_shape, axcodes
+                              spacing (1,1,1), shape, original_spacing, original_shape, axcodes, and the
+                              anatomy QC: qc_status (ok | warning), qc_reasons, qc_checks, edge_share,
+                              orientation_dice, flip_gain, slice_mm, share_ratio, qc_limits, qc_accept, qc_seconds
+        qc.png                the QC picture (optional: entries of older versions have none)
 
 The working grid is the scan oriented to the atlas's axis codes (LAS for the shipped atlas: x runs to the
 patient's left, y anterior, z superior), resampled to 1 mm isotropic with origin and directions kept;
@@ -56,10 +62,12 @@ TRANSFORM_MAT = "transform.mat"
 TRANSFORM_JSON = "transform.json"
 QC = "qc.json"
 ENTRY_FILES = (PATCHES, LANDMARKS, TRANSFORM_MAT, TRANSFORM_JSON, QC)
+QC_PICTURE = "qc.png"  # optional file of an entry: its QC picture
+QC_FAILED_DIR = ".qc_failed"  # <cache_dir>/.qc_failed/<subject_id>.png / .json: subjects that failed the QC
 MANIFEST = "manifest.csv"
 FAILURES = "failures.csv"
 MANIFEST_COLUMNS = ["subject_id", "status", "error", "error_type", "dice", "share_inside_lung", "seconds",
-                    "registration_seconds", "source", "lung_mask", "path"]
+                    "registration_seconds", "source", "lung_mask", "path", "qc_status", "qc_reason"]
 FAILURE_COLUMNS = ["subject_id", "source", "error_type", "error"]
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -97,9 +105,11 @@ def _json_default(value):
 
 
 def write_subject_entry(cache_dir: str | Path, subject_id: str, patches: np.ndarray, landmarks_vox: np.ndarray,
-                        transform_mat: str | Path | bytes, transform: dict, qc: dict) -> Path:
+                        transform_mat: str | Path | bytes, transform: dict, qc: dict,
+                        extra_files: dict | None = None) -> Path:
     """Write one subject's entry into a temporary folder, then move it into place in one rename.
-    ``transform_mat``: the ANTs transform file, or its bytes."""
+    ``transform_mat``: the ANTs transform file, or its bytes. ``extra_files``: {file name: bytes} written too
+    (the QC picture); ``None`` values are skipped."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     final = cache_dir / subject_id
@@ -116,6 +126,9 @@ def write_subject_entry(cache_dir: str | Path, subject_id: str, patches: np.ndar
         else:
             shutil.copyfile(transform_mat, tmp / TRANSFORM_MAT)
         _save_json(tmp / TRANSFORM_JSON, transform)
+        for name, payload in (extra_files or {}).items():
+            if payload is not None:
+                (tmp / Path(name).name).write_bytes(payload)
         _save_json(tmp / QC, {"format_version": FORMAT_VERSION, "status": "ok", **qc})  # written last
         if final.exists():  # a stale or invalid entry being redone: move it aside, then swap in one step
             trash = cache_dir / f"{TRASH_PREFIX}{subject_id}-{uuid.uuid4().hex[:8]}"
@@ -170,8 +183,30 @@ def _write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def manifest_table(rows: list) -> pd.DataFrame:
-    """The manifest of ``rows`` (one dict per subject), columns in the documented order."""
+def qc_fields(cache_dir: str | Path | None, row: dict) -> dict:
+    """``qc_status`` and ``qc_reason`` of a manifest row: from the entry's qc.json for a prepared subject
+    (entries of older versions, without QC, are "ok"), "failed" and the error for a failed one."""
+    if row.get("status") == "failed":
+        from custom.prepare.anatomy_qc import reason_of_error
+
+        return {"qc_status": "failed", "qc_reason": reason_of_error(row.get("error"), row.get("source"))}
+    qc = {}
+    if cache_dir is not None and row.get("path"):
+        try:
+            qc = read_qc(Path(cache_dir) / str(row["path"]))
+        except (OSError, ValueError):
+            qc = {}
+    reasons = qc.get("qc_reasons") or []
+    return {"qc_status": qc.get("qc_status", "ok"),
+            "qc_reason": "; ".join(reasons) if isinstance(reasons, (list, tuple)) else str(reasons)}
+
+
+def manifest_table(rows: list, cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """The manifest of ``rows`` (one dict per subject), columns in the documented order. Rows without
+    ``qc_status`` get it (and ``qc_reason``) from ``qc_fields``, once: the row dict keeps them."""
+    for row in rows:
+        if not row.get("qc_status"):
+            row.update(qc_fields(cache_dir, row))
     manifest = pd.DataFrame(rows)
     for column in MANIFEST_COLUMNS:
         if column not in manifest:
@@ -183,7 +218,7 @@ def write_manifest(cache_dir: str | Path, rows: list) -> pd.DataFrame:
     """Rewrite manifest.csv (all subjects) and failures.csv (failed ones) atomically."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    manifest = manifest_table(rows)
+    manifest = manifest_table(rows, cache_dir)
     _write_csv_atomic(manifest, cache_dir / MANIFEST)
     failed = manifest[manifest.status == "failed"] if len(manifest) else manifest
     failures = pd.DataFrame({c: failed[c] if c in failed else None for c in FAILURE_COLUMNS})

@@ -8,6 +8,8 @@ the axis directions, the same grid MONAI ``Spacing`` would produce, but in a fra
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from custom.errors import InputError  # noqa: F401 - the base of this module's errors, re-exported
+from custom.errors import producer_of, workflow_command
+
+logger = logging.getLogger("drasclr.prepare")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 HU_AIR_MAX = -500.0  # the darkest voxel of a CT in HU is air (about -1000); above this it is not HU
 HU_PLAUSIBLE = (-10000.0, 40000.0)
-
-
-class InputError(ValueError):
-    """A scan that cannot be prepared; the message names the file and the reason."""
 
 
 class NotHounsfieldError(InputError):
@@ -73,7 +75,8 @@ def _reader_for(path: Path) -> str:
     if path.is_file() and is_dicom_file(path):
         raise InputError(f"{path}: a single DICOM file; give the folder holding the whole series")
     if not path.exists():
-        raise InputError(f"{path}: file not found")
+        maker = producer_of(path)  # the bundle's own demo scans: say which workflow writes them
+        raise InputError(f"{path}: file not found" + (f"; made by {workflow_command(maker)}" if maker else ""))
     raise InputError(f"{path}: unsupported input (expected .nii, .nii.gz or a DICOM series folder)")
 
 
@@ -103,6 +106,45 @@ def _read_failure(path: Path, reader: str, err: BaseException) -> str:
     return _first_line(err)
 
 
+class _DropNotices(logging.Filter):
+    """Drops the library notices that are noise for a valid scan, counting them."""
+
+    PREFIXES = {
+        # pydicom, when MONAI turns every slice's header into metadata: vendor private tags (e.g. Philips
+        # 01F11026) whose bytes do not match their VR; nothing of ours reads them
+        "pydicom": ("Error while processing tag",),
+        # once per LoadImage on machines without nvImageCodec (CPU): not actionable (also in configs/logging.conf,
+        # but worker processes and scripts do not read that)
+        "monai.data.nvimgcodec_pydicom_plugin": ("nvImageCodec is not available",),
+    }
+
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes, self.dropped = prefixes, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith(self.prefixes):
+            self.dropped.append(message)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def quiet_readers(source: str = ""):
+    """While reading one image: the notices of ``_DropNotices`` are dropped (one DEBUG line says how many)."""
+    filters = {name: _DropNotices(prefixes) for name, prefixes in _DropNotices.PREFIXES.items()}
+    for name, flt in filters.items():
+        logging.getLogger(name).addFilter(flt)
+    try:
+        yield
+    finally:
+        for name, flt in filters.items():
+            logging.getLogger(name).removeFilter(flt)
+            if flt.dropped:
+                logger.debug("%s: %d %s notice(s) dropped, first: %s", source, len(flt.dropped), name, flt.dropped[0])
+
+
 def load_oriented(path: str | Path, axcodes: str):
     """Read an image with MONAI and orient it to ``axcodes``; returns (array (x,y,z) float32, RAS affine)."""
     from monai.transforms import LoadImage, Orientation
@@ -110,7 +152,7 @@ def load_oriented(path: str | Path, axcodes: str):
     path = Path(path)
     reader = _reader_for(path)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_readers(str(path)):
             warnings.simplefilter("ignore")
             image = LoadImage(image_only=True, ensure_channel_first=True, reader=reader)(str(path))
             image = Orientation(axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")))(image)

@@ -22,6 +22,8 @@ Items are dicts ``{"image": path, "lung_mask": path or absent, "subject_id": ...
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,7 +37,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from custom.data.atlas import atlas_mask_path, landmark_centres
-from custom.prepare import cache
+from custom.prepare import anatomy_qc, cache
 from custom.prepare.io import CTVolume, InputError, is_nifti, load_ct, load_mask_like
 from custom.prepare.landmarks import (RegistrationQCError, atlas_share_inside_lung, map_landmarks,
                                      registration_dice, share_inside)
@@ -44,6 +46,7 @@ from custom.prepare.patches import extract_patches
 from custom.prepare.registration import get_recipe, register_to_atlas, working_image
 
 DEFAULT_MIN_DICE = 0.5
+logger = logging.getLogger("drasclr.prepare")
 AUTO_MASK = "auto"  # ``lung_mask`` of qc.json when the built-in segmentation was used
 TRANSFORM_KEYS = ("atlas_to_subject_vox", "subject_to_atlas_vox", "subject_affine_ras", "atlas_affine_ras",
                   "subject_shape", "atlas_shape")  # what transform.json holds
@@ -220,22 +223,41 @@ class LungMaskd(MapTransform):
 
 class RegisterToAtlasd(MapTransform):
     """Affine registration of the lung mask (``mask_key``) to the atlas lung mask with a ``custom.prepare``
-    recipe, and its QC: a lung overlap (Dice) below ``min_dice`` is a ``RegistrationQCError`` naming the file.
+    recipe, then the anatomy QC of ``custom.prepare.anatomy_qc``: field of view (lungs cut off at an edge),
+    orientation (an axis flipped), slice spacing, registration quality (Dice, landmarks inside the lung). A
+    failure raises ``AnatomyQCError`` (a ``RegistrationQCError``) naming the file and every reason; ``accept``
+    (e.g. ``["cut_off"]``, ``"cut_off,flipped"``) lets cut-off or flipped scans through knowingly, as warnings.
+    Warnings are logged and kept with the result. ``check_orientation=False`` skips the four coarse extra
+    registrations of the orientation check (about 2 s).
 
     Image meta: ``atlas_from_world`` (world -> atlas voxel; cropping does not change it), ``registration_dice``,
-    ``registration_seconds``. ``registration_key`` of the item: the whole result, what the cache entry stores
-    (``TRANSFORM_KEYS`` as in ``transform.json``, ``transform_mat`` = the bytes of the ANTs/ITK transform file,
-    ``dice``, ``seconds``, ``recipe``)."""
+    ``registration_seconds``, ``qc_status`` (ok / warning) and ``qc_reasons`` (one line). ``registration_key``
+    of the item: the whole result, what the cache entry stores (``TRANSFORM_KEYS`` as in ``transform.json``,
+    ``transform_mat`` = the bytes of the ANTs/ITK transform file, ``dice``, ``seconds``, ``recipe``, ``qc``: the
+    QC fields of ``qc.json``). With ``failure_pictures`` and an item ``cache_dir`` (prepare, embed), a subject
+    that fails QC leaves its picture in ``<cache_dir>/.qc_failed/<subject_id>.png`` for the cohort QC sheet."""
 
     def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask", registration: str = "fast",
                  min_dice: float = DEFAULT_MIN_DICE, atlas_dir: str | None = None,
-                 registration_key: str = "registration", allow_missing_keys: bool = False):
+                 registration_key: str = "registration", accept=(), check_orientation: bool = True,
+                 max_edge_share: float = anatomy_qc.QCLimits.max_edge_share,
+                 flip_margin: float = anatomy_qc.QCLimits.flip_margin,
+                 max_slice_mm: float = anatomy_qc.QCLimits.max_slice_mm,
+                 warn_dice: float = anatomy_qc.QCLimits.warn_dice,
+                 warn_share_ratio: float = anatomy_qc.QCLimits.warn_share_ratio,
+                 failure_pictures: bool = True, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
         self.recipe = get_recipe(registration)
         self.min_dice = float(min_dice)
         self.atlas_dir = _atlas_dir(atlas_dir)
         self.registration_key = registration_key
+        self.accept = anatomy_qc.parse_accept(accept)
+        self.check_orientation = bool(check_orientation)
+        self.limits = anatomy_qc.QCLimits(max_edge_share=float(max_edge_share), flip_margin=float(flip_margin),
+                                          max_slice_mm=float(max_slice_mm), min_dice=self.min_dice,
+                                          warn_dice=float(warn_dice), warn_share_ratio=float(warn_share_ratio))
+        self.failure_pictures = bool(failure_pictures)
 
     def __call__(self, data):
         d = dict(data)
@@ -255,29 +277,83 @@ class RegisterToAtlasd(MapTransform):
                 transform_mat = Path(result.ants_transform_path).read_bytes()
             finally:
                 result.cleanup()
-            if dice < self.min_dice:
-                raise RegistrationQCError(f"{source}: registration to the atlas failed QC: lung overlap (Dice) "
-                                          f"{dice:.2f} < {self.min_dice:.2f}; check the lung mask and the image "
-                                          "orientation")
+            started = time.perf_counter()
+            axcodes = _axcodes(image, self.atlas_dir)
+            landmarks = map_landmarks(result.atlas_to_subject_vox, atlas.centres)
+            spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+            measures = {
+                "dice": round(float(dice), 4), "share_inside_lung": round(share_inside(landmarks, lung), 4),
+                "atlas_share_inside_lung": round(atlas.share_inside_lung, 4),
+                "edge_share": anatomy_qc.edge_shares(lung, spacing, axcodes, self.limits.edge_mm,
+                                                     self.limits.airway_mm2),
+                "orientation_dice": (anatomy_qc.orientation_dice(
+                    lung, affine, atlas.mask, atlas.affine, axcodes, self.limits.orientation_mm,
+                    given_atlas_to_subject_world=affine @ result.atlas_to_subject_vox @ np.linalg.inv(atlas.affine))
+                                     if self.check_orientation else None),
+                "slice_mm": anatomy_qc.slice_spacing(image.meta.get("original_spacing", ()), axcodes),
+            }
+            verdict = anatomy_qc.assess(measures, self.limits, self.accept)
+            qc = verdict.as_qc()
+            qc["qc_seconds"] = round(time.perf_counter() - started, 2)
+            subject_id = str(d.get("subject_id") or image.meta.get("subject_id") or subject_id_of(source))
+            if verdict.failures:
+                if self.failure_pictures and d.get("cache_dir"):
+                    _failure_record(d["cache_dir"], subject_id, str(source), image, lung, landmarks, qc)
+                accept_hint = sorted({f.check for f in verdict.failures} & set(anatomy_qc.ACCEPTABLE))
+                hint = (f" (to prepare it anyway: register accept {accept_hint})" if accept_hint else "")
+                raise anatomy_qc.AnatomyQCError(
+                    f"{source}: failed QC: " + "; ".join(f.text() for f in verdict.failures) + hint,
+                    qc={"subject_id": subject_id, "source": str(source), **qc})
+            if verdict.status == anatomy_qc.WARNING:
+                logger.warning("%s: QC warning: %s", source, anatomy_qc.reason_text(qc))
             image.meta["atlas_from_world"] = result.subject_to_atlas_vox @ np.linalg.inv(affine)
             image.meta["registration_dice"] = round(float(dice), 4)
             image.meta["registration_seconds"] = round(result.seconds, 2)
+            image.meta["qc_status"] = verdict.status
+            image.meta["qc_reasons"] = anatomy_qc.reason_text(qc)
             d[self.registration_key] = {
                 "atlas_to_subject_vox": result.atlas_to_subject_vox,
                 "subject_to_atlas_vox": result.subject_to_atlas_vox,
                 "subject_affine_ras": affine, "atlas_affine_ras": atlas.affine,
                 "subject_shape": [int(s) for s in image.shape[1:]], "atlas_shape": list(atlas.mask.shape),
                 "transform_mat": transform_mat, "dice": float(dice), "seconds": result.seconds,
-                "recipe": result.recipe,
+                "recipe": result.recipe, "qc": qc,
             }
         return d
+
+
+def _failure_record(cache_dir, subject_id: str, source: str, image, lung, landmarks, qc: dict) -> None:
+    """The QC picture and numbers of a subject that failed QC (``<cache_dir>/.qc_failed/<subject_id>.png`` /
+    ``.json``), for the cohort sheet; a problem here never hides the failure."""
+    try:
+        from custom.atomic_io import atomic_path
+
+        folder = Path(cache_dir) / cache.QC_FAILED_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        name = cache.safe_subject_id(subject_id)
+        record = {"subject_id": subject_id, "source": source, **qc}
+        with atomic_path(folder / f"{name}.json") as tmp:
+            Path(tmp).write_text(json.dumps(record, indent=2, default=cache._json_default))
+        png = _picture_bytes(image, lung, landmarks, record)
+        if png is not None:
+            with atomic_path(folder / f"{name}.png") as tmp:
+                Path(tmp).write_bytes(png)
+    except Exception as err:  # noqa: BLE001
+        logger.debug("%s: no QC failure record: %s", subject_id, err)
+
+
+def _forget_failure(cache_dir, subject_id: str) -> None:
+    """A subject prepared now: its failure record of an earlier run goes."""
+    for suffix in (".png", ".json"):
+        (Path(cache_dir) / cache.QC_FAILED_DIR / f"{subject_id}{suffix}").unlink(missing_ok=True)
 
 
 class LandmarkPatchesd(MapTransform):
     """The atlas landmark centres sent through the registration's atlas -> subject map (``landmarks_key``,
     (J, 3) float64 voxels), their 32^3 int16 HU patches (``patches_key``, (J, 32, 32, 32)), and the QC numbers of
     ``qc.json`` (``qc_key``): subject, source, lung mask, Dice, share of landmarks inside the lung and the atlas's
-    own share, lung volume, registration time and recipe, grid and input spacing / shape, axis codes."""
+    own share, lung volume, registration time and recipe, grid and input spacing / shape, axis codes, and the
+    anatomy QC of ``RegisterToAtlasd`` (``qc_status``, ``qc_reasons``, its numbers)."""
 
     def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask",
                  registration_key: str = "registration", atlas_dir: str | None = None,
@@ -320,6 +396,7 @@ class LandmarkPatchesd(MapTransform):
                 "original_spacing": np.asarray(meta["original_spacing"], dtype=np.float64).tolist(),
                 "original_shape": np.asarray(meta["original_shape"], dtype=np.int64).tolist(),
                 "axcodes": _axcodes(image, self.atlas_dir),
+                **registration.get("qc", {}),  # qc_status, qc_reasons and the anatomy QC numbers
             }
         return d
 
@@ -329,12 +406,18 @@ class WritePreparedSubjectd(MapTransform):
     ``LandmarkPatchesd`` / ``RegisterToAtlasd``) as one cache entry ``<cache_dir>/<subject_id>/``
     (``custom.prepare.cache.write_subject_entry``: a temporary folder renamed into place). ``cache_dir``: fixed
     here, or else the item's ``cache_dir_key`` (what ``prepare_subject`` sets). QC ``seconds`` counts from the
-    item's ``started`` (``time.perf_counter()`` when the subject began). The entry's path goes to ``entry_key``."""
+    item's ``started`` (``time.perf_counter()`` when the subject began). The entry's path goes to ``entry_key``.
+    ``picture``: the entry also holds ``qc.png``, the subject's QC picture (``custom.prepare.qc_figure``; CT
+    ``image_key``, lung ``mask_key``, landmarks; a small PNG, what the cohort QC sheet shows)."""
 
     def __init__(self, keys: KeysCollection = "patches", cache_dir: str | None = None, cache_dir_key: str = "cache_dir",
                  landmarks_key: str = "landmarks_vox", registration_key: str = "registration", qc_key: str = "qc",
-                 entry_key: str = "entry", allow_missing_keys: bool = False):
+                 entry_key: str = "entry", picture: bool = True, image_key: str = "image",
+                 mask_key: str = "lung_mask", allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
+        self.picture = bool(picture)
+        self.image_key = image_key
+        self.mask_key = mask_key
         self.cache_dir = cache_dir
         self.cache_dir_key = cache_dir_key
         self.landmarks_key = landmarks_key
@@ -353,11 +436,27 @@ class WritePreparedSubjectd(MapTransform):
             started = d.get("started")
             qc["seconds"] = round(time.perf_counter() - started, 2) if started is not None else None
             transform = {k: registration[k] for k in TRANSFORM_KEYS}
+            extra = {}
+            if self.picture and self.image_key in d and self.mask_key in d:
+                extra[cache.QC_PICTURE] = _picture_bytes(d[self.image_key], _lung_of(d[self.mask_key]),
+                                                   d[self.landmarks_key], qc)
             entry = cache.write_subject_entry(cache_dir, qc["subject_id"], d[key], d[self.landmarks_key],
-                                              registration["transform_mat"], transform, qc)
+                                              registration["transform_mat"], transform, qc, extra_files=extra)
+            _forget_failure(cache_dir, qc["subject_id"])
             d[self.entry_key] = str(entry)
             d[self.qc_key] = qc
         return d
+
+
+def _picture_bytes(image, lung: np.ndarray, landmarks: np.ndarray, qc: dict) -> bytes | None:
+    """The QC picture as PNG bytes (``None`` when it cannot be drawn: a picture never fails a subject)."""
+    try:
+        from custom.prepare.qc_figure import subject_png
+
+        return subject_png(image[0].numpy(), lung, landmarks, str(qc.get("subject_id", "")), qc=qc)
+    except Exception as err:  # noqa: BLE001
+        logger.debug("%s: no QC picture: %s", qc.get("subject_id"), err)
+        return None
 
 
 def load_scan(image: str | Path, lung_mask: str | Path | None = None, axcodes: str | None = None,

@@ -25,7 +25,9 @@ import pandas as pd
 
 from custom.data.atlas import landmark_centres, resources_dir
 from custom.engine import subject_shards
+from custom.errors import MissingInputError, producer_of
 from custom.prepare import cache
+from custom.processes import die_with_parent
 from custom.prepare.io import is_dicom_file, is_nifti
 from custom.prepare.pipeline import _failed_row, _ok_row, prepare_subject
 from custom.prepare.registration import get_recipe
@@ -62,11 +64,18 @@ def discover_inputs(source: str | Path) -> list:
     if is_nifti(source):
         return [SubjectInput(cache.safe_subject_id(_strip_nifti_suffix(source.name)), str(source))]
     if not source.is_dir():
-        raise FileNotFoundError(f"{source}: no such CSV, NIfTI file or folder")
+        raise MissingInputError(source, "scan source", producer_of(source), "no such CSV, NIfTI file or folder")
     items = []
-    for folder, dirs, files in os.walk(source):
+    root, searched = os.path.realpath(source), set()
+    for folder, dirs, files in os.walk(source, followlinks=True):  # a symlinked series folder is a subject too
         dirs.sort()
         folder = Path(folder)
+        searched.add(os.path.realpath(folder))
+        for name in [d for d in dirs if os.path.islink(folder / d)]:
+            target = os.path.realpath(folder / name)
+            if target in searched or target == root or target.startswith(root + os.sep):  # a loop or a duplicate
+                logger.info("%s: symlink to %s, which this search reaches anyway; skipped", folder / name, target)
+                dirs.remove(name)
         relative = folder.relative_to(source)
         if _looks_like_dicom_dir(folder, files):
             name = source.name if str(relative) == "." else str(relative)
@@ -81,7 +90,7 @@ def discover_inputs(source: str | Path) -> list:
             items.append(SubjectInput(cache.safe_subject_id(subject_id.replace(os.sep, "_")), str(folder / name),
                                       str(mask) if mask else None))
     if not items:
-        raise FileNotFoundError(f"{source}: no NIfTI files or DICOM series found")
+        raise MissingInputError(source, "scans", producer_of(source), "no NIfTI files or DICOM series in the folder")
     return _check_unique(items, source)
 
 
@@ -120,7 +129,9 @@ def _prepare_safely(item: SubjectInput, cache_dir: str, options: dict) -> dict:
         return _failed_row(item, err)
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, parent_pid: int | None = None) -> None:
+    # A worker ends with the run that started it (kill -9 of the run included): custom.processes.
+    die_with_parent(parent_pid)
     # ITK stays in one thread (custom.prepare.registration: reproducible registration).
     import torch
 
@@ -130,8 +141,13 @@ def _init_worker(threads: int) -> None:
 # ----------------------------------------------------------------------------------------------- cohort
 def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | None = None,
                    registration: str = "fast", num_workers: int = 1, resume: bool = True,
-                   progress: bool = True, min_dice: float = DEFAULT_MIN_DICE, transforms=None) -> pd.DataFrame:
+                   progress: bool = True, min_dice: float = DEFAULT_MIN_DICE, transforms=None,
+                   qc_sheet: bool = True) -> pd.DataFrame:
     """Prepare every subject of ``source`` into ``cache_dir``; returns the manifest (also written to disk).
+
+    Every subject passes the anatomy QC of the scan pipeline (``custom.prepare.anatomy_qc``): ``qc_status`` ok /
+    warning / failed and ``qc_reason`` in the manifest. ``qc_sheet``: at the end, the cohort QC sheet
+    (``custom.prepare.qc_sheet``: qc_sheet.html, qc_sheet.png, qc.csv in ``cache_dir``, flagged subjects first).
 
     ``resume``: subjects whose cache folder is complete and valid are not redone (``reused`` is True in the
     returned manifest); failed subjects are retried. ``num_workers`` > 1 runs subjects in separate processes.
@@ -183,7 +199,7 @@ def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | N
         workers = min(num_workers, len(todo))
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads,)) as pool:
+                                 initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
             futures = {pool.submit(_prepare_safely, item, str(cache_dir), options): item for item in todo}
             for future in as_completed(futures):
                 item = futures[future]
@@ -198,7 +214,8 @@ def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | N
         row["rank"] = subject_shards.rank()  # which process prepared (or found) the subject
     if several:
         merged = subject_shards.gather_in_order(zip(subject_shards.positions(len(order)), [rows[s] for s in order]))
-        manifest = cache.write_manifest(cache_dir, merged) if subject_shards.is_main() else cache.manifest_table(merged)
+        manifest = (cache.write_manifest(cache_dir, merged) if subject_shards.is_main()
+                    else cache.manifest_table(merged, cache_dir))
         subject_shards.barrier()  # every rank returns once the merged manifest is on disk
     else:
         manifest = flush()
@@ -206,16 +223,34 @@ def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | N
         failed = manifest[manifest.status == "failed"]
         for _, row in failed.iterrows():
             logger.warning("FAILED %s: %s", row.subject_id, row.error)
-        logger.info("prepared %d of %d subjects (%d reused from the cache, %d failed) into %s",
-                    int((manifest.status == "ok").sum()), len(manifest), int(manifest.reused.sum()), len(failed),
-                    cache_dir)
+        warned = manifest[manifest.qc_status == "warning"]
+        for _, row in warned.iterrows():
+            logger.warning("QC warning %s: %s", row.subject_id, row.qc_reason)
+        logger.info("prepared %d of %d subjects (%d with QC warnings, %d reused from the cache, %d failed) into %s",
+                    int((manifest.status == "ok").sum()), len(manifest), len(warned), int(manifest.reused.sum()),
+                    len(failed), cache_dir)
+        if qc_sheet and len(manifest):
+            _write_qc_sheet(cache_dir)
     return manifest
+
+
+def _write_qc_sheet(cache_dir: Path) -> None:
+    """The cohort QC sheet; a problem drawing it is logged, never a failed run."""
+    from custom.prepare.qc_sheet import write_qc_sheet
+
+    try:
+        paths = write_qc_sheet(cache_dir)
+        logger.info("QC sheet: %s", paths["html"])
+    except Exception as err:  # noqa: BLE001
+        logger.warning("could not write the QC sheet of %s: %s", cache_dir, err)
 
 
 def summary(manifest: pd.DataFrame) -> dict:
     """Counts for a log line or a CLI exit code."""
+    qc_status = manifest["qc_status"] if "qc_status" in manifest else pd.Series("ok", index=manifest.index)
     return {"subjects": len(manifest), "ok": int((manifest.status == "ok").sum()),
-            "failed": int((manifest.status == "failed").sum()), "reused": int(manifest.reused.sum())}
+            "failed": int((manifest.status == "failed").sum()), "reused": int(manifest.reused.sum()),
+            "qc_warning": int((qc_status == "warning").sum())}
 
 
 __all__ = ["SubjectInput", "discover_inputs", "prepare_subject", "prepare_cohort", "summary", "load_atlas"]

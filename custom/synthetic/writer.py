@@ -25,6 +25,29 @@ from tqdm.auto import tqdm
 from custom.atomic_io import atomic_path
 
 SYNTHETIC_NOTE = "SYNTHETIC DrasCLR demo data - not a real patient"
+NIFTI_MARK = b"SYNTHETIC DrasCLR demo"  # NIfTI header ``descrip`` of every synthetic scan
+DICOM_MANUFACTURER = "SYNTHETIC"  # DICOM Manufacturer of every synthetic slice
+
+
+def is_synthetic_scan(path: str | Path) -> bool:
+    """Whether ``path`` (a NIfTI file or a DICOM series folder) was written by this generator: the marks above.
+    Anything unreadable or unmarked counts as not synthetic."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            import pydicom
+
+            first = next((f for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")), None)
+            if first is None:
+                return False
+            slice_ = pydicom.dcmread(str(first), stop_before_pixels=True, specific_tags=["Manufacturer"], force=True)
+            return str(getattr(slice_, "Manufacturer", "")) == DICOM_MANUFACTURER
+        if path.name.endswith((".nii", ".nii.gz")):
+            descrip = bytes(np.asarray(nib.load(str(path)).header["descrip"]).tobytes()).rstrip(b"\0")
+            return descrip.startswith(NIFTI_MARK)
+    except Exception:  # noqa: BLE001 - an unreadable file is not evidence of synthetic data
+        return False
+    return False
 
 
 def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype=np.int16) -> Path:
@@ -34,7 +57,7 @@ def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype=np
     image = nib.Nifti1Image(np.asarray(array, dtype=dtype), affine)
     image.set_sform(affine, code=1)
     image.set_qform(affine, code=1)
-    image.header["descrip"] = b"SYNTHETIC DrasCLR demo"
+    image.header["descrip"] = NIFTI_MARK
     if dtype == np.int16:
         image.header["cal_min"], image.header["cal_max"] = -1024, 240
     with atomic_path(path) as tmp:
@@ -121,7 +144,7 @@ def write_dicom_series(
         ds.StudyDescription = study_description
         ds.SeriesDescription = SYNTHETIC_NOTE
         ds.ImageComments = SYNTHETIC_NOTE
-        ds.Manufacturer = "SYNTHETIC"
+        ds.Manufacturer = DICOM_MANUFACTURER
         ds.ConvolutionKernel = kernel
         ds.PatientPosition = "HFS"
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]

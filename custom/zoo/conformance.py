@@ -2,9 +2,11 @@
 
 The Zoo reads ``configs/metadata.json`` (validated against a JSON schema, version listed in the changelog),
 ``LICENSE``, ``docs/README.md``, ``large_files.yml`` for weights kept out of git, runs ``verify_net_in_out`` on
-``network_def`` and exports it to TorchScript with ``ckpt_export``. The official schema is downloaded from the
-internet, so this bundle vendors its own schema (``resources/schema/metadata_schema.json``) and hands its path to
-``monai.bundle.verify_metadata``, which reads an existing file instead of downloading.
+``network_def`` and exports it to TorchScript with ``ckpt_export``. The Zoo's schema is downloaded from the URL in
+the metadata's ``schema`` field, so the bundle carries an unchanged copy of it (``resources/schema/<that file
+name>``) and a stricter schema of its own (``resources/schema/metadata_schema.json``); both paths are handed to
+``monai.bundle.verify_metadata``, which reads an existing file instead of downloading. ``custom.zoo.verify`` runs
+the Zoo's own sequence of checks on a bundle folder.
 
     python -m custom.zoo.conformance check --bundle_root bundle --config_file bundle/configs/inference.yaml
 """
@@ -24,6 +26,9 @@ from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 import custom
 
 SCHEMA_RELPATH = "resources/schema/metadata_schema.json"
+SCHEMA_DIR = "resources/schema"
+# sha256 of the vendored copies of the Model Zoo's schemas (file name -> hash): they must stay unchanged.
+ZOO_SCHEMA_SHA256 = {"meta_schema_20240725.json": "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"}
 METADATA_RELPATH = "configs/metadata.json"
 LARGE_FILES_RELPATH = "large_files.yml"
 REQUIRED_FILES = (METADATA_RELPATH, "LICENSE", "docs/README.md", "docs/data_license.txt", LARGE_FILES_RELPATH,
@@ -44,8 +49,28 @@ def check_layout(bundle_root: str | Path | None = None) -> Path:
     return root
 
 
+def zoo_schema_path(bundle_root: str | Path | None = None, meta: dict | None = None) -> Path:
+    """The offline copy of the Model Zoo schema that the metadata's ``schema`` URL names
+    (``resources/schema/<file name of the URL>``); ``FileNotFoundError`` when the bundle does not carry it, and
+    ``ValueError`` when a copy listed in ``ZOO_SCHEMA_SHA256`` was edited."""
+    root = _root(bundle_root)
+    if meta is None:
+        meta = json.loads((root / METADATA_RELPATH).read_text())
+    url = str(meta.get("schema") or "")
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    path = root / SCHEMA_DIR / name
+    if not name or not path.is_file():
+        raise FileNotFoundError(f"no offline copy of the Model Zoo schema {url!r}: expected {path} (see "
+                                f"{SCHEMA_DIR}/README.md)")
+    if name in ZOO_SCHEMA_SHA256 and not check_hash(path, ZOO_SCHEMA_SHA256[name], "sha256"):
+        raise ValueError(f"{path} differs from the Model Zoo's schema (sha256 {ZOO_SCHEMA_SHA256[name]}); "
+                         "restore the unchanged file")
+    return path
+
+
 def verify_bundle_metadata(bundle_root: str | Path | None = None, meta_file: str | Path | None = None) -> dict:
-    """Validate the metadata against the vendored schema (offline) and check its version is in the changelog."""
+    """Validate the metadata against the Model Zoo's schema and the bundle's stricter one (both vendored, offline)
+    and check its version is in the changelog."""
     root = _root(bundle_root)
     meta_file = Path(meta_file) if meta_file is not None else root / METADATA_RELPATH
     schema = root / SCHEMA_RELPATH
@@ -56,25 +81,28 @@ def verify_bundle_metadata(bundle_root: str | Path | None = None, meta_file: str
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{meta_file}: not valid JSON ({e})") from e
-    try:
-        verify_metadata(meta_file=str(meta_file), filepath=str(schema))
-    except ValueError as e:
-        raise ValueError(f"{meta_file} does not satisfy {schema}: {e}") from e
+    schemas = [zoo_schema_path(root, meta), schema] if "schema" in meta else [schema]
+    for path in schemas:
+        try:
+            verify_metadata(meta_file=str(meta_file), filepath=str(path))
+        except ValueError as e:
+            raise ValueError(f"{meta_file} does not satisfy {path}: {e}") from e
     if meta["version"] not in meta["changelog"]:
         raise ValueError(f"{meta_file}: version {meta['version']} is not a key of 'changelog'")
     return meta
 
 
 def read_large_files(bundle_root: str | Path | None = None) -> list[dict]:
-    """Entries of ``large_files.yml`` (``path``, ``url``, optional ``hash_val`` / ``hash_type``), checked."""
+    """Entries of ``large_files.yml`` (``path``, ``url``, optional ``hash_val`` / ``hash_type``), checked. The list
+    may be empty (an export that ships no weights)."""
     root = _root(bundle_root)
     path = root / LARGE_FILES_RELPATH
     if not path.is_file():
         raise FileNotFoundError(f"not found: {path}")
     content = yaml.safe_load(path.read_text()) or {}
     entries = content.get("large_files")
-    if not isinstance(entries, list) or not entries:
-        raise ValueError(f"{path}: expected a non-empty list under 'large_files'")
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: expected a list under 'large_files'")
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "path" not in entry or "url" not in entry:
             raise ValueError(f"{path}: entry {i} needs 'path' and 'url', got {entry!r}")
@@ -86,12 +114,19 @@ def read_large_files(bundle_root: str | Path | None = None) -> list[dict]:
     return entries
 
 
-def verify_large_files(bundle_root: str | Path | None = None) -> list[Path]:
-    """Check the hash of every listed file that is present and has a ``hash_val``; return the files checked."""
+def verify_large_files(bundle_root: str | Path | None = None, require_present: bool = False) -> list[Path]:
+    """Check the hash of every listed file that is present and has a ``hash_val``; return the files checked.
+
+    ``require_present``: every listed file must be there with a hash (an export): the Model Zoo's CI downloads
+    each listed file that is absent or whose hash differs, and skips one that is present with its hash."""
     root = _root(bundle_root)
     checked = []
     for entry in read_large_files(root):
         target = root / entry["path"]
+        if require_present and not (target.is_file() and entry.get("hash_val")):
+            state = "has no hash_val" if target.is_file() else "is not there"
+            raise ValueError(f"{root / LARGE_FILES_RELPATH} lists {entry['path']}, which {state}: the Model Zoo's "
+                             f"CI would download it from url {entry.get('url')!r}")
         if target.is_file() and entry.get("hash_val"):
             if not check_hash(target, entry["hash_val"], entry["hash_type"]):
                 raise ValueError(f"{target}: {entry['hash_type']} differs from {root / LARGE_FILES_RELPATH}")

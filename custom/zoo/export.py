@@ -3,9 +3,15 @@
 The exported ``<out_dir>/<name>/`` holds ``configs/``, ``scripts/``, ``resources/`` (atlas, schema), ``docs/``,
 ``LICENSE``, ``large_files.yml``, ``models/`` (the weights asked for) and a copy of the ``custom`` package, so
 ``$import custom`` resolves with the bundle folder on ``PYTHONPATH`` and ``custom.bundle_root()`` is that folder.
-Demo data, training runs, checkpoints and caches stay behind. ``large_files.yml`` in the copy records the sha256
-of every weight file shipped. The folder is built under a temporary name and moved into place, and the export
-is checked (layout, metadata against the vendored schema, hashes) before it is published.
+Demo data, training runs, checkpoints and caches stay behind.
+
+Weights: ``models/model.pt`` (the emphysema classifier, ``network_def``) is required: an export without it fails
+with ``MissingInputError`` naming the file and the finetune workflow, unless ``include_model=False`` asks for a
+development export without it. ``large_files.yml`` in the copy lists exactly the weight files shipped, each with
+its sha256, so the Model Zoo's CI (which downloads every listed file that is absent or whose hash differs, and
+skips one present with its hash) has nothing to download. The folder is built under a temporary name and moved
+into place, and the export is checked (layout, metadata against the vendored schemas, every listed file present
+with its hash) before it is published.
 """
 
 from __future__ import annotations
@@ -21,10 +27,12 @@ import yaml
 
 import custom
 from custom.atomic_io import atomic_path
+from custom.errors import MissingInputError
 from custom.zoo.conformance import (
     LARGE_FILES_RELPATH,
     check_layout,
     export_torchscript,
+    read_large_files,
     verify_bundle_metadata,
     verify_large_files,
 )
@@ -57,22 +65,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _record_hashes(bundle_dir: Path) -> None:
-    """Write the sha256 of each shipped large file into the exported ``large_files.yml``."""
+def _write_large_files(bundle_dir: Path, shipped: list[str]) -> None:
+    """Rewrite the exported ``large_files.yml`` to list exactly the ``shipped`` files, each with its sha256 (the
+    ``url`` of the source list is kept; a file the source list lacks gets an empty one)."""
     path = bundle_dir / LARGE_FILES_RELPATH
-    content = yaml.safe_load(path.read_text()) or {}
-    for entry in content.get("large_files", []):
-        target = bundle_dir / entry["path"]
-        if target.is_file():
-            entry["hash_val"] = _sha256(target)
-            entry["hash_type"] = "sha256"
-        else:
-            entry.pop("hash_val", None)
-            entry.pop("hash_type", None)
-    header = ("# Weights kept out of git. Hashes are those of the files shipped in this export; `url` is empty\n"
-              "# until weights are published (see docs/README.md).\n")
+    source = {entry["path"]: entry for entry in read_large_files(bundle_dir)}
+    entries = []
+    for rel in shipped:
+        entry = {"path": rel, "url": source.get(rel, {}).get("url") or ""}
+        entry.update(hash_val=_sha256(bundle_dir / rel), hash_type="sha256")
+        entries.append(entry)
+    header = ("# The weight files shipped in this export, each with its sha256. MONAI's download_url, which the\n"
+              "# Model Zoo's CI runs for every entry, skips a file that is present with this hash. `url` is empty\n"
+              "# until the weights are published (see docs/README.md).\n")
     with atomic_path(path) as tmp:
-        tmp.write_text(header + yaml.safe_dump(content, sort_keys=False))
+        tmp.write_text(header + yaml.safe_dump({"large_files": entries}, sort_keys=False))
 
 
 def _copy_models(bundle_root: Path, bundle_dir: Path, include_model: bool, include_pretrained: bool) -> list[str]:
@@ -80,11 +87,16 @@ def _copy_models(bundle_root: Path, bundle_dir: Path, include_model: bool, inclu
     models.mkdir()
     wanted = []
     if include_model:
-        wanted += ["model.pt", "model.ts"]
+        model = bundle_root / "models" / "model.pt"
+        if not model.is_file():
+            raise MissingInputError(model, "model weights", "finetune",
+                                    "the export ships them; include_model=False (--include_model false) makes a "
+                                    "development export without them")
+        wanted += ["model.pt", "model.ts"]  # model.ts: shipped when there
     if include_pretrained:
         pretrained = bundle_root / "models" / "pretrained.pt"
         if not pretrained.is_file():
-            raise FileNotFoundError(f"include_pretrained was asked for but {pretrained} does not exist")
+            raise MissingInputError(pretrained, "pre-trained weights", "training", "include_pretrained was asked for")
         wanted.append("pretrained.pt")
     shipped = []
     for name in wanted:
@@ -92,6 +104,9 @@ def _copy_models(bundle_root: Path, bundle_dir: Path, include_model: bool, inclu
         if source.is_file():
             shutil.copy2(source, models / name)
             shipped.append(f"models/{name}")
+    card = bundle_root / "models" / "model.json"  # what model.pt was trained on: small, travels in the bundle itself
+    if "models/model.pt" in shipped and card.is_file():
+        shutil.copy2(card, models / card.name)
     return shipped
 
 
@@ -108,9 +123,11 @@ def export_bundle(
 ) -> dict:
     """Write ``<out_dir>/<name>/`` (and ``<out_dir>/<name>_v<version>.zip`` with ``zip=True``).
 
-    ``include_model`` ships ``models/model.pt`` (and ``model.ts``) when they exist; ``include_pretrained`` ships
-    ``models/pretrained.pt`` (an error when absent); ``torchscript`` scripts the shipped ``model.pt`` into
-    ``models/model.ts`` with ``inference_config``'s ``network_def``. Returns the paths written.
+    ``include_model`` ships ``models/model.pt`` (``MissingInputError`` when absent; ``False``: a development export
+    without it, which the Model Zoo's preferred-file check refuses) and ``models/model.ts`` when there;
+    ``include_pretrained`` ships ``models/pretrained.pt`` (an error when absent); ``torchscript`` scripts the
+    shipped ``model.pt`` into ``models/model.ts`` with ``inference_config``'s ``network_def``. Returns the paths
+    written and ``models``, the weight files shipped (those ``large_files.yml`` lists).
     """
     bundle_root = check_layout(bundle_root)
     metadata = verify_bundle_metadata(bundle_root)
@@ -133,13 +150,14 @@ def export_bundle(
         shipped = _copy_models(bundle_root, staging, include_model, include_pretrained)
         if torchscript:
             if "models/model.pt" not in shipped:
-                raise FileNotFoundError(f"torchscript needs {bundle_root / 'models' / 'model.pt'}; it is not there")
+                raise MissingInputError(bundle_root / "models" / "model.pt", "model weights", "finetune",
+                                        "torchscript needs them")
             export_torchscript(staging / inference_config, bundle_root=staging)
             shipped = sorted(set(shipped) | {"models/model.ts"})
-        _record_hashes(staging)
+        _write_large_files(staging, shipped)
         check_layout(staging)
         verify_bundle_metadata(staging)
-        verify_large_files(staging)
+        verify_large_files(staging, require_present=True)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)
