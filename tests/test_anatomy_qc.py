@@ -243,3 +243,37 @@ def test_cohort_qc_sheet_lists_flagged_subjects_first(tmp_path):
     assert page.index("b_flipped") < page.index("c_thick") < page.index("a_good")
     with Image.open(cache_dir / "qc_sheet.png") as image:
         assert image.size[0] > 600 and image.size[1] > 200
+
+
+@needs_real_ct
+@pytest.mark.slow  # two damaged real CTs through prepare and through emphysema inference (~1 min on 2 cores)
+def test_inference_fails_damaged_scans_with_the_reason_prepare_gives(real, tmp_path):
+    """A flipped and a cut-off real CT fail in the emphysema inference too (the same scan pipeline), and each
+    failure row carries the reason prepare records for the same file, not a transform's repr."""
+    import torch
+    from monai.bundle import ConfigWorkflow
+
+    from custom.emphysema.network import EmphysemaNetwork
+    from custom.prepare.workflow import prepare_cohort
+
+    items = [{"subject_id": case, "image": str(real["versions"][case][0]), "lung_mask": str(real["versions"][case][1])}
+             for case in ("flip_z", "cut_inferior_40mm")]
+    cohort = tmp_path / "cohort.csv"
+    pd.DataFrame(items).to_csv(cohort, index=False)
+    prepare_cohort(cohort, tmp_path / "prepared", progress=False)
+    prepared = pd.read_csv(tmp_path / "prepared" / "failures.csv", dtype=str).set_index("subject_id")
+
+    torch.save(EmphysemaNetwork().state_dict(), tmp_path / "model.pt")
+    workflow = ConfigWorkflow(config_file=str(REPO / "bundle" / "configs" / "inference.yaml"), workflow_type="infer",
+                              logging_file=None, input=items, output_dir=str(tmp_path / "maps"),
+                              model_path=str(tmp_path / "model.pt"), progress=False, pictures=False)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    mapped = pd.read_csv(tmp_path / "maps" / "failures.csv", dtype=str).set_index("subject_id")
+    assert sorted(mapped.index) == sorted(prepared.index) == ["cut_inferior_40mm", "flip_z"]
+    assert "head-feet axis looks flipped" in mapped.loc["flip_z", "error"]
+    assert "lungs cut off at the inferior edge" in mapped.loc["cut_inferior_40mm", "error"]
+    for case in mapped.index:
+        assert mapped.loc[case, "error"] == prepared.loc[case, "error"], case
+        assert "object at 0x" not in mapped.loc[case, "error"]
