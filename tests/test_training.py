@@ -184,6 +184,20 @@ def test_mlflow_run_is_complete_and_a_crashed_run_resumes_into_it(cache, tmp_pat
     assert kept == ["checkpoint_iteration=4.pt", "checkpoint_iteration=6.pt"]  # 2 of the crashed run: rotated
 
 
+def test_a_fresh_run_beside_another_runs_checkpoints_leaves_them_alone(cache, tmp_path):
+    """Rotation only touches the run that was resumed: a fresh run into a folder holding a finished run's later
+    checkpoints trains to the end (was: it deleted its own newest file, then ignite failed removing it)."""
+    stale = tmp_path / "checkpoints" / "checkpoint_iteration=100.pt"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"an earlier run's checkpoint")
+    workflow = _workflow(cache, tmp_path, max_epochs=2, epoch_length=3, checkpoint_every=2)
+    workflow.run()
+    assert workflow.parser.get_parsed_content("train#trainer").state.iteration == 6
+    workflow.finalize()
+    kept = sorted(p.name for p in stale.parent.glob("checkpoint_iteration=*.pt"))
+    assert kept == ["checkpoint_iteration=100.pt", "checkpoint_iteration=4.pt", "checkpoint_iteration=6.pt"]
+
+
 def test_two_process_gloo_training_through_torchrun(cache, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     command = [

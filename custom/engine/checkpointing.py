@@ -104,19 +104,30 @@ class TrainingCheckpoint:
             global_step_transform=lambda e, _: e.state.iteration,
             filename_pattern="{filename_prefix}_iteration={global_step}.{ext}",
         )
+        engine.add_event_handler(Events.STARTED, self._remember_start)  # after a resume has loaded its checkpoint
         engine.add_event_handler(Events.EPOCH_COMPLETED, checkpoint)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.prune)
         if self.every_n_iterations:
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), checkpoint)
             engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.every_n_iterations), self.prune)
 
+    def _remember_start(self, engine) -> None:
+        self._start_iteration = int(engine.state.iteration or 0)
+
     def prune(self, engine=None) -> None:
-        """Keep the newest ``n_saved`` checkpoints of the folder, also those an earlier (killed) process wrote,
-        which ignite's Checkpoint does not know about (rank 0 only)."""
+        """Rotate out the checkpoints of the run this one resumed (at or before the iteration it started from):
+        ignite's Checkpoint rotates only the files it wrote itself, so a killed process's files would stay
+        forever. Together with this process's files, the newest ``n_saved`` are kept; files of this process
+        are left to ignite, and a fresh run (started at 0) deletes nothing (rank 0 only)."""
         if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
             return
-        files = sorted(self.save_dir.glob("checkpoint_iteration=*.pt"), key=_iteration_of)
-        for old in files[: max(0, len(files) - int(self.n_saved))]:
+        start = getattr(self, "_start_iteration", 0)
+        if not start:
+            return
+        files = list(self.save_dir.glob("checkpoint_iteration=*.pt"))
+        own = sum(_iteration_of(f) > start for f in files)
+        earlier = sorted((f for f in files if _iteration_of(f) <= start), key=_iteration_of)
+        for old in earlier[: max(0, len(earlier) - max(0, int(self.n_saved) - own))]:
             old.unlink(missing_ok=True)
 
 
