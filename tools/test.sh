@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the test suite.
-#   bash tools/test.sh           the default suite: everything not marked slow (10-13 min on 2 cores)
+#   bash tools/test.sh           the default suite: everything not marked slow (0.5.0, fresh clone, 2 cores:
+#                                11.5 min of pytest, 13.5 min with the setup, the demo running beside it part
+#                                of the time)
 #   bash tools/test.sh --all     also the slow tests (demo-cohort training, export round trips, MONAI Label in its
-#                                own venv, torchrun runs of prepare/embed/inference): 17 min of pytest in a fresh
-#                                clone of 0.4.0 on 2 idle cores, 18 min including building both venvs; CI runs this
+#                                own venv, torchrun runs of prepare/embed/inference, damaged real CTs): 23 min of
+#                                pytest in a fresh clone of 0.5.0 on 2 mostly idle cores; CI runs this
 # Extra arguments go to pytest, e.g. `bash tools/test.sh -k emphysema`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
