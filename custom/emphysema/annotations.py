@@ -22,6 +22,7 @@ import pandas as pd
 
 from custom.emphysema.network import EMPHYSEMA_CLASSES
 from custom.errors import MissingInputError, producer_of
+from custom.prepare.cache import read_manifest
 
 REQUIRED_COLUMNS = ("subject_id", "label", "centre_x_mm", "centre_y_mm", "centre_z_mm")
 CENTRE_MM = ("centre_x_mm", "centre_y_mm", "centre_z_mm")
@@ -99,7 +100,7 @@ def prepared_subjects(prepared_dir: str | Path) -> dict:
     manifest = prepared_dir / "manifest.csv"
     if not manifest.is_file():
         raise MissingInputError(manifest, "prepared cache manifest", "prepare", cache_dir=prepared_dir)
-    table = pd.read_csv(manifest, dtype={"subject_id": str, "path": str}, keep_default_na=False)
+    table = read_manifest(prepared_dir)
     table = table[table["status"] == "ok"] if "status" in table.columns else table
     folders = table["path"] if "path" in table.columns else table["subject_id"]
     return {str(s): prepared_dir / str(f) for s, f in zip(table["subject_id"], folders) if str(f)}
