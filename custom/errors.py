@@ -27,12 +27,15 @@ TRACEBACK_ENV = "DRASCLR_TRACEBACK"
 # workflow -> (what it is called, the command that runs it from the repository root)
 WORKFLOWS = {
     "generate": ("the generate workflow", "python -m monai.bundle run --config_file bundle/configs/generate.yaml"),
-    "prepare": ("the prepare workflow",
-                "python -m monai.bundle run prepare --config_file bundle/configs/prepare.yaml"),
-    "training": ("the training workflow",
-                 "python -m monai.bundle run training --config_file bundle/configs/train.yaml"),
-    "finetune": ("the finetune workflow",
-                 "python -m monai.bundle run finetune --config_file bundle/configs/emphysema_finetune.yaml"),
+    "prepare": ("the prepare workflow", "python -m monai.bundle run prepare --config_file bundle/configs/prepare.yaml"),
+    "training": (
+        "the training workflow",
+        "python -m monai.bundle run training --config_file bundle/configs/train.yaml",
+    ),
+    "finetune": (
+        "the finetune workflow",
+        "python -m monai.bundle run finetune --config_file bundle/configs/emphysema_finetune.yaml",
+    ),
     "embed": ("the embed workflow", "python -m monai.bundle run embed --config_file bundle/configs/embed.yaml"),
     "ablations": ("the ablation script", "python bundle/scripts/run_ablations.py"),
 }
@@ -42,8 +45,8 @@ _BUNDLE_PRODUCTS = (
     ("models/pretrained.pt", "training"),
     ("models/model.pt", "finetune"),
     ("demo_data/synthetic", "generate"),
-    ("demo_data/prepared", "prepare"),       # also prepared_covid, prepared_real_ct
-    ("demo_data/embeddings", "embed"),       # also embeddings_covid
+    ("demo_data/prepared", "prepare"),  # also prepared_covid, prepared_real_ct
+    ("demo_data/embeddings", "embed"),  # also embeddings_covid
     ("runs/ablations", "ablations"),
 )
 
@@ -82,8 +85,7 @@ class MissingInputError(FileNotFoundError):
     ``made_by``: a ``WORKFLOWS`` key (the message then gives that workflow's command) or a sentence saying
     where the input comes from; ``detail``: a short extra reason ("no manifest.csv")."""
 
-    def __init__(self, path, what: str = "input", made_by: str | None = None, detail: str | None = None,
-                 **overrides):
+    def __init__(self, path, what: str = "input", made_by: str | None = None, detail: str | None = None, **overrides):
         self.path, self.what, self.detail = str(path), what, detail
         self.made_by = workflow_command(made_by, **overrides) if made_by in WORKFLOWS else made_by
         super().__init__(self.message)
@@ -131,8 +133,11 @@ def input_error_in(error: BaseException | None) -> BaseException | None:
         seen.add(id(error))
         if isinstance(error, ONE_LINE_ERRORS):
             return error
-        error = error.__cause__ if error.__cause__ is not None else (
-            None if error.__suppress_context__ else error.__context__)
+        error = (
+            error.__cause__
+            if error.__cause__ is not None
+            else (None if error.__suppress_context__ else error.__context__)
+        )
     return None
 
 
@@ -171,5 +176,14 @@ def install_excepthook() -> None:
     sys.excepthook = hook
 
 
-__all__ = ["InputError", "MissingInputError", "WORKFLOWS", "workflow_command", "producer_of", "require",
-           "input_error_in", "install_excepthook", "one_line"]
+__all__ = [
+    "InputError",
+    "MissingInputError",
+    "WORKFLOWS",
+    "workflow_command",
+    "producer_of",
+    "require",
+    "input_error_in",
+    "install_excepthook",
+    "one_line",
+]

@@ -52,7 +52,7 @@ def bool_parameters(function) -> list[str]:
     try:
         hints = typing.get_type_hints(function)
     except Exception:  # noqa: BLE001 - an annotation that does not evaluate: fall back to its text
-        hints = {k: v for k, v in getattr(function, "__annotations__", {}).items()}
+        hints = dict(getattr(function, "__annotations__", {}))
     names = []
     for name, parameter in inspect.signature(function).parameters.items():
         hint = hints.get(name, parameter.annotation)

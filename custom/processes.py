@@ -69,8 +69,9 @@ def die_with_parent(parent_pid: int | None = None, interval: float = 1.0) -> boo
     direct = os.getppid() == parent_pid
     if not direct and not _alive(parent_pid):  # the parent died before the signal was armed
         os._exit(1)
-    threading.Thread(target=_watch_parent, args=(parent_pid, direct, interval), name="die-with-parent",
-                     daemon=True).start()
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid, direct, interval), name="die-with-parent", daemon=True
+    ).start()
     return armed
 
 

@@ -62,8 +62,11 @@ def read_embedding_table(path: str | Path) -> pd.DataFrame:
 def embedding_table(subject_ids: Sequence[str], vectors) -> pd.DataFrame:
     """The table of ``vectors`` (one row per subject): index subject_id (text), columns e0..e{D-1}."""
     vectors = np.asarray(vectors, dtype=np.float64).reshape(len(subject_ids), -1)
-    table = pd.DataFrame(vectors, index=pd.Index([str(s) for s in subject_ids], name=ID_COLUMN),
-                         columns=[f"e{i}" for i in range(vectors.shape[1])])
+    table = pd.DataFrame(
+        vectors,
+        index=pd.Index([str(s) for s in subject_ids], name=ID_COLUMN),
+        columns=[f"e{i}" for i in range(vectors.shape[1])],
+    )
     return table
 
 

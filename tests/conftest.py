@@ -93,7 +93,8 @@ def hand_cut_box_inputs(boxes, index, stride):
                 atlas = (boxes.region_to_atlas[index] @ np.r_[v, 1.0])[:3]
                 x = torch.empty(4, 32, 32, 32)
                 x[0] = hu_to_network(torch.as_tensor(hu, dtype=torch.float32))
-                x[1:] = torch.as_tensor(2.0 * (atlas - 16.0) / np.asarray(CORNER_MAX) - 1.0,
-                                        dtype=torch.float32).view(3, 1, 1, 1)
+                x[1:] = torch.as_tensor(2.0 * (atlas - 16.0) / np.asarray(CORNER_MAX) - 1.0, dtype=torch.float32).view(
+                    3, 1, 1, 1
+                )
                 out.append(x)
     return torch.stack(out)

@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from custom.embed.cohort import embed_cohort
-from custom.embed.cohort import load_network as load_variant_network
 from conftest import REPO_ROOT, write_patch_cache
 from monai.bundle import ConfigParser
 
+from custom.data.atlas import landmark_locations
+from custom.embed.cohort import embed_cohort, embed_patches
+from custom.embed.cohort import load_network as load_variant_network
 from custom.engine.ablation import (
     RUN_KEYS,
     VARIANT_IDS,
@@ -26,10 +26,8 @@ from custom.engine.ablation import (
     training_configs,
     training_settings,
 )
-from custom.data.atlas import landmark_locations
 from custom.model.conditioning import CONDITIONINGS, HyperConv3d
 from custom.model.drasclr import DrasCLR
-from custom.embed.cohort import embed_patches
 from custom.model.encoder import DrasCLREncoder
 from custom.model.loc_condconv import LocCondConv3d
 
@@ -76,12 +74,14 @@ def test_default_encoder_is_unchanged_loc_condconv():
 def test_hypernetwork_conv_batched_equals_its_per_sample_definition():
     layer = HyperConv3d(3, 5, stride=2)
     x, p = torch.randn(4, 3, 8, 8, 8), torch.rand(4, 3) * 2 - 1
-    expected = torch.cat([
-        torch.nn.functional.conv3d(x[i : i + 1], layer.kernels(p[i : i + 1])[0], layer.bias, 2, 1) for i in range(4)
-    ])
+    expected = torch.cat(
+        [torch.nn.functional.conv3d(x[i : i + 1], layer.kernels(p[i : i + 1])[0], layer.bias, 2, 1) for i in range(4)]
+    )
     torch.testing.assert_close(layer(x, p), expected, atol=1e-5, rtol=1e-4)
     shared = p[:1].expand(4, 3)
-    torch.testing.assert_close(layer(x, shared), torch.nn.functional.conv3d(x, layer.kernels(p[:1])[0], layer.bias, 2, 1))
+    torch.testing.assert_close(
+        layer(x, shared), torch.nn.functional.conv3d(x, layer.kernels(p[:1])[0], layer.bias, 2, 1)
+    )
     assert not torch.allclose(layer.kernels(p[:1]), layer.kernels(p[1:2]))
 
 
@@ -127,15 +127,24 @@ def test_zero_neighbours_disables_the_neighbour_loss():
     query = torch.randn(2, 1, 32, 32, 32)
     location = torch.tensor(landmark_locations()[[0, 2]])
     with torch.no_grad():
-        out = model(query, query, location, torch.tensor([0, 2]), neighbours=torch.zeros(2, 0, 1, 32, 32, 32),
-                    neighbour_locations=torch.zeros(2, 0, 3))
+        out = model(
+            query,
+            query,
+            location,
+            torch.tensor([0, 2]),
+            neighbours=torch.zeros(2, 0, 1, 32, 32, 32),
+            neighbour_locations=torch.zeros(2, 0, 3),
+        )
     assert "loss_neighbour" not in out and torch.equal(out["loss"], out["loss_local"])
 
 
 def test_ablation_config_sets_each_variant(cache):
     files = [str(CONFIGS / "train.yaml"), str(CONFIGS / "ablation.yaml")]
-    expected = {"plain_moco": ("none", 1, 16, 0), "neighbours_3": ("loc_condconv", 581, 16, 3),
-                "conditioning_hypernetwork": ("hypernetwork", 581, 16, 0)}
+    expected = {
+        "plain_moco": ("none", 1, 16, 0),
+        "neighbours_3": ("loc_condconv", 581, 16, 3),
+        "conditioning_hypernetwork": ("hypernetwork", 581, 16, 0),
+    }
     for name, (conditioning, queues, size, neighbours) in expected.items():
         parser = ConfigParser(ConfigParser.load_config_files(files))
         parser.update({"variant": name, "dataset_dir": str(cache)})
@@ -180,7 +189,11 @@ def test_every_variant_trains_with_drasclrs_budget_schedule_order_and_data(cache
         assert _own(settings) == _own(reference), name
         budget = planned_budget(variant)
         assert (budget["iterations"], budget["batch_size"], budget["max_epochs"], budget["epoch_length"]) == (
-            10, 4, 2, 5), name
+            10,
+            4,
+            2,
+            5,
+        ), name
         assert budget["queue_size"] == reference["queue_size"] == (4096 if paper else 16), name
         assert budget["num_queues"] == (1 if VARIANTS[name].global_queue else 581), name
         if not paper:  # the paper's one-landmark order needs 128 subjects; the cache has one
@@ -197,21 +210,27 @@ def test_a_variant_config_that_changes_a_training_setting_is_refused(tmp_path):
     from monai.bundle import ConfigParser
 
     tampered = tmp_path / "ablation.yaml"
-    tampered.write_text((CONFIGS / "ablation.yaml").read_text()
-                        + "max_epochs: 1\npretraining_def#queue_size: 4096\ntrain#sampler#seed: 7\n")
+    tampered.write_text(
+        (CONFIGS / "ablation.yaml").read_text()
+        + "max_epochs: 1\npretraining_def#queue_size: 4096\ntrain#sampler#seed: 7\n"
+    )
     drasclr, _ = training_configs("plain_moco")
     variant = ConfigParser()
     variant.read_config([str(CONFIGS / "train.yaml"), str(tampered)])
     variant.update({"variant": "plain_moco"})
-    assert set(inherited_differences(drasclr, variant)) == {"max_epochs", "pretraining_def#queue_size",
-                                                             "train#sampler#seed"}
+    assert set(inherited_differences(drasclr, variant)) == {
+        "max_epochs",
+        "pretraining_def#queue_size",
+        "train#sampler#seed",
+    }
     with pytest.raises(ValueError, match="would not train like DrasCLR"):
         check_inherited(drasclr, variant, "plain_moco")
 
 
 def test_weights_that_do_not_fit_the_variant_are_refused(tmp_path):
-    torch.save({f"encoder.{k}": v for k, v in DrasCLREncoder(conditioning="none").state_dict().items()},
-               tmp_path / "none.pt")
+    torch.save(
+        {f"encoder.{k}": v for k, v in DrasCLREncoder(conditioning="none").state_dict().items()}, tmp_path / "none.pt"
+    )
     with pytest.raises(ValueError, match="do not fit the 'loc_condconv' encoder"):
         load_variant_network(tmp_path / "none.pt", conditioning="loc_condconv")
     with pytest.raises(FileNotFoundError, match="model weights not found"):
@@ -221,8 +240,16 @@ def test_weights_that_do_not_fit_the_variant_are_refused(tmp_path):
 def test_runner_pretrains_plain_moco_embeds_and_resumes(cache, tmp_path, capsys):
     out = tmp_path / "ablations"
     run = _runner().main
-    run(dataset_dir=str(cache), out_dir=str(out), variants="plain_moco", max_epochs=1,
-        epoch_length=2, batch_size=4, num_workers=0, mlflow=True)
+    run(
+        dataset_dir=str(cache),
+        out_dir=str(out),
+        variants="plain_moco",
+        max_epochs=1,
+        epoch_length=2,
+        batch_size=4,
+        num_workers=0,
+        mlflow=True,
+    )
     for name in ("plain_moco",):
         table = pd.read_csv(out / name / "subject_embeddings.csv", dtype={"subject_id": str})
         assert list(table["subject_id"]) == ["sub000"] and table.shape == (1, 129)
@@ -232,10 +259,18 @@ def test_runner_pretrains_plain_moco_embeds_and_resumes(cache, tmp_path, capsys)
     record = json.loads((out / "plain_moco" / "variant.json").read_text())
     assert record["variant"]["global_queue"] and record["variant"]["conditioning"] == "none"
     # The budget it got, recorded and logged: what the DrasCLR run with the same overrides plans.
-    drasclr, _ = training_configs("plain_moco", dataset_dir=str(cache), max_epochs=1, epoch_length=2, batch_size=4,
-                                  num_workers=0, seed=0)
-    assert record["budget"] == {"iterations": 2, "batch_size": 4, "max_epochs": 1, "epoch_length": 2,
-                                "order": drasclr.get("order"), "queue_size": drasclr.get("queue_size"), "num_queues": 1}
+    drasclr, _ = training_configs(
+        "plain_moco", dataset_dir=str(cache), max_epochs=1, epoch_length=2, batch_size=4, num_workers=0, seed=0
+    )
+    assert record["budget"] == {
+        "iterations": 2,
+        "batch_size": 4,
+        "max_epochs": 1,
+        "epoch_length": 2,
+        "order": drasclr.get("order"),
+        "queue_size": drasclr.get("queue_size"),
+        "num_queues": 1,
+    }
     ran = {k: v for k, v in record["settings"].items() if k not in RUN_KEYS}  # not where or how it ran
     assert _own(ran) == _own({k: v for k, v in training_settings(drasclr, drasclr).items() if k not in RUN_KEYS})
     table = pd.read_csv(out / "ablations.csv").set_index("variant")
@@ -244,11 +279,30 @@ def test_runner_pretrains_plain_moco_embeds_and_resumes(cache, tmp_path, capsys)
 
     client = mlflow.MlflowClient(f"sqlite:///{out / 'mlruns.db'}")
     params = client.search_runs([client.get_experiment_by_name("drasclr_ablation").experiment_id])[0].data.params
-    assert {k: params[k] for k in ("iterations", "batch_size", "max_epochs", "epoch_length", "queue_size", "num_queues",
-                                   "seed", "learning_rate", "order")} == {
-        "iterations": "2", "batch_size": "4", "max_epochs": "1", "epoch_length": "2", "queue_size": "16",
-        "num_queues": "1", "seed": "0", "learning_rate": str(drasclr.get("learning_rate")),
-        "order": drasclr.get("order")}
+    assert {
+        k: params[k]
+        for k in (
+            "iterations",
+            "batch_size",
+            "max_epochs",
+            "epoch_length",
+            "queue_size",
+            "num_queues",
+            "seed",
+            "learning_rate",
+            "order",
+        )
+    } == {
+        "iterations": "2",
+        "batch_size": "4",
+        "max_epochs": "1",
+        "epoch_length": "2",
+        "queue_size": "16",
+        "num_queues": "1",
+        "seed": "0",
+        "learning_rate": str(drasclr.get("learning_rate")),
+        "order": drasclr.get("order"),
+    }
     assert set(record["settings"]) <= set(params)  # every inherited setting is an MLflow param
     trained = torch.load(out / "plain_moco" / "pretrained.pt")
     assert "encoder.conv1.weight" in trained and trained["encoder.conv1.weight"].shape == (8, 1, 3, 3, 3)
@@ -258,16 +312,30 @@ def test_runner_pretrains_plain_moco_embeds_and_resumes(cache, tmp_path, capsys)
     network = load_variant_network(out / "plain_moco" / "pretrained.pt", conditioning="none")
     patches_hu = np.load(cache / "sub000" / "patches.npy")[:64]
     expected = embed_patches(network, patches_hu, landmark_locations()[:64])
-    np.testing.assert_allclose(np.load(out / "plain_moco" / "patch_embeddings" / "sub000.npy")[:64], expected,
-                               rtol=1e-5, atol=1e-6)
-    again = embed_cohort(cache, out / "plain_moco" / "pretrained.pt", tmp_path / "again", conditioning="none",
-                         progress=False)
-    pd.testing.assert_frame_equal(again, pd.read_csv(out / "plain_moco" / "subject_embeddings.csv",
-                                                     dtype={"subject_id": str}), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        np.load(out / "plain_moco" / "patch_embeddings" / "sub000.npy")[:64], expected, rtol=1e-5, atol=1e-6
+    )
+    again = embed_cohort(
+        cache, out / "plain_moco" / "pretrained.pt", tmp_path / "again", conditioning="none", progress=False
+    )
+    pd.testing.assert_frame_equal(
+        again,
+        pd.read_csv(out / "plain_moco" / "subject_embeddings.csv", dtype={"subject_id": str}),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     # A second run skips the finished variants.
     stamp = (out / "plain_moco" / "variant.json").stat().st_mtime_ns
-    run(dataset_dir=str(cache), out_dir=str(out), variants="plain_moco", max_epochs=1, epoch_length=2, batch_size=4,
-        num_workers=0, mlflow=False)
+    run(
+        dataset_dir=str(cache),
+        out_dir=str(out),
+        variants="plain_moco",
+        max_epochs=1,
+        epoch_length=2,
+        batch_size=4,
+        num_workers=0,
+        mlflow=False,
+    )
     assert (out / "plain_moco" / "variant.json").stat().st_mtime_ns == stamp
     assert "finished in an earlier run" in capsys.readouterr().out
     assert set(VARIANTS) >= {"plain_moco", "neighbours_0"} and "random_location" not in VARIANTS

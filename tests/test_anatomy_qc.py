@@ -18,6 +18,8 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REAL_CT_SERIES as SERIES
+from conftest import REPO_ROOT as REPO
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
@@ -26,17 +28,14 @@ from custom.prepare.anatomy_qc import AnatomyQCError, assess, edge_shares
 from custom.prepare.landmarks import RegistrationQCError
 from custom.prepare.transforms import LoadCTd, LungMaskd, RegisterToAtlasd, run_transforms
 
-from conftest import REAL_CT_SERIES as SERIES
-from conftest import REPO_ROOT as REPO
-
 needs_real_ct = pytest.mark.skipif(not SERIES.is_dir(), reason=f"real CT not found at {SERIES} (set DRASCLR_REAL_CT)")
 
 
 # ----------------------------------------------------------------------------------------------- fast units
 def test_edge_shares_see_a_cut_base_but_not_the_trachea():
     lung = np.zeros((60, 50, 80), dtype=bool)
-    lung[10:25, 10:40, 0:70] = True   # right lung reaching the bottom face: cut off at the base
-    lung[35:50, 10:40, 5:70] = True   # left lung, whole
+    lung[10:25, 10:40, 0:70] = True  # right lung reaching the bottom face: cut off at the base
+    lung[35:50, 10:40, 5:70] = True  # left lung, whole
     lung[28:32, 20:24, 70:80] = True  # a 16 mm^2 "trachea" leaving through the top face
     shares = edge_shares(lung, (1.0, 1.0, 1.0), "LAS", edge_mm=3.0, airway_mm2=500.0)
     assert shares["inferior"] == pytest.approx(15 * 30 / (2 * 15 * 30), abs=1e-3)  # one of two lungs' section
@@ -47,18 +46,24 @@ def test_edge_shares_see_a_cut_base_but_not_the_trachea():
 
 
 def test_assess_fails_cut_off_and_flipped_unless_accepted_and_warns_on_thick_slices():
-    good = {"dice": 0.9, "share_inside_lung": 0.58, "atlas_share_inside_lung": 0.64,
-            "edge_share": {"inferior": 0.0, "superior": 0.0},
-            "orientation_dice": {"none": 0.89, "left-right": 0.82, "anterior-posterior": 0.75, "head-feet": 0.65},
-            "slice_mm": 1.0}
+    good = {
+        "dice": 0.9,
+        "share_inside_lung": 0.58,
+        "atlas_share_inside_lung": 0.64,
+        "edge_share": {"inferior": 0.0, "superior": 0.0},
+        "orientation_dice": {"none": 0.89, "left-right": 0.82, "anterior-posterior": 0.75, "head-feet": 0.65},
+        "slice_mm": 1.0,
+    }
     assert assess(good).status == "ok" and assess(good).reasons == []
     cut = {**good, "edge_share": {"inferior": 0.3, "superior": 0.0}}
     verdict = assess(cut)
     assert verdict.status == "failed" and "cut off at the inferior edge" in verdict.reasons[0]
     accepted = assess(cut, accept="cut_off")
     assert accepted.status == "warning" and accepted.reasons[0].endswith("(accepted)")
-    flipped = {**good, "orientation_dice": {"none": 0.70, "left-right": 0.68, "anterior-posterior": 0.66,
-                                            "head-feet": 0.89}}
+    flipped = {
+        **good,
+        "orientation_dice": {"none": 0.70, "left-right": 0.68, "anterior-posterior": 0.66, "head-feet": 0.89},
+    }
     assert "head-feet axis looks flipped" in assess(flipped).reasons[0]
     assert assess(flipped, accept=["flipped"]).status == "warning"
     assert assess(flipped, accept=["cut_off"]).status == "failed"
@@ -95,17 +100,23 @@ def real(tmp_path_factory):
     base, apex = qc_damage.lung_heights(lung, lung_affine)
 
     def write(case, image, image_affine, mask, mask_affine):
-        return (qc_damage.write_nifti(image, image_affine, folder / f"{case}.nii"),  # uncompressed: quicker
-                qc_damage.write_nifti(mask, mask_affine, folder / f"{case}_lung_mask.nii", mask=True))
+        return (
+            qc_damage.write_nifti(image, image_affine, folder / f"{case}.nii"),  # uncompressed: quicker
+            qc_damage.write_nifti(mask, mask_affine, folder / f"{case}_lung_mask.nii", mask=True),
+        )
 
     versions = {
-        "cut_inferior_40mm": write("cut_inferior_40mm", *qc_damage.cut(array, affine, below_mm=base + 40),
-                                   *qc_damage.cut(lung, lung_affine, below_mm=base + 40)),
+        "cut_inferior_40mm": write(
+            "cut_inferior_40mm",
+            *qc_damage.cut(array, affine, below_mm=base + 40),
+            *qc_damage.cut(lung, lung_affine, below_mm=base + 40),
+        ),
         "thick_10mm": write("thick_10mm", *qc_damage.thicken(array, affine, 10), lung, lung_affine),
     }
     for axis in range(3):
-        versions[f"flip_{'xyz'[axis]}"] = write(f"flip_{'xyz'[axis]}", qc_damage.flip(array, axis), affine,
-                                                qc_damage.flip(lung, axis), lung_affine)
+        versions[f"flip_{'xyz'[axis]}"] = write(
+            f"flip_{'xyz'[axis]}", qc_damage.flip(array, axis), affine, qc_damage.flip(lung, axis), lung_affine
+        )
     return {"original": original, "versions": versions, "loaded": {}}
 
 
@@ -145,8 +156,9 @@ def test_lungs_cut_off_at_the_base_fail_naming_the_file_unless_accepted(real):
 
 
 @needs_real_ct
-@pytest.mark.parametrize("case, axis", [("flip_z", "head-feet"), ("flip_y", "anterior-posterior"),
-                                        ("flip_x", "left-right")])
+@pytest.mark.parametrize(
+    "case, axis", [("flip_z", "head-feet"), ("flip_y", "anterior-posterior"), ("flip_x", "left-right")]
+)
 def test_flipped_voxel_data_fails_saying_which_axis(real, case, axis):
     with pytest.raises(AnatomyQCError, match=f"{axis} axis looks flipped") as info:
         RegisterToAtlasd("image")(_loaded(real, case))
@@ -181,15 +193,39 @@ def test_qc_sheet_orders_failed_then_warning_then_ok(tmp_path):
     landmarks = np.array([[20.0, 20.0, 20.0], [2.0, 2.0, 2.0]])
     rows = []
     for subject, status, reasons in (("a_fine", "ok", []), ("b_thick", "warning", ["slices 8 mm apart (> 5 mm)"])):
-        qc = {"subject_id": subject, "source": f"{subject}.nii.gz", "dice": 0.9, "share_inside_lung": 0.6,
-              "atlas_share_inside_lung": 0.64, "qc_status": status, "qc_reasons": reasons, "slice_mm": 2.0,
-              "edge_share": {"inferior": 0.0, "superior": 0.0}, "orientation_dice": {"none": 0.9, "head-feet": 0.7}}
-        cache.write_subject_entry(tmp_path, subject, np.zeros((2, 32, 32, 32), np.int16), landmarks, b"mat", {}, qc,
-                                  extra_files={"qc.png": subject_png(hu, lung, landmarks, subject, qc=qc)})
+        qc = {
+            "subject_id": subject,
+            "source": f"{subject}.nii.gz",
+            "dice": 0.9,
+            "share_inside_lung": 0.6,
+            "atlas_share_inside_lung": 0.64,
+            "qc_status": status,
+            "qc_reasons": reasons,
+            "slice_mm": 2.0,
+            "edge_share": {"inferior": 0.0, "superior": 0.0},
+            "orientation_dice": {"none": 0.9, "head-feet": 0.7},
+        }
+        cache.write_subject_entry(
+            tmp_path,
+            subject,
+            np.zeros((2, 32, 32, 32), np.int16),
+            landmarks,
+            b"mat",
+            {},
+            qc,
+            extra_files={"qc.png": subject_png(hu, lung, landmarks, subject, qc=qc)},
+        )
         rows.append({"subject_id": subject, "status": "ok", "path": subject, "source": qc["source"]})
-    rows.append({"subject_id": "c_cut", "status": "failed", "source": "c_cut.nii.gz", "path": "",
-                 "error": "c_cut.nii.gz: failed QC: lungs cut off at the inferior edge (42% ...) (to prepare it "
-                          "anyway: register accept ['cut_off'])"})
+    rows.append(
+        {
+            "subject_id": "c_cut",
+            "status": "failed",
+            "source": "c_cut.nii.gz",
+            "path": "",
+            "error": "c_cut.nii.gz: failed QC: lungs cut off at the inferior edge (42% ...) (to prepare it "
+            "anyway: register accept ['cut_off'])",
+        }
+    )
     manifest = cache.write_manifest(tmp_path, rows)
     assert manifest.qc_status.tolist() == ["ok", "warning", "failed"]
     assert manifest.qc_reason.tolist()[2] == "lungs cut off at the inferior edge (42% ...)"
@@ -256,17 +292,26 @@ def test_inference_fails_damaged_scans_with_the_reason_prepare_gives(real, tmp_p
     from custom.emphysema.network import EmphysemaNetwork
     from custom.prepare.workflow import prepare_cohort
 
-    items = [{"subject_id": case, "image": str(real["versions"][case][0]), "lung_mask": str(real["versions"][case][1])}
-             for case in ("flip_z", "cut_inferior_40mm")]
+    items = [
+        {"subject_id": case, "image": str(real["versions"][case][0]), "lung_mask": str(real["versions"][case][1])}
+        for case in ("flip_z", "cut_inferior_40mm")
+    ]
     cohort = tmp_path / "cohort.csv"
     pd.DataFrame(items).to_csv(cohort, index=False)
     prepare_cohort(cohort, tmp_path / "prepared", progress=False)
     prepared = pd.read_csv(tmp_path / "prepared" / "failures.csv", dtype=str).set_index("subject_id")
 
     torch.save(EmphysemaNetwork().state_dict(), tmp_path / "model.pt")
-    workflow = ConfigWorkflow(config_file=str(REPO / "bundle" / "configs" / "inference.yaml"), workflow_type="infer",
-                              logging_file=None, input=items, output_dir=str(tmp_path / "maps"),
-                              model_path=str(tmp_path / "model.pt"), progress=False, pictures=False)
+    workflow = ConfigWorkflow(
+        config_file=str(REPO / "bundle" / "configs" / "inference.yaml"),
+        workflow_type="infer",
+        logging_file=None,
+        input=items,
+        output_dir=str(tmp_path / "maps"),
+        model_path=str(tmp_path / "model.pt"),
+        progress=False,
+        pictures=False,
+    )
     workflow.initialize()
     workflow.run()
     workflow.finalize()

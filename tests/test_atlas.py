@@ -98,9 +98,7 @@ def test_random_ties_are_reproducible_per_seed():
     assert not np.array_equal(a, b)
     # Only tied slots can differ: every row keeps the same multiset of distances.
     dist = _distances(centres)
-    np.testing.assert_allclose(
-        np.sort(np.take_along_axis(dist, a, 1), 1), np.sort(np.take_along_axis(dist, b, 1), 1)
-    )
+    np.testing.assert_allclose(np.sort(np.take_along_axis(dist, a, 1), 1), np.sort(np.take_along_axis(dist, b, 1), 1))
     # Landmark j's draw uses its own generator (seed, j): dropping landmarks that are not among its candidates
     # (strictly nearer or tied) leaves its row unchanged.
     sub = nearest_neighbours(centres[:300], 2, seed=0)

@@ -58,9 +58,24 @@ def test_benchmark_refuses_a_batch_split_bn_cannot_cut():
 
 def test_benchmark_tiny_run_prints_speedup_and_peak_memory(tmp_path):
     out = subprocess.run(
-        [sys.executable, str(SCRIPTS / "benchmark_training.py"), "--batch_size", "4", "--queue_size", "16",
-         "--repeats", "1", "--bn_splits", "2", "--json_out", str(tmp_path / "bench.json")],
-        capture_output=True, text=True, env=_env(), timeout=300,
+        [
+            sys.executable,
+            str(SCRIPTS / "benchmark_training.py"),
+            "--batch_size",
+            "4",
+            "--queue_size",
+            "16",
+            "--repeats",
+            "1",
+            "--bn_splits",
+            "2",
+            "--json_out",
+            str(tmp_path / "bench.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr
     text = out.stdout
@@ -81,7 +96,11 @@ def test_benchmark_tiny_run_prints_speedup_and_peak_memory(tmp_path):
 def test_gpu_check_without_cuda_says_so_on_one_line_and_stops(tmp_path):
     log = tmp_path / "logs" / "gpu_check.log"
     out = subprocess.run(
-        ["bash", str(SCRIPTS / "gpu_check.sh")], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+        ["bash", str(SCRIPTS / "gpu_check.sh")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
         env=_env(PYTHON=sys.executable, GPU_CHECK_LOG=str(log)),
     )
     assert out.returncode != 0

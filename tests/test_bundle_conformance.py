@@ -16,8 +16,8 @@ import yaml
 from monai.bundle import ConfigParser, verify_net_in_out
 from packaging.requirements import Requirement
 
-from custom.zoo import conformance
 from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
+from custom.zoo import conformance
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = REPO_ROOT / "bundle"
@@ -37,10 +37,14 @@ def network_config(tmp_path_factory) -> Path:
     if INFERENCE_CONFIG.is_file():
         return INFERENCE_CONFIG
     path = tmp_path_factory.mktemp("config") / "network_def.yaml"
-    path.write_text(yaml.safe_dump({
-        "imports": ["$import custom"],
-        "network_def": {"_target_": "custom.emphysema.network.EmphysemaNetwork"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "imports": ["$import custom"],
+                "network_def": {"_target_": "custom.emphysema.network.EmphysemaNetwork"},
+            }
+        )
+    )
     return path
 
 
@@ -99,11 +103,23 @@ def test_schemas_resolve_their_refs_as_jsonschema_3_does(schema_file):
 @pytest.mark.skipif(not LEGACY_JSONSCHEMA_PYTHON.is_file(), reason="the MONAI Label venv (jsonschema 3.2) is not built")
 @pytest.mark.parametrize("schema_file", SCHEMA_FILES)
 def test_schemas_validate_under_monai_labels_jsonschema(schema_file):
-    code = ("import json, sys, jsonschema; from importlib.metadata import version; "
-            "jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); "
-            "print(version('jsonschema'))")
-    done = subprocess.run([str(LEGACY_JSONSCHEMA_PYTHON), "-c", code, str(BUNDLE / conformance.METADATA_RELPATH),
-                           str(BUNDLE / schema_file)], capture_output=True, text=True, timeout=120)
+    code = (
+        "import json, sys, jsonschema; from importlib.metadata import version; "
+        "jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); "
+        "print(version('jsonschema'))"
+    )
+    done = subprocess.run(
+        [
+            str(LEGACY_JSONSCHEMA_PYTHON),
+            "-c",
+            code,
+            str(BUNDLE / conformance.METADATA_RELPATH),
+            str(BUNDLE / schema_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "3.2.0"
 
@@ -117,8 +133,14 @@ def test_schema_rejects_metadata_without_a_required_field(tmp_path, field):
 
 @pytest.mark.parametrize(
     "where, key",
-    [(("inputs", "image"), "num_channels"), (("inputs", "image"), "modality"), (("inputs", "image"), "spatial_shape"),
-     (("outputs", "pred"), "num_channels"), (("outputs", "pred"), "dtype"), (("outputs", "pred"), "channel_def")],
+    [
+        (("inputs", "image"), "num_channels"),
+        (("inputs", "image"), "modality"),
+        (("inputs", "image"), "spatial_shape"),
+        (("outputs", "pred"), "num_channels"),
+        (("outputs", "pred"), "dtype"),
+        (("outputs", "pred"), "channel_def"),
+    ],
 )
 def test_schema_rejects_an_incomplete_network_data_format(tmp_path, where, key):
     broken = copy.deepcopy(METADATA)
@@ -156,7 +178,9 @@ def test_network_data_format_describes_the_emphysema_classifier():
 def test_package_versions_agree_with_the_declared_stack():
     """Every version in the metadata satisfies the requirements pyproject.toml declares (as installed);
     exact pins equal the installed versions; every declared package is listed."""
-    declared = {Requirement(line).name.lower(): Requirement(line) for line in package_metadata.requires("drasclr-bundle")}
+    declared = {
+        Requirement(line).name.lower(): Requirement(line) for line in package_metadata.requires("drasclr-bundle")
+    }
     listed = dict(METADATA["required_packages_version"])
     listed.update(monai=METADATA["monai_version"], torch=METADATA["pytorch_version"], numpy=METADATA["numpy_version"])
     missing = sorted(set(declared) - set(listed) - {"pytest", "jsonschema"})  # test-only extras
@@ -202,9 +226,14 @@ def test_verify_net_in_out_on_network_def(network_config):
     conformance.verify_network(network_config, BUNDLE)
     # The check is real: a metadata that promises another number of classes is rejected.
     with pytest.raises(ValueError, match="output channel number"):
-        verify_net_in_out(net_id="network_def", meta_file=str(BUNDLE / conformance.METADATA_RELPATH),
-                          config_file=str(network_config), device="cpu", bundle_root=str(BUNDLE),
-                          **{"_meta_#network_data_format#outputs#pred#num_channels": 5})
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=str(BUNDLE / conformance.METADATA_RELPATH),
+            config_file=str(network_config),
+            device="cpu",
+            bundle_root=str(BUNDLE),
+            **{"_meta_#network_data_format#outputs#pred#num_channels": 5},
+        )
 
 
 def test_ckpt_export_torchscript_gives_the_eager_outputs(tmp_path, network_config):
@@ -235,8 +264,9 @@ def test_ckpt_export_torchscript_gives_the_eager_outputs(tmp_path, network_confi
 
 def test_ckpt_export_rejects_a_missing_checkpoint(tmp_path, network_config):
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        conformance.export_torchscript(network_config, BUNDLE, ckpt_file=tmp_path / "absent.pt",
-                                       filepath=tmp_path / "model.ts")
+        conformance.export_torchscript(
+            network_config, BUNDLE, ckpt_file=tmp_path / "absent.pt", filepath=tmp_path / "model.ts"
+        )
 
 
 def test_check_runs_every_offline_check(network_config):

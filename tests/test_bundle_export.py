@@ -20,17 +20,18 @@ import torch
 import yaml
 
 import custom
-from custom.errors import MissingInputError
-from custom.zoo.export import bundle_name, export_bundle
-from custom.zoo.conformance import read_large_files, verify_large_files
 from custom.emphysema.network import EmphysemaNetwork
+from custom.errors import MissingInputError
+from custom.zoo.conformance import read_large_files, verify_large_files
+from custom.zoo.export import bundle_name, export_bundle
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = REPO_ROOT / "bundle"
 NAME = bundle_name(json.loads((BUNDLE / "configs" / "metadata.json").read_text()))
 # The config holding network_def: inference.yaml, or a one-entry config placed in the test bundle until it exists.
-NETWORK_CONFIG = "configs/inference.yaml" if (BUNDLE / "configs" / "inference.yaml").is_file() else \
-    "configs/network_def.yaml"
+NETWORK_CONFIG = (
+    "configs/inference.yaml" if (BUNDLE / "configs" / "inference.yaml").is_file() else "configs/network_def.yaml"
+)
 
 
 def _sha256(path: Path) -> str:
@@ -43,17 +44,28 @@ def source_bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("source") / "bundle"
     shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("demo_data", "runs", "models", "__pycache__"))
     if not (root / NETWORK_CONFIG).is_file():
-        (root / NETWORK_CONFIG).write_text(yaml.safe_dump({
-            "imports": ["$import custom"],
-            "network_def": {"_target_": "custom.emphysema.network.EmphysemaNetwork"},
-        }))
+        (root / NETWORK_CONFIG).write_text(
+            yaml.safe_dump(
+                {
+                    "imports": ["$import custom"],
+                    "network_def": {"_target_": "custom.emphysema.network.EmphysemaNetwork"},
+                }
+            )
+        )
     (root / "models" / "checkpoints").mkdir(parents=True)
     net = EmphysemaNetwork().eval()
     torch.save(net.state_dict(), root / "models" / "model.pt")
-    torch.save({k: v for k, v in net.state_dict().items() if k.startswith("encoder.")}, root / "models" / "pretrained.pt")
+    torch.save(
+        {k: v for k, v in net.state_dict().items() if k.startswith("encoder.")}, root / "models" / "pretrained.pt"
+    )
     (root / "models" / "checkpoints" / "checkpoint_10.pt").write_bytes(b"training state")
-    for clutter in ("demo_data/synthetic/cohort.csv", "runs/train/log.txt", "configs/__pycache__/x.cpython-311.pyc",
-                    "scripts/stale.pyc", ".tmp-1-half-written"):
+    for clutter in (
+        "demo_data/synthetic/cohort.csv",
+        "runs/train/log.txt",
+        "configs/__pycache__/x.cpython-311.pyc",
+        "scripts/stale.pyc",
+        ".tmp-1-half-written",
+    ):
         (root / clutter).parent.mkdir(parents=True, exist_ok=True)
         (root / clutter).write_text("not shipped")
     return root
@@ -62,17 +74,35 @@ def source_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def exported(source_bundle, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("dist")
-    return export_bundle(out, bundle_root=source_bundle, zip=True, include_pretrained=True, torchscript=True,
-                         inference_config=NETWORK_CONFIG)
+    return export_bundle(
+        out,
+        bundle_root=source_bundle,
+        zip=True,
+        include_pretrained=True,
+        torchscript=True,
+        inference_config=NETWORK_CONFIG,
+    )
 
 
 def test_export_holds_everything_the_bundle_needs(exported, source_bundle):
     bundle_dir = Path(exported["bundle_dir"])
     assert bundle_dir.name == NAME == "drasclr_lung_ct"
-    for rel in ("configs/metadata.json", NETWORK_CONFIG, "LICENSE", "large_files.yml", "docs/README.md",
-                "docs/data_license.txt", "resources/atlas/atlas_lung_mask.nii.gz", "resources/atlas/atlas_patch_loc.npy",
-                "resources/atlas/LICENSE", "resources/schema/metadata_schema.json", "scripts/export_bundle.py",
-                "models/model.pt", "models/pretrained.pt", "models/model.ts"):
+    for rel in (
+        "configs/metadata.json",
+        NETWORK_CONFIG,
+        "LICENSE",
+        "large_files.yml",
+        "docs/README.md",
+        "docs/data_license.txt",
+        "resources/atlas/atlas_lung_mask.nii.gz",
+        "resources/atlas/atlas_patch_loc.npy",
+        "resources/atlas/LICENSE",
+        "resources/schema/metadata_schema.json",
+        "scripts/export_bundle.py",
+        "models/model.pt",
+        "models/pretrained.pt",
+        "models/model.ts",
+    ):
         assert (bundle_dir / rel).is_file(), f"export lacks {rel}"
     package = Path(custom.__file__).resolve().parent
     expected = {p.relative_to(package) for p in package.rglob("*.py") if "__pycache__" not in p.parts}
@@ -105,8 +135,14 @@ def test_large_files_of_an_export_list_only_what_it_ships(source_bundle, tmp_pat
     result = export_bundle(tmp_path, bundle_root=source_bundle)
     bundle_dir = Path(result["bundle_dir"])
     assert result["models"] == ["models/model.pt"]
-    assert read_large_files(bundle_dir) == [{"path": "models/model.pt", "url": "", "hash_val":
-                                             _sha256(bundle_dir / "models" / "model.pt"), "hash_type": "sha256"}]
+    assert read_large_files(bundle_dir) == [
+        {
+            "path": "models/model.pt",
+            "url": "",
+            "hash_val": _sha256(bundle_dir / "models" / "model.pt"),
+            "hash_type": "sha256",
+        }
+    ]
     assert not (bundle_dir / "models" / "pretrained.pt").exists()
 
 
@@ -140,7 +176,7 @@ def test_export_refuses_to_clobber_and_reports_missing_weights(source_bundle, tm
     assert "the finetune workflow" in message and "--include_model false" in message
     with pytest.raises(FileNotFoundError, match="pretrained.pt"):
         export_bundle(tmp_path / "out", bundle_root=bare, include_model=False, include_pretrained=True)
-    assert not [p for p in (tmp_path / "out").iterdir()], "a failed export left files behind"
+    assert not list((tmp_path / "out").iterdir()), "a failed export left files behind"
     # Asked for explicitly: a development export without weights, whose large-file list is empty.
     dev = export_bundle(tmp_path / "out", bundle_root=bare, include_model=False)
     assert dev["models"] == [] and read_large_files(dev["bundle_dir"]) == []
@@ -150,10 +186,23 @@ def test_export_refuses_to_clobber_and_reports_missing_weights(source_bundle, tm
 def test_export_script_without_weights_is_one_error_line(source_bundle, tmp_path):
     bare = tmp_path / "bare"
     shutil.copytree(source_bundle, bare, ignore=shutil.ignore_patterns("models"))
-    done = subprocess.run([sys.executable, str(BUNDLE / "scripts" / "export_bundle.py"), "--out_dir",
-                           str(tmp_path / "dist"), "--bundle_root", str(bare), "--zip", "true"], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300,
-                          env={k: v for k, v in os.environ.items() if k != "DRASCLR_TRACEBACK"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BUNDLE / "scripts" / "export_bundle.py"),
+            "--out_dir",
+            str(tmp_path / "dist"),
+            "--bundle_root",
+            str(bare),
+            "--zip",
+            "true",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={k: v for k, v in os.environ.items() if k != "DRASCLR_TRACEBACK"},
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
     lines = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "model weights not found" in lines[0] and "models/model.pt" in lines[0], done.stderr
@@ -164,11 +213,14 @@ def test_export_cli(source_bundle, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("export_bundle_cli", BUNDLE / "scripts" / "export_bundle.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
-    cli.main(["--out_dir", str(tmp_path), "--bundle_root", str(source_bundle), "--zip", "true",
-              "--include_model", "false"])
+    cli.main(
+        ["--out_dir", str(tmp_path), "--bundle_root", str(source_bundle), "--zip", "true", "--include_model", "false"]
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["models"] == [] and Path(summary["zip"]).is_file()
-    assert (tmp_path / NAME / "custom" / "__init__.py").is_file() and not (tmp_path / NAME / "models" / "model.pt").exists()
+    assert (tmp_path / NAME / "custom" / "__init__.py").is_file() and not (
+        tmp_path / NAME / "models" / "model.pt"
+    ).exists()
     with pytest.raises(SystemExit):
         cli.main(["--out_dir", str(tmp_path), "--zip", "maybe"])
     assert "expected true or false" in capsys.readouterr().err
@@ -225,16 +277,27 @@ def test_exported_bundle_works_without_the_repository(exported, tmp_path):
     bundle_dir = Path(exported["bundle_dir"]).resolve()
     clean = tmp_path / "clean"
     clean.mkdir()
-    result = subprocess.run([sys.executable, "-S", "-c", ISOLATED_CHECKS, str(bundle_dir), NETWORK_CONFIG],
-                            check=False, cwd=clean, env=_isolated_env(bundle_dir), capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", ISOLATED_CHECKS, str(bundle_dir), NETWORK_CONFIG],
+        check=False,
+        cwd=clean,
+        env=_isolated_env(bundle_dir),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert Path(report["custom_file"]).resolve().is_relative_to(bundle_dir)
     assert Path(report["bundle_root"]).resolve() == bundle_dir
     assert Path(report["atlas_dir"]).resolve() == bundle_dir / "resources" / "atlas"
-    assert not [p for p in report["sys_path"] if p and Path(p).resolve().is_relative_to(REPO_ROOT)
-                and not Path(p).resolve().is_relative_to(REPO_ROOT / ".venv")], "the repository leaked onto sys.path"
+    assert not [
+        p
+        for p in report["sys_path"]
+        if p
+        and Path(p).resolve().is_relative_to(REPO_ROOT)
+        and not Path(p).resolve().is_relative_to(REPO_ROOT / ".venv")
+    ], "the repository leaked onto sys.path"
     assert report["ts_error"] < 1e-4
     if NETWORK_CONFIG.endswith("inference.yaml"):
         assert report["missing_properties"] == []
@@ -254,12 +317,31 @@ def test_exported_bundle_runs_inference_from_a_clean_directory(exported, tmp_pat
     clean = tmp_path / "clean"
     scan = make_phantom(tmp_path / "scans" / "phantom.nii.gz", spacing_mm=3.0, scale_range=(1.5, 1.6), seed=3).path
     clean.mkdir()
-    command = [sys.executable, "-S", "-m", "monai.bundle", "run", "inference",
-               "--config_file", str(bundle_dir / "configs" / "inference.yaml"), "--input", str(scan),
-               "--output_dir", str(clean / "out"), "--stride", "32", "--min_stride", "32",
-               "--pictures", "False", "--progress", "False"]
-    result = subprocess.run(command, check=False, cwd=clean, env=_isolated_env(bundle_dir), capture_output=True,
-                            text=True, timeout=900)
+    command = [
+        sys.executable,
+        "-S",
+        "-m",
+        "monai.bundle",
+        "run",
+        "inference",
+        "--config_file",
+        str(bundle_dir / "configs" / "inference.yaml"),
+        "--input",
+        str(scan),
+        "--output_dir",
+        str(clean / "out"),
+        "--stride",
+        "32",
+        "--min_stride",
+        "32",
+        "--pictures",
+        "False",
+        "--progress",
+        "False",
+    ]
+    result = subprocess.run(
+        command, check=False, cwd=clean, env=_isolated_env(bundle_dir), capture_output=True, text=True, timeout=900
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     subject = clean / "out" / "phantom"
     probabilities = nib.load(str(subject / "emphysema_probabilities.nii.gz"))

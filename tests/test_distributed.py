@@ -26,9 +26,12 @@ def _worker(rank, world, port, out_dir):
     torch.manual_seed(100 + rank)  # different data per rank
     b = 2
     batch = dict(
-        query=torch.randn(b, 1, 32, 32, 32), key=torch.randn(b, 1, 32, 32, 32),
-        location=torch.rand(b, 3) * 2 - 1, landmark_ids=torch.tensor([rank, 2]),
-        neighbours=torch.randn(b, 1, 1, 32, 32, 32), neighbour_locations=torch.rand(b, 1, 3),
+        query=torch.randn(b, 1, 32, 32, 32),
+        key=torch.randn(b, 1, 32, 32, 32),
+        location=torch.rand(b, 3) * 2 - 1,
+        landmark_ids=torch.tensor([rank, 2]),
+        neighbours=torch.randn(b, 1, 1, 32, 32, 32),
+        neighbour_locations=torch.rand(b, 1, 3),
     )
     rows = torch.arange(4, dtype=torch.float32).view(2, 2) + 10 * rank
     (shuffled,), undo = shuffle_batch(rows)
@@ -38,8 +41,14 @@ def _worker(rank, world, port, out_dir):
         local_keys = model.embed_keys(batch["key"], batch["location"])
         model(**batch)
     torch.save(
-        dict(queue=model.queue.keys, ptr=model.queue.ptr, keys=concat_all_gather(local_keys),
-             restored=restored, rows=rows, gathered=concat_all_gather(rows)),
+        dict(
+            queue=model.queue.keys,
+            ptr=model.queue.ptr,
+            keys=concat_all_gather(local_keys),
+            restored=restored,
+            rows=rows,
+            gathered=concat_all_gather(rows),
+        ),
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
     dist.destroy_process_group()

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import REPO_ROOT
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -25,8 +24,11 @@ pytestmark = pytest.mark.slow
 
 def _bundle_run(tmp_path, run_id, config, processes, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                if processes > 1 else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
     command = launcher + ["-m", "monai.bundle", "run", run_id, "--config_file", str(CONFIGS / config), *map(str, args)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
@@ -53,8 +55,18 @@ def cohort(tmp_path_factory):
 
 def _prepare(tmp_path, cohort, name, processes):
     cache = tmp_path / name
-    _bundle_run(tmp_path, "prepare", "prepare.yaml", processes, "--source", cohort / "cohort.csv",
-                "--cache_dir", cache, "--progress", "false")
+    _bundle_run(
+        tmp_path,
+        "prepare",
+        "prepare.yaml",
+        processes,
+        "--source",
+        cohort / "cohort.csv",
+        "--cache_dir",
+        cache,
+        "--progress",
+        "false",
+    )
     return cache
 
 
@@ -67,8 +79,11 @@ def test_prepare_embed_and_maps_under_torchrun_equal_one_process(cohort, tmp_pat
     assert two.subject_id.tolist() == one.subject_id.tolist()
     assert two["rank"].tolist() == [i % 2 for i in range(6)] and set(one["rank"]) == {0}
     pd.testing.assert_frame_equal(one.drop(columns=TIMING, errors="ignore"), two.drop(columns=TIMING, errors="ignore"))
-    assert (pd.read_csv(single / "failures.csv").drop(columns=["seconds"], errors="ignore")
-            .equals(pd.read_csv(sharded / "failures.csv").drop(columns=["seconds"], errors="ignore")))
+    assert (
+        pd.read_csv(single / "failures.csv")
+        .drop(columns=["seconds"], errors="ignore")
+        .equals(pd.read_csv(sharded / "failures.csv").drop(columns=["seconds"], errors="ignore"))
+    )
     for subject in one[one.status == "ok"].path:
         assert (single / subject / "patches.npy").read_bytes() == (sharded / subject / "patches.npy").read_bytes()
 
@@ -81,15 +96,29 @@ def test_prepare_embed_and_maps_under_torchrun_equal_one_process(cohort, tmp_pat
     embeddings = {}
     for name, processes in (("single", 1), ("sharded", 2)):
         out = tmp_path / f"embed_{name}"
-        _bundle_run(tmp_path, "embed", "embed.yaml", processes, "--source", single, "--out_dir", out,
-                    "--weights", weights, "--progress", "false")
+        _bundle_run(
+            tmp_path,
+            "embed",
+            "embed.yaml",
+            processes,
+            "--source",
+            single,
+            "--out_dir",
+            out,
+            "--weights",
+            weights,
+            "--progress",
+            "false",
+        )
         embeddings[name] = out
     a, b = (pd.read_csv(embeddings[n] / "subject_embeddings.csv", dtype={"subject_id": str}) for n in embeddings)
     assert len(a) == 5
     pd.testing.assert_frame_equal(a, b)
     for subject in a.subject_id:
-        assert np.array_equal(np.load(embeddings["single"] / "patch_embeddings" / f"{subject}.npy"),
-                              np.load(embeddings["sharded"] / "patch_embeddings" / f"{subject}.npy"))
+        assert np.array_equal(
+            np.load(embeddings["single"] / "patch_embeddings" / f"{subject}.npy"),
+            np.load(embeddings["sharded"] / "patch_embeddings" / f"{subject}.npy"),
+        )
 
     torch.manual_seed(0)
     model = tmp_path / "model.pt"
@@ -97,9 +126,24 @@ def test_prepare_embed_and_maps_under_torchrun_equal_one_process(cohort, tmp_pat
     maps = {}
     for name, processes in (("single", 1), ("sharded", 2)):
         out = tmp_path / f"maps_{name}"
-        _bundle_run(tmp_path, "inference", "inference.yaml", processes, "--input", cohort / "cohort.csv",
-                    "--output_dir", out, "--model_path", model, "--min_stride", 32, "--pictures", "false",
-                    "--progress", "false")
+        _bundle_run(
+            tmp_path,
+            "inference",
+            "inference.yaml",
+            processes,
+            "--input",
+            cohort / "cohort.csv",
+            "--output_dir",
+            out,
+            "--model_path",
+            model,
+            "--min_stride",
+            32,
+            "--pictures",
+            "false",
+            "--progress",
+            "false",
+        )
         maps[name] = out
     a, b = (pd.read_csv(maps[n] / "emphysema_report.csv", dtype={"subject_id": str}) for n in maps)
     assert len(a) == 5

@@ -56,8 +56,10 @@ def test_step_enqueues_the_keys_of_each_landmark_in_their_slots(bn_splits):
 
 def test_settings_are_validated_with_the_key_named():
     for bad, message in (
-        (dict(temperature=0.0), "temperature must be > 0"), (dict(queue_size=0), "queue_size must be at least 1"),
-        (dict(neighbour_loss="sum"), "neighbour_loss must be one of"), (dict(init="xavier"), "init must be one of"),
+        (dict(temperature=0.0), "temperature must be > 0"),
+        (dict(queue_size=0), "queue_size must be at least 1"),
+        (dict(neighbour_loss="sum"), "neighbour_loss must be one of"),
+        (dict(init="xavier"), "init must be one of"),
         (dict(bn_splits=0), "bn_splits must be at least 1"),
     ):
         with pytest.raises(ValueError, match=message):

@@ -9,8 +9,8 @@ from monai.bundle import ConfigWorkflow
 from test_official_checkpoint import official_state_dict
 
 from custom.data.atlas import landmark_locations
-from custom.embed.cohort import embed_cohort, load_network
 from custom.data.intensity import hu_to_network
+from custom.embed.cohort import embed_cohort, load_network
 from custom.model.network import DrasCLRNetwork
 from custom.model.official_checkpoint import load_official_encoder
 
@@ -48,8 +48,12 @@ def test_official_checkpoint_wins_over_weights(tmp_path):
     cache = write_patch_cache(tmp_path / "cache", num_subjects=1)
     official = official_state_dict()
     torch.save(official, tmp_path / "official.pth.tar")
-    table = _run(source=str(cache), out_dir=str(tmp_path / "out"), weights=str(tmp_path / "absent.pt"),
-                 official_checkpoint=str(tmp_path / "official.pth.tar"))
+    table = _run(
+        source=str(cache),
+        out_dir=str(tmp_path / "out"),
+        weights=str(tmp_path / "absent.pt"),
+        official_checkpoint=str(tmp_path / "official.pth.tar"),
+    )
     # independent path: the released query encoder loaded directly, applied to the cached patches
     encoder = load_official_encoder(official).eval()
     hu = torch.as_tensor(np.load(cache / "sub000" / "patches.npy")[:64].astype(np.float32))

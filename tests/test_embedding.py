@@ -1,8 +1,8 @@
 import numpy as np
 import pandas as pd
 import torch
-
 from conftest import write_patch_cache
+
 from custom.embed.cohort import embed_cohort, embed_patches, load_network
 from custom.model.network import DrasCLRNetwork
 

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import hand_cut_box_inputs
 from scipy import stats
 
-from conftest import hand_cut_box_inputs
 from custom.emphysema.cross_validation import (
     DetectionCrossValidation,
     DetectionResults,
@@ -56,15 +56,21 @@ def _boxes(labels, subjects=None, seed=0, laa_share=0.3) -> LabelledPatches:
         matrices.append(m)
     subjects = [f"S{k}" for k in range(n)] if subjects is None else list(subjects)
     table = pd.DataFrame({"subject_id": subjects, "label": [EMPHYSEMA_CLASSES[k] for k in labels]})
-    return LabelledPatches(regions.clip(-1024, 400).astype(np.int16), np.ones((n, 64, 64, 64), dtype=bool),
-                           np.stack(matrices), labels, table)
+    return LabelledPatches(
+        regions.clip(-1024, 400).astype(np.int16),
+        np.ones((n, 64, 64, 64), dtype=bool),
+        np.stack(matrices),
+        labels,
+        table,
+    )
 
 
 def _hand_cut_probabilities(network, boxes, index, stride):
     """(M, C): each evaluated patch of box ``index`` classified alone."""
     with torch.no_grad():
-        return np.stack([torch.softmax(network(x[None]), 1)[0].numpy()
-                         for x in hand_cut_box_inputs(boxes, index, stride)])
+        return np.stack(
+            [torch.softmax(network(x[None]), 1)[0].numpy() for x in hand_cut_box_inputs(boxes, index, stride)]
+        )
 
 
 def _spread_readout(network, inputs, scale=3.0):
@@ -99,15 +105,22 @@ def test_binary_detector_decision_is_the_25_percent_rule_by_brute_force():
     assert np.diff(-ranked[:3]).min() > 1e-2  # well-separated voxel probabilities: the counts below are exact
     for threshold, share0 in ((float(ranked[1] + ranked[2]) / 2, 2 / 8), (float(ranked[0] + ranked[1]) / 2, 1 / 8)):
         # threshold between box 0's 2nd and 3rd (1st and 2nd) largest p: 2 (1) of its 8 voxels lie above it
-        frame = DetectionRule(stride=16, threshold=threshold, batch_size=16).predict(network, boxes,
-                                                                                     subtype="centrilobular")
+        frame = DetectionRule(stride=16, threshold=threshold, batch_size=16).predict(
+            network, boxes, subtype="centrilobular"
+        )
         shares = (p_subtype > threshold).mean(axis=1)
         assert shares[0] == share0
         np.testing.assert_allclose(frame["share_centrilobular"], shares)
         assert frame["detected_centrilobular"].tolist() == (shares >= 0.25).tolist()
         assert frame["detected_centrilobular"].iloc[0] == (share0 >= 0.25)
-        assert list(frame.columns) == ["box", "subject_id", "label", "share_healthy", "share_centrilobular",
-                                       "detected_centrilobular"]
+        assert list(frame.columns) == [
+            "box",
+            "subject_id",
+            "label",
+            "share_healthy",
+            "share_centrilobular",
+            "detected_centrilobular",
+        ]
     # a detector of the wrong width is refused, not read as another rule
     with pytest.raises(ValueError, match="expects 2"):
         box_predictions(EmphysemaNetwork(num_classes=3).eval(), boxes, [0], stride=32, subtype="paraseptal")
@@ -125,8 +138,13 @@ def test_patch_laa_features_are_a_hand_count():
     region[0, 0:16] = -1024  # outside the box: never counted
     lungs[1, 20:30, 20:30, 20:30] = False  # box 1 has no lung voxel in the box ...
     region[1, 16:48, 16:48, 16:24] = -990  # ... so all its 32768 box voxels count: 8 of 32 slabs below -950
-    boxes = LabelledPatches(region, lungs, np.stack([np.eye(4)] * 2), np.array([H, C]),
-                            pd.DataFrame({"subject_id": ["A", "B"], "label": ["healthy", "centrilobular"]}))
+    boxes = LabelledPatches(
+        region,
+        lungs,
+        np.stack([np.eye(4)] * 2),
+        np.array([H, C]),
+        pd.DataFrame({"subject_id": ["A", "B"], "label": ["healthy", "centrilobular"]}),
+    )
     features = patch_laa_features(boxes, features=("laa950", "perc15"))
     assert features[0, 0] == pytest.approx(5 * 1024 / 24576)
     # box 0 lung voxels sorted: 3072 at -1000, 2048 at -960, the rest above; 15 % of 24575 = 3686.25 -> -960
@@ -158,8 +176,18 @@ def _table7_metrics(patch, random, subtype="centrilobular"):
     rows = []
     for fold, (a, b) in enumerate(zip(patch, random)):
         for location, value in (("patch", a), ("random", b)):
-            rows.append({"scheme": "linear_readout", "init": "pretrained", "fraction": 1.0, "task": "binary",
-                         "fold": fold, "subtype": subtype, "location": location, "accuracy": value})
+            rows.append(
+                {
+                    "scheme": "linear_readout",
+                    "init": "pretrained",
+                    "fraction": 1.0,
+                    "task": "binary",
+                    "fold": fold,
+                    "subtype": subtype,
+                    "location": location,
+                    "accuracy": value,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -207,16 +235,31 @@ def test_annotation_subsets_of_one_subtype_nest_and_keep_every_healthy_box():
 # ---------------------------------------------------------------- Table 5 writer
 def _table5_metrics(multiclass=False, skip=()):
     rows = []
-    runs = [r for r in experiments(fractions=[0.5], random_location=True, multiclass=multiclass)
-            if r.scheme not in skip]
+    runs = [
+        r for r in experiments(fractions=[0.5], random_location=True, multiclass=multiclass) if r.scheme not in skip
+    ]
     for run in runs:
         for fold in range(3):
             for subtype in ("centrilobular", "paraseptal"):
-                rows.append({"experiment": run.name, "scheme": run.scheme, "init": run.init, "fraction": run.fraction,
-                             "location": run.location, "task": run.task, "fold": fold, "subtype": subtype,
-                             "status": "ok", "f1": 0.5 + 0.1 * fold, "precision": 0.6, "recall": 0.7,
-                             "accuracy": 0.8 - 0.05 * (run.location == "random"), "n_train_boxes": 20,
-                             "n_train_positive": 10})
+                rows.append(
+                    {
+                        "experiment": run.name,
+                        "scheme": run.scheme,
+                        "init": run.init,
+                        "fraction": run.fraction,
+                        "location": run.location,
+                        "task": run.task,
+                        "fold": fold,
+                        "subtype": subtype,
+                        "status": "ok",
+                        "f1": 0.5 + 0.1 * fold,
+                        "precision": 0.6,
+                        "recall": 0.7,
+                        "accuracy": 0.8 - 0.05 * (run.location == "random"),
+                        "n_train_boxes": 20,
+                        "n_train_positive": 10,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -228,8 +271,11 @@ def test_table5_writer_emits_the_four_rows_of_each_subtype(tmp_path):
     for subtype in ("centrilobular", "paraseptal"):
         rows = table[table["subtype"] == subtype]
         assert list(zip(rows["scheme"], rows["model"])) == [
-            ("linear readout", "Patch LAA (logistic regression)"), ("linear readout", "DrasCLR (ours)"),
-            ("full fine-tuning", "patch-based CNN from scratch"), ("full fine-tuning", "DrasCLR (ours)")]
+            ("linear readout", "Patch LAA (logistic regression)"),
+            ("linear readout", "DrasCLR (ours)"),
+            ("full fine-tuning", "patch-based CNN from scratch"),
+            ("full fine-tuning", "DrasCLR (ours)"),
+        ]
         assert (rows["f1"] == "0.60 ± 0.10").all() and (rows["folds"] == 3).all()
     text = paths["table_md"].read_text()
     assert text.startswith("SYNTHETIC") and "Patch LAA: test" in text and text.count("| centrilobular |") == 4
@@ -251,8 +297,15 @@ class _RecordingRunner(FinetuneRunner):
 
     def train(self, patches, indices, pretrained_path, fold=0, num_classes=3):
         result = super().train(patches, indices, pretrained_path, fold, num_classes)
-        self.calls.append({"fold": fold, "labels": patches.labels[indices].tolist(), "indices": list(indices),
-                           "outputs": result.network.classifier.out_features, "num_classes": num_classes})
+        self.calls.append(
+            {
+                "fold": fold,
+                "labels": patches.labels[indices].tolist(),
+                "indices": list(indices),
+                "outputs": result.network.classifier.out_features,
+                "num_classes": num_classes,
+            }
+        )
         return result
 
 
@@ -265,13 +318,23 @@ def test_cross_validation_trains_one_binary_detector_per_subtype_on_shared_folds
     torch.save(DrasCLRNetwork().state_dict(), pretrained)
     runner = _RecordingRunner(freeze_encoder=True, epochs=2, lr=1e-2, batch_size=4)
     runner.calls = []
-    runs = [Experiment("patch_laa", "none"), Experiment("linear_readout", "pretrained"),
-            Experiment("linear_readout", "pretrained", location="random"),
-            Experiment("linear_readout", "pretrained", fraction=0.5),
-            Experiment("linear_readout", "pretrained", task="multiclass")]  # the optional extra row
-    cv = DetectionCrossValidation(boxes, pretrained, SubjectFolds(2, seed=0), runs,
-                                  {"patch_laa": PatchLAARunner(), "linear_readout": runner},
-                                  DetectionRule(stride=32, batch_size=16), RandomLocations(seed=1), progress=False)
+    runs = [
+        Experiment("patch_laa", "none"),
+        Experiment("linear_readout", "pretrained"),
+        Experiment("linear_readout", "pretrained", location="random"),
+        Experiment("linear_readout", "pretrained", fraction=0.5),
+        Experiment("linear_readout", "pretrained", task="multiclass"),
+    ]  # the optional extra row
+    cv = DetectionCrossValidation(
+        boxes,
+        pretrained,
+        SubjectFolds(2, seed=0),
+        runs,
+        {"patch_laa": PatchLAARunner(), "linear_readout": runner},
+        DetectionRule(stride=32, batch_size=16),
+        RandomLocations(seed=1),
+        progress=False,
+    )
     results = cv.run()
     folds = subject_folds(boxes, 2, 0)
     metrics, predictions = results.fold_metrics, results.predictions
@@ -290,8 +353,9 @@ def test_cross_validation_trains_one_binary_detector_per_subtype_on_shared_folds
         task = task_labels(boxes.labels, subtype)
         trainable = {0, 1} <= set(task[train].tolist())
         assert (rows["status"].iloc[0] == "ok") == trainable, (fold, subtype, name)
-        mine = predictions[(predictions["fold"] == fold) & (predictions["subtype"] == subtype)
-                           & (predictions["experiment"] == name)]
+        mine = predictions[
+            (predictions["fold"] == fold) & (predictions["subtype"] == subtype) & (predictions["experiment"] == name)
+        ]
         if trainable:  # tested on exactly this fold's healthy and subtype boxes
             assert sorted(mine["box"]) == sorted(test[task[test] >= 0].tolist())
             positives = int((task[train] == 1).sum())

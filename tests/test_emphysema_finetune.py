@@ -14,9 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from scipy import ndimage
 from conftest import hand_cut_box_inputs
+from scipy import ndimage
 
+from custom.data.intensity import hu_to_network
+from custom.data.location import CORNER_MAX
 from custom.emphysema.annotations import (
     AnnotationError,
     map_annotations,
@@ -32,11 +34,9 @@ from custom.emphysema.detection_rule import (
     subtype_scores,
 )
 from custom.emphysema.detection_tables import summarise
-from custom.emphysema.random_location import RandomLocations, with_random_locations
 from custom.emphysema.labelled_patches import LabelledPatches, load_labelled_patches
 from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
-from custom.data.intensity import hu_to_network
-from custom.data.location import CORNER_MAX
+from custom.emphysema.random_location import RandomLocations, with_random_locations
 from custom.model.network import DrasCLRNetwork
 from custom.synthetic.labels import EMPHYSEMA_CODES
 
@@ -51,8 +51,12 @@ def _prepared_dir(tmp_path, subjects=("S1",), shape=(60, 60, 60)):
         (root / sid).mkdir(parents=True)
         affine = np.diag([-1.0, 1.0, 1.0, 1.0])
         affine[:3, 3] = [30.0, -30.0, -30.0]
-        payload = {"subject_affine_ras": affine.tolist(), "subject_shape": list(shape),
-                   "subject_to_atlas_vox": np.eye(4).tolist(), "atlas_to_subject_vox": np.eye(4).tolist()}
+        payload = {
+            "subject_affine_ras": affine.tolist(),
+            "subject_shape": list(shape),
+            "subject_to_atlas_vox": np.eye(4).tolist(),
+            "atlas_to_subject_vox": np.eye(4).tolist(),
+        }
         (root / sid / "transform.json").write_text(pd.Series(payload).to_json())
         rows.append({"subject_id": sid, "status": "ok", "source": "x.nii.gz", "lung_mask": "auto", "path": sid})
     pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
@@ -86,8 +90,15 @@ def test_unknown_label_unprepared_subject_and_outside_centre_are_named(tmp_path)
 def test_world_centres_map_to_voxels_in_ras_and_lps(tmp_path):
     prepared = _prepared_dir(tmp_path)
     # voxel (10, 20, 30): RAS x = 30 - 10 = 20, y = -30 + 20 = -10, z = -30 + 30 = 0
-    table = pd.DataFrame({"subject_id": ["S1"], "label": ["CentriLobular"], "centre_x_mm": [20.2],
-                          "centre_y_mm": [-10.0], "centre_z_mm": [0.0]})
+    table = pd.DataFrame(
+        {
+            "subject_id": ["S1"],
+            "label": ["CentriLobular"],
+            "centre_x_mm": [20.2],
+            "centre_y_mm": [-10.0],
+            "centre_z_mm": [0.0],
+        }
+    )
     mapped = map_annotations(table, prepared)
     assert mapped[["voxel_x", "voxel_y", "voxel_z"]].iloc[0].tolist() == [10, 20, 30]
     assert mapped["label"].iloc[0] == "centrilobular"
@@ -116,8 +127,9 @@ def _random_boxes(n=3, seed=0, labels=None, subjects=None):
 def _brute_force_probabilities(network, boxes, index, stride):
     """Cut every evaluated patch from the stored region by hand and run the network on it alone."""
     with torch.no_grad():
-        return np.stack([torch.softmax(network(x[None]), 1)[0].numpy()
-                         for x in hand_cut_box_inputs(boxes, index, stride)])
+        return np.stack(
+            [torch.softmax(network(x[None]), 1)[0].numpy() for x in hand_cut_box_inputs(boxes, index, stride)]
+        )
 
 
 def test_box_offsets_cover_the_box():
@@ -156,14 +168,28 @@ def test_shares_scores_and_summary():
     probabilities[0, :1, 1] = 0.9  # 1 of 4 voxels above 0.5 -> share 0.25 -> detected
     probabilities[1, :, 1] = 0.5  # not > 0.5
     np.testing.assert_allclose(positive_shares(probabilities)[:, 1], [0.25, 0.0])
-    frame = pd.DataFrame({"label": ["centrilobular", "centrilobular", "healthy", "healthy", "paraseptal"],
-                          "detected_centrilobular": [True, False, True, False, True],
-                          "detected_paraseptal": [False] * 5})
+    frame = pd.DataFrame(
+        {
+            "label": ["centrilobular", "centrilobular", "healthy", "healthy", "paraseptal"],
+            "detected_centrilobular": [True, False, True, False, True],
+            "detected_paraseptal": [False] * 5,
+        }
+    )
     scores = subtype_scores(frame, "centrilobular")  # the paraseptal box is not part of this comparison
     assert scores["precision"] == 0.5 and scores["recall"] == 0.5 and scores["n_healthy"] == 2
     assert np.isnan(subtype_scores(frame, "paraseptal")["precision"])  # no positive call: undefined
-    folds = pd.DataFrame({"experiment": "a", "scheme": "s", "init": "p", "fraction": 1.0, "subtype": "x",
-                          "f1": [0.5, 1.0, np.nan], "precision": [1, 1, 1], "recall": [0.2, 0.4, 0.6]})
+    folds = pd.DataFrame(
+        {
+            "experiment": "a",
+            "scheme": "s",
+            "init": "p",
+            "fraction": 1.0,
+            "subtype": "x",
+            "f1": [0.5, 1.0, np.nan],
+            "precision": [1, 1, 1],
+            "recall": [0.2, 0.4, 0.6],
+        }
+    )
     row = summarise(folds).iloc[0]
     assert row["f1_n_folds"] == 2 and row["f1_mean"] == 0.75 and row["f1_text"] == "0.75 ± 0.35"
 
@@ -171,8 +197,13 @@ def test_shares_scores_and_summary():
 def test_folds_never_share_a_subject_and_subsets_nest():
     labels = np.array([0, 0, 0, 1, 1, 1, 1, 2, 2, 1, 0, 1, 1, 2, 0, 0])
     subjects = ["A", "A", "B", "C", "C", "D", "D", "D", "E", "F", "G", "G", "H", "H", "I", "J"]
-    boxes = LabelledPatches(np.zeros((16, 1, 1, 1)), np.zeros((16, 1, 1, 1), bool), np.zeros((16, 4, 4)), labels,
-                            pd.DataFrame({"subject_id": subjects}))
+    boxes = LabelledPatches(
+        np.zeros((16, 1, 1, 1)),
+        np.zeros((16, 1, 1, 1), bool),
+        np.zeros((16, 4, 4)),
+        labels,
+        pd.DataFrame({"subject_id": subjects}),
+    )
     folds = subject_folds(boxes, n_splits=5, seed=0)
     assert len(folds) == 5
     tested = np.concatenate([test for _, test in folds])
@@ -186,8 +217,15 @@ def test_folds_never_share_a_subject_and_subsets_nest():
     assert set(labels[small]) == set(labels[train])  # every class kept
     assert len(annotation_subset(labels, train, 1.0)) == len(train)
     with pytest.raises(ValueError, match="at least 2 subjects"):
-        subject_folds(LabelledPatches(boxes.regions[:2], boxes.lungs[:2], boxes.region_to_atlas[:2], labels[:2],
-                                      pd.DataFrame({"subject_id": ["A", "A"]})))
+        subject_folds(
+            LabelledPatches(
+                boxes.regions[:2],
+                boxes.lungs[:2],
+                boxes.region_to_atlas[:2],
+                labels[:2],
+                pd.DataFrame({"subject_id": ["A", "A"]}),
+            )
+        )
 
 
 @pytest.mark.parametrize("source", ["lung", "landmarks"])
@@ -247,8 +285,9 @@ def test_annotation_centres_land_on_their_lesions(demo_cohort):
     assert len(lesion) >= 6
     hits = []
     for subject_id, rows in lesion.groupby("subject_id"):
-        affine = np.asarray(json.loads((demo_cohort / "prepared" / subject_id / "transform.json").read_text())
-                            ["subject_affine_ras"])
+        affine = np.asarray(
+            json.loads((demo_cohort / "prepared" / subject_id / "transform.json").read_text())["subject_affine_ras"]
+        )
         codes = _ground_truth_code(demo_cohort, subject_id, affine, rows[["voxel_x", "voxel_y", "voxel_z"]].to_numpy())
         hits += list(codes == rows["label"].map(SUBTYPE_CODE).to_numpy())
     assert np.mean(hits) >= 0.9, np.mean(hits)
@@ -266,8 +305,15 @@ def _healthy_boxes(cohort, subject_id: str, count: int) -> pd.DataFrame:
     candidates = np.argwhere(free & inside & lung)
     picks = candidates[np.linspace(0, len(candidates) - 1, count).astype(int)]
     world = (image.affine @ np.c_[picks, np.ones(count)].T).T[:, :3]
-    return pd.DataFrame({"subject_id": subject_id, "label": "healthy", "centre_x_mm": world[:, 0],
-                         "centre_y_mm": world[:, 1], "centre_z_mm": world[:, 2]})
+    return pd.DataFrame(
+        {
+            "subject_id": subject_id,
+            "label": "healthy",
+            "centre_x_mm": world[:, 0],
+            "centre_y_mm": world[:, 1],
+            "centre_z_mm": world[:, 2],
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -292,8 +338,14 @@ def cohort_boxes(demo_cohort, tmp_path_factory):
     with torch.no_grad():
         network(torch.stack([patches.inputs(i) for i in range(len(patches))]))
     torch.save(network.state_dict(), pretrained)
-    return {"annotations": path, "patches": patches, "cache": root / "boxes.npz", "pretrained": pretrained,
-            "prepared": demo_cohort / "prepared", "root": root}
+    return {
+        "annotations": path,
+        "patches": patches,
+        "cache": root / "boxes.npz",
+        "pretrained": pretrained,
+        "prepared": demo_cohort / "prepared",
+        "root": root,
+    }
 
 
 @pytest.mark.slow
@@ -344,8 +396,15 @@ def test_full_finetuning_changes_the_encoder_and_writes_a_loadable_model(cohort_
     patches, pretrained = cohort_boxes["patches"], cohort_boxes["pretrained"]
     before = {k: v.detach().clone() for k, v in emphysema_network(pretrained).encoder.named_parameters()}
     model_path = tmp_path / "models" / "model.pt"
-    run = finetune(patches, pretrained_path=pretrained, freeze_encoder=False, epochs=1, lr=1e-3, batch_size=3,
-                   model_path=model_path)
+    run = finetune(
+        patches,
+        pretrained_path=pretrained,
+        freeze_encoder=False,
+        epochs=1,
+        lr=1e-3,
+        batch_size=3,
+        model_path=model_path,
+    )
     assert all(np.isfinite(run.epoch_losses))
     after = dict(run.network.encoder.named_parameters())
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -379,20 +438,43 @@ def detection_boxes(demo_cohort, cohort_boxes):
 def test_bundle_configs_finetune_and_detection(cohort_boxes, detection_boxes, tmp_path):
     from monai.bundle import run
 
-    common = {"annotations": str(cohort_boxes["annotations"]), "prepared_dir": str(cohort_boxes["prepared"]),
-              "patch_cache": str(cohort_boxes["cache"]), "pretrained_path": str(cohort_boxes["pretrained"]),
-              "progress": False, "mlflow": False}
+    common = {
+        "annotations": str(cohort_boxes["annotations"]),
+        "prepared_dir": str(cohort_boxes["prepared"]),
+        "patch_cache": str(cohort_boxes["cache"]),
+        "pretrained_path": str(cohort_boxes["pretrained"]),
+        "progress": False,
+        "mlflow": False,
+    }
     config = str(Path(__file__).resolve().parent.parent / "bundle" / "configs" / "emphysema_finetune.yaml")
     model_path = tmp_path / "model.pt"
-    run("finetune", config_file=config, freeze_encoder=True, epochs=2, model_path=str(model_path),
-        output_dir=str(tmp_path / "ft"), **common)
+    run(
+        "finetune",
+        config_file=config,
+        freeze_encoder=True,
+        epochs=2,
+        model_path=str(model_path),
+        output_dir=str(tmp_path / "ft"),
+        **common,
+    )
     state = torch.load(model_path)
     assert {k.split(".")[0] for k in state} == {"encoder", "classifier"}
     EmphysemaNetwork().load_state_dict(state)
     out = tmp_path / "detection"
     common.update(annotations=str(detection_boxes["annotations"]), patch_cache=str(detection_boxes["cache"]))
-    run("detection", config_file=config, detection_dir=str(out), folds=2, fractions=[0.5, 1.0], stride=32,
-        cv_epochs_linear=2, cv_epochs_full=1, batch_size=2, laa_features=["laa950", "perc15"], **common)
+    run(
+        "detection",
+        config_file=config,
+        detection_dir=str(out),
+        folds=2,
+        fractions=[0.5, 1.0],
+        stride=32,
+        cv_epochs_linear=2,
+        cv_epochs_full=1,
+        batch_size=2,
+        laa_features=["laa950", "perc15"],
+        **common,
+    )
     metrics = pd.read_csv(out / "fold_metrics.csv")
     cle = metrics[metrics["subtype"] == "centrilobular"]
     assert (cle["status"] == "ok").all() and len(cle) == 2 * 6  # 2 folds x (LAA, linear, random, full, 0.5, scratch)
@@ -400,8 +482,12 @@ def test_bundle_configs_finetune_and_detection(cohort_boxes, detection_boxes, tm
     assert (metrics.loc[metrics["subtype"] == "paraseptal", "status"].str.startswith("not trained")).all()
     table = pd.read_csv(out / "detection_table.csv", keep_default_na=False)  # "n/a" stays text
     assert len(table) == 8 and (table.groupby("subtype").size() == 4).all()  # four rows per subtype
-    assert table["model"].tolist()[:4] == ["Patch LAA (logistic regression)", "DrasCLR (ours)",
-                                           "patch-based CNN from scratch", "DrasCLR (ours)"]
+    assert table["model"].tolist()[:4] == [
+        "Patch LAA (logistic regression)",
+        "DrasCLR (ours)",
+        "patch-based CNN from scratch",
+        "DrasCLR (ours)",
+    ]
     assert (table.loc[table["subtype"] == "paraseptal", "f1"] == "n/a").all()
     predictions = pd.read_csv(out / "box_predictions.csv")
     assert set(predictions["label"]) == {"centrilobular", "healthy"}
@@ -430,8 +516,9 @@ def test_random_locations_move_boxes_into_the_atlas_lung_and_table7_tests_folds(
     from custom.emphysema.labelled_patches import CENTRE_IN_REGION, load_labelled_patches
     from custom.emphysema.random_location import location_table, with_random_locations
 
-    patches = load_labelled_patches(cohort_boxes["annotations"], cohort_boxes["prepared"], cohort_boxes["cache"],
-                                    progress=False)
+    patches = load_labelled_patches(
+        cohort_boxes["annotations"], cohort_boxes["prepared"], cohort_boxes["cache"], progress=False
+    )
     moved = with_random_locations(patches, seed=3)
     again = with_random_locations(patches, seed=3)
     np.testing.assert_array_equal(moved.region_to_atlas, again.region_to_atlas)  # reproducible draw
@@ -448,8 +535,17 @@ def test_random_locations_move_boxes_into_the_atlas_lung_and_table7_tests_folds(
     rows = []
     for fold, (patch_acc, random_acc) in enumerate([(0.9, 0.7), (0.8, 0.75), (0.95, 0.6)]):
         for location, accuracy in (("patch", patch_acc), ("random", random_acc)):
-            rows.append({"scheme": "linear_readout", "init": "pretrained", "fraction": 1.0, "fold": fold,
-                         "subtype": "centrilobular", "location": location, "accuracy": accuracy})
+            rows.append(
+                {
+                    "scheme": "linear_readout",
+                    "init": "pretrained",
+                    "fraction": 1.0,
+                    "fold": fold,
+                    "subtype": "centrilobular",
+                    "location": location,
+                    "accuracy": accuracy,
+                }
+            )
     table = location_table(pd.DataFrame(rows)).iloc[0]
     assert table["patch location"] == "0.88 ± 0.08" and table["random location folds"] == 3
     expected = stats.ttest_rel([0.9, 0.8, 0.95], [0.7, 0.75, 0.6], alternative="greater").pvalue  # same folds

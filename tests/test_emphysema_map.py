@@ -37,7 +37,10 @@ class LocationReadout(nn.Module):
         return self.classifier(x[:, 1:4, c, c, c])
 
 
-def _small_scan(shape=(22, 20, 18), lung_box=(slice(6, 9), slice(5, 8), slice(6, 9)), seed=0):
+SMALL_LUNG_BOX = (slice(6, 9), slice(5, 8), slice(6, 9))
+
+
+def _small_scan(shape=(22, 20, 18), lung_box=SMALL_LUNG_BOX, seed=0):
     rng = np.random.default_rng(seed)
     hu = rng.normal(-850, 60, shape).astype(np.float32)
     lung = np.zeros(shape, bool)
@@ -154,10 +157,19 @@ def _write_model(path, seed=0):
 def _run_config(tmp_path, data, model_path, stride=48, **overrides):
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=str(CONFIG), workflow_type="infer", logging_file=None,
-                              meta_file=str(REPO_ROOT / "bundle" / "configs" / "metadata.json"),
-                              input=data, output_dir=str(tmp_path / "out"), model_path=str(model_path),
-                              stride=stride, min_stride=stride, progress=False, **overrides)
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIG),
+        workflow_type="infer",
+        logging_file=None,
+        meta_file=str(REPO_ROOT / "bundle" / "configs" / "metadata.json"),
+        input=data,
+        output_dir=str(tmp_path / "out"),
+        model_path=str(model_path),
+        stride=stride,
+        min_stride=stride,
+        progress=False,
+        **overrides,
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     workflow.run()
@@ -189,8 +201,9 @@ def test_inference_config_end_to_end_on_a_demo_subject(demo_cohort, tmp_path):
     item = _demo_subject(demo_cohort)
     bad = tmp_path / "broken.nii.gz"
     bad.write_bytes(b"not a nifti file")
-    out = _run_config(tmp_path, [item, {"subject_id": "broken", "image": str(bad)}],
-                      _write_model(tmp_path / "model.pt"))
+    out = _run_config(
+        tmp_path, [item, {"subject_id": "broken", "image": str(bad)}], _write_model(tmp_path / "model.pt")
+    )
     header = nib.load(item["image"])
     report = _check_outputs(out, item["subject_id"], header.affine, header.shape)
     table = pd.read_csv(out / "emphysema_report.csv")
@@ -226,8 +239,8 @@ def test_inference_config_end_to_end_on_a_demo_subject(demo_cohort, tmp_path):
 def test_inference_config_on_the_real_ct(tmp_path):
     if not REAL_CT.is_dir():
         pytest.skip(f"real CT not found at {REAL_CT} (TCIA Lung-PET-CT-Dx A0001, see ../shared/data/real_ct)")
-    from custom.prepare.transforms import input_grid
     from custom.prepare.io import load_ct
+    from custom.prepare.transforms import input_grid
 
     ct = load_ct(REAL_CT, axcodes="LAS")
     affine, shape = input_grid(REAL_CT, ct)

@@ -162,8 +162,9 @@ def test_cox_fold_design_uses_training_rows_and_finds_signal(cohort):
     design = _fold_design(x, cov.to_numpy(), train, pca_components=3, seed=0)
     np.testing.assert_allclose(design[train].mean(axis=0), 0.0, atol=1e-9)
     assert np.abs(design[60:].mean(axis=0)).max() > 1e-3
-    result = cross_validated_cox(x, cov, table["survival_years"], table["death_event"], folds=5, seed=0,
-                                 pca_components=3, n_bootstrap=50)
+    result = cross_validated_cox(
+        x, cov, table["survival_years"], table["death_event"], folds=5, seed=0, pca_components=3, n_bootstrap=50
+    )
     assert result.status == "ok" and result.n_folds == 5
     assert np.all(result.concordance > 0.6), result.concordance
     assert np.all((result.standard_error > 0) & (result.standard_error < 0.2))
@@ -174,8 +175,16 @@ def test_cox_fold_design_uses_training_rows_and_finds_signal(cohort):
 
 
 def test_bode_index_points():
-    table = pd.DataFrame({"fev1pp": [70, 55, 40, 30], "six_minute_walk_m": [400, 300, 200, 100],
-                          "mmrc": [1, 2, 3, 4], "bmi": [25, 21, 19, 30]})
-    np.testing.assert_array_equal(bode_index(table).to_numpy(), [0, 4, 7, 9])  # 55 -> 1, 300 m -> 1, mMRC 2 -> 1, BMI 21 -> 1
+    table = pd.DataFrame(
+        {
+            "fev1pp": [70, 55, 40, 30],
+            "six_minute_walk_m": [400, 300, 200, 100],
+            "mmrc": [1, 2, 3, 4],
+            "bmi": [25, 21, 19, 30],
+        }
+    )
+    np.testing.assert_array_equal(
+        bode_index(table).to_numpy(), [0, 4, 7, 9]
+    )  # 55 -> 1, 300 m -> 1, mMRC 2 -> 1, BMI 21 -> 1
     with pytest.raises(KeyError, match="mmrc"):
         bode_index(table.drop(columns="mmrc"))

@@ -50,12 +50,21 @@ def inputs(tmp_path_factory):
     covid.to_csv(root / "covid_clinical.csv", index=False)
     _embeddings(covid[["involvement_fraction"]].to_numpy(), covid["subject_id"], 0.2, 3).to_csv(root / "covid.csv")
     (root / "detection").mkdir()
-    pd.DataFrame({"scheme": ["linear readout"], "initialisation": ["pretrained"], "centrilobular f1": ["0.8 ± 0.1"]}
-                 ).to_csv(root / "detection" / "detection_table.csv", index=False)
-    pd.DataFrame({"init": ["pretrained"] * 2 + ["scratch"] * 2, "fraction": [0.5, 1.0] * 2, "subtype": "paraseptal",
-                  "f1_mean": [0.6, 0.8, 0.5, 0.7], "f1_sd": 0.05}).to_csv(root / "detection" / "efficiency.csv")
-    report = clinical[["subject_id"]].assign(lung_centrilobular_pct=100 * clinical["cle_fraction"],
-                                             lung_paraseptal_pct=100 * clinical["paraseptal_fraction"])
+    pd.DataFrame(
+        {"scheme": ["linear readout"], "initialisation": ["pretrained"], "centrilobular f1": ["0.8 ± 0.1"]}
+    ).to_csv(root / "detection" / "detection_table.csv", index=False)
+    pd.DataFrame(
+        {
+            "init": ["pretrained"] * 2 + ["scratch"] * 2,
+            "fraction": [0.5, 1.0] * 2,
+            "subtype": "paraseptal",
+            "f1_mean": [0.6, 0.8, 0.5, 0.7],
+            "f1_sd": 0.05,
+        }
+    ).to_csv(root / "detection" / "efficiency.csv")
+    report = clinical[["subject_id"]].assign(
+        lung_centrilobular_pct=100 * clinical["cle_fraction"], lung_paraseptal_pct=100 * clinical["paraseptal_fraction"]
+    )
     report.to_csv(root / "detection" / "emphysema_report.csv", index=False)
     return root
 
@@ -65,18 +74,27 @@ def test_evaluate_config_end_to_end(inputs, tmp_path):
     tracking_uri_before = os.environ.get("MLFLOW_TRACKING_URI")
     parser = ConfigParser()
     parser.read_config(str(CONFIG))
-    parser.update({
-        "output_dir": str(tmp_path / "out"), "clinical": str(root / "clinical.csv"), "prepared_cache": None,
-        "embeddings": {"DrasCLR": str(root / "drasclr"), "Plain MoCo": str(root / "absent"),
-                       "Neighbours = 1": str(root / "neighbours_1.csv")},
-        "survival#repeats": 1, "survival#bootstrap": 30,
-        "covid#clinical": str(root / "covid_clinical.csv"), "covid#embeddings": {"DrasCLR": str(root / "covid.csv")},
-        "covid#prepared_cache": None,
-        "detection#tables#table5_emphysema_detection#path": str(root / "detection" / "detection_table.csv"),
-        "detection#label_efficiency#path": str(root / "detection" / "efficiency.csv"),
-        "detection#detected_fractions#path": str(root / "detection" / "emphysema_report.csv"),
-        "mlflow#tracking_uri": path_to_sqlite_uri(str(tmp_path / "mlruns.db")),
-    })
+    parser.update(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "clinical": str(root / "clinical.csv"),
+            "prepared_cache": None,
+            "embeddings": {
+                "DrasCLR": str(root / "drasclr"),
+                "Plain MoCo": str(root / "absent"),
+                "Neighbours = 1": str(root / "neighbours_1.csv"),
+            },
+            "survival#repeats": 1,
+            "survival#bootstrap": 30,
+            "covid#clinical": str(root / "covid_clinical.csv"),
+            "covid#embeddings": {"DrasCLR": str(root / "covid.csv")},
+            "covid#prepared_cache": None,
+            "detection#tables#table5_emphysema_detection#path": str(root / "detection" / "detection_table.csv"),
+            "detection#label_efficiency#path": str(root / "detection" / "efficiency.csv"),
+            "detection#detected_fractions#path": str(root / "detection" / "emphysema_report.csv"),
+            "mlflow#tracking_uri": path_to_sqlite_uri(str(tmp_path / "mlruns.db")),
+        }
+    )
     parser.get_parsed_content("evaluate")  # runs the workflow
     out = tmp_path / "out"
     notes = (out / "notes.txt").read_text()
@@ -121,9 +139,16 @@ def test_missing_column_names_the_file_and_the_column(inputs, tmp_path):
     clinical.to_csv(tmp_path / "clinical.csv", index=False)
     parser = ConfigParser()
     parser.read_config(str(CONFIG))
-    parser.update({"output_dir": str(tmp_path / "out"), "clinical": str(tmp_path / "clinical.csv"),
-                   "prepared_cache": None, "embeddings": {"DrasCLR": str(inputs / "drasclr")},
-                   "targets": {"fev1": {"column": "fev1pp", "kind": "continuous"}}, "mlflow#enabled": False})
+    parser.update(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "clinical": str(tmp_path / "clinical.csv"),
+            "prepared_cache": None,
+            "embeddings": {"DrasCLR": str(inputs / "drasclr")},
+            "targets": {"fev1": {"column": "fev1pp", "kind": "continuous"}},
+            "mlflow#enabled": False,
+        }
+    )
     with pytest.raises(KeyError, match=r"clinical\.csv: missing column\(s\) \['fev1pp'\]"):
         parser.get_parsed_content("evaluation").run()
     bad = pd.read_csv(inputs / "neighbours_1.csv").assign(e3="x")

@@ -10,10 +10,24 @@ from custom.engine.checkpointing import resume_path
 from custom.flags import as_bool
 
 
-@pytest.mark.parametrize("value,expected", [
-    (True, True), (False, False), (1, True), (0, False), ("true", True), ("True", True), (" yes ", True),
-    ("1", True), ("false", False), ("False", False), ("no", False), ("0", False), ("off", False),
-])
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (True, True),
+        (False, False),
+        (1, True),
+        (0, False),
+        ("true", True),
+        ("True", True),
+        (" yes ", True),
+        ("1", True),
+        ("false", False),
+        ("False", False),
+        ("no", False),
+        ("0", False),
+        ("off", False),
+    ],
+)
 def test_as_bool(value, expected):
     assert as_bool(value) is expected
 

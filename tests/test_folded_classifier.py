@@ -88,8 +88,9 @@ def test_probabilities_and_maps_match_the_network_path():
     channels, lung = _scan()
     centres = torch.tensor([[0, 0, 0], [39, 37, 35], [20, 18, 17], [3, 30, 1]])  # patches leaving the scan too
     expected = probabilities_at(network, channels, centres)
-    torch.testing.assert_close(folded_probabilities_at(FoldedClassifier(network), channels, centres, batch_size=3),
-                               expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        folded_probabilities_at(FoldedClassifier(network), channels, centres, batch_size=3), expected, rtol=0, atol=1e-5
+    )
     torch.testing.assert_close(classifier_probabilities_at(network, channels, centres), expected, rtol=0, atol=1e-5)
     folded = EmphysemaInferer(stride=4, min_stride=2, threshold=0.4, batch_size=8)
     plain = EmphysemaInferer(stride=4, min_stride=2, threshold=0.4, batch_size=8, folded="false")

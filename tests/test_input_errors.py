@@ -45,16 +45,29 @@ def console_lines(stderr: str) -> list:
 
 def run_bundle(*args, env=None, timeout=300):
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "monai.bundle", "run", *args], cwd=REPO, env=env or ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args],
+        cwd=REPO,
+        env=env or ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return done, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------- the real workflows
 def test_inference_without_model_is_one_line(tmp_path):
     model = tmp_path / "none.pt"
-    done, seconds = run_bundle("inference", "--config_file", "bundle/configs/inference.yaml",
-                               "--model_path", str(model), "--output_dir", str(tmp_path / "maps"))
+    done, seconds = run_bundle(
+        "inference",
+        "--config_file",
+        "bundle/configs/inference.yaml",
+        "--model_path",
+        str(model),
+        "--output_dir",
+        str(tmp_path / "maps"),
+    )
     lines = console_lines(done.stderr)
     assert done.returncode == 1, done.stderr[-2000:]
     assert len(lines) == 1, done.stderr[-3000:]
@@ -69,8 +82,15 @@ def test_inference_without_model_is_one_line(tmp_path):
 def test_training_without_prepared_data_is_one_line(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    done, _ = run_bundle("training", "--config_file", "bundle/configs/train.yaml", "--dataset_dir", str(empty),
-                         "--output_dir", str(tmp_path / "train"))
+    done, _ = run_bundle(
+        "training",
+        "--config_file",
+        "bundle/configs/train.yaml",
+        "--dataset_dir",
+        str(empty),
+        "--output_dir",
+        str(tmp_path / "train"),
+    )
     lines = console_lines(done.stderr)
     assert done.returncode == 1, done.stderr[-2000:]
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
@@ -80,22 +100,28 @@ def test_training_without_prepared_data_is_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------------------- the hook itself
 def _python(code: str, **env):
-    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(ENV, **env), capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=dict(ENV, **env), capture_output=True, text=True, timeout=120
+    )
 
 
 def test_hook_walks_the_cause_chain_and_leaves_other_errors_alone():
-    wrapped = ("import custom\nfrom custom.errors import MissingInputError\n"
-               "try:\n    raise MissingInputError('/x/pretrained.pt', 'model weights', 'training')\n"
-               "except FileNotFoundError as e:\n    raise RuntimeError('Failed to evaluate ConfigExpression') from e\n")
+    wrapped = (
+        "import custom\nfrom custom.errors import MissingInputError\n"
+        "try:\n    raise MissingInputError('/x/pretrained.pt', 'model weights', 'training')\n"
+        "except FileNotFoundError as e:\n    raise RuntimeError('Failed to evaluate ConfigExpression') from e\n"
+    )
     done = _python(wrapped)
     assert done.returncode == 1
     assert console_lines(done.stderr) == [
         "error: model weights not found: /x/pretrained.pt; made by the training workflow "
-        "(python -m monai.bundle run training --config_file bundle/configs/train.yaml)"]
+        "(python -m monai.bundle run training --config_file bundle/configs/train.yaml)"
+    ]
     # an InputError met while handling another exception (implicit context) is one line too
-    implicit = ("import custom\nfrom custom.prepare.io import InputError\n"
-                "try:\n    raise InputError('scan.nii.gz: not a CT')\nexcept ValueError:\n    1 / 0\n")
+    implicit = (
+        "import custom\nfrom custom.prepare.io import InputError\n"
+        "try:\n    raise InputError('scan.nii.gz: not a CT')\nexcept ValueError:\n    1 / 0\n"
+    )
     assert console_lines(_python(implicit).stderr) == ["error: scan.nii.gz: not a CT"]
     shown = _python(wrapped, DRASCLR_TRACEBACK="1")  # asked for: Python's own report, whole chain
     assert shown.returncode == 1 and "Traceback" in shown.stderr and "MissingInputError" in shown.stderr
@@ -105,12 +131,15 @@ def test_hook_walks_the_cause_chain_and_leaves_other_errors_alone():
 
 
 def test_error_type():
-    error = MissingInputError("/data/prepared", "prepared subjects", "prepare", "no manifest.csv",
-                              cache_dir="/data/prepared")
+    error = MissingInputError(
+        "/data/prepared", "prepared subjects", "prepare", "no manifest.csv", cache_dir="/data/prepared"
+    )
     assert isinstance(error, FileNotFoundError)  # callers catching FileNotFoundError keep working
-    assert str(error) == ("prepared subjects not found: /data/prepared (no manifest.csv); made by the prepare "
-                          "workflow (python -m monai.bundle run prepare --config_file bundle/configs/prepare.yaml "
-                          "--cache_dir /data/prepared)")
+    assert str(error) == (
+        "prepared subjects not found: /data/prepared (no manifest.csv); made by the prepare "
+        "workflow (python -m monai.bundle run prepare --config_file bundle/configs/prepare.yaml "
+        "--cache_dir /data/prepared)"
+    )
     again = pickle.loads(pickle.dumps(error))  # crosses a worker-process boundary unchanged
     assert type(again) is MissingInputError and str(again) == str(error) and again.path == "/data/prepared"
     chained = RuntimeError("outer")
@@ -218,8 +247,10 @@ def test_symlinked_series_folder_is_a_subject(tmp_path, caplog):
     (source / "real" / "loop").symlink_to(source, target_is_directory=True)  # must not recurse forever
     with caplog.at_level(logging.INFO, logger="drasclr.prepare"):
         items = discover_inputs(source)
-    assert {i.subject_id: i.image for i in items} == {"linked": str(source / "linked"),
-                                                      "real_a": str(source / "real" / "a.nii.gz")}
+    assert {i.subject_id: i.image for i in items} == {
+        "linked": str(source / "linked"),
+        "real_a": str(source / "real" / "a.nii.gz"),
+    }
     skipped = [r.getMessage() for r in caplog.records if "symlink" in r.getMessage()]
     assert len(skipped) == 1 and str(source / "real" / "loop") in skipped[0]
 
@@ -234,9 +265,24 @@ def test_picture_keeps_a_numeric_looking_id_as_text(tmp_path):
     manifest = prepare_cohort(tmp_path / "cohort.csv", tmp_path / "cache", progress=False)
     assert manifest.subject_id.tolist() == ["00"] and manifest.status.tolist() == ["ok"], manifest.to_dict("records")
     out = tmp_path / "00.png"
-    done = subprocess.run([sys.executable, str(REPO / "bundle" / "scripts" / "prepare.py"), "picture",
-                           "--cache_dir", str(tmp_path / "cache"), "--subject_id", "00", "--out_file", str(out)],
-                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bundle" / "scripts" / "prepare.py"),
+            "picture",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--subject_id",
+            "00",
+            "--out_file",
+            str(out),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert json.loads((tmp_path / "cache" / "00" / "qc.json").read_text())["status"] == "ok"

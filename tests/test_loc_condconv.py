@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import relative_error
+
 from custom.model.encoder import DrasCLREncoder
 from custom.model.loc_condconv import LocCondConv3d, set_loc_condconv_mode
 

@@ -19,14 +19,14 @@ def test_local_loss_equals_equation_6():
     q, k_pos, queue = _unit(b, d), _unit(b, d), _unit(b, k, d)
     negatives = torch.einsum("bd,bkd->bk", q, queue)
     loss, accuracy = local_contrastive_loss(q, k_pos, negatives, TAU)
-    qn, kn, Qn = q.numpy(), k_pos.numpy(), queue.numpy()
+    qn, kn, q_neg = q.numpy(), k_pos.numpy(), queue.numpy()
     per_sample = []
     hits = 0
     for i in range(b):
         pos = np.exp(qn[i] @ kn[i] / TAU)
-        neg = sum(np.exp(qn[i] @ Qn[i, j] / TAU) for j in range(k))
+        neg = sum(np.exp(qn[i] @ q_neg[i, j] / TAU) for j in range(k))
         per_sample.append(-np.log(pos / (pos + neg)))
-        hits += all(qn[i] @ kn[i] > qn[i] @ Qn[i, j] for j in range(k))
+        hits += all(qn[i] @ kn[i] > qn[i] @ q_neg[i, j] for j in range(k))
     assert loss.item() == pytest.approx(np.mean(per_sample), rel=1e-10)
     assert accuracy.item() == pytest.approx(hits / b)
 
@@ -36,13 +36,13 @@ def test_neighbour_loss_equals_equation_8():
     r, k_pos, queue = _unit(b, l, d), _unit(b, d), _unit(b, k, d)
     negatives = torch.einsum("bld,bkd->blk", r, queue)
     loss, accuracy = neighbour_contrastive_loss(r, k_pos, negatives, TAU, "paper")
-    rn, kn, Qn = r.numpy(), k_pos.numpy(), queue.numpy()
+    rn, kn, q_neg = r.numpy(), k_pos.numpy(), queue.numpy()
     per_sample, hits = [], 0
     for i in range(b):
         pos = sum(np.exp(rn[i, n] @ kn[i] / TAU) for n in range(l))
-        neg = sum(np.exp(rn[i, n] @ Qn[i, j] / TAU) for n in range(l) for j in range(k))
+        neg = sum(np.exp(rn[i, n] @ q_neg[i, j] / TAU) for n in range(l) for j in range(k))
         per_sample.append(-np.log(pos / (pos + neg)))
-        hits += sum(all(rn[i, n] @ kn[i] > rn[i, n] @ Qn[i, j] for j in range(k)) for n in range(l))
+        hits += sum(all(rn[i, n] @ kn[i] > rn[i, n] @ q_neg[i, j] for j in range(k)) for n in range(l))
     assert loss.item() == pytest.approx(np.mean(per_sample), rel=1e-10)
     assert accuracy.item() == pytest.approx(hits / (b * l))
 
@@ -52,11 +52,11 @@ def test_neighbour_loss_reference_variant_sums_logits_before_softmax():
     r, k_pos, queue = _unit(b, l, d), _unit(b, d), _unit(b, k, d)
     negatives = torch.einsum("bld,bkd->blk", r, queue)
     loss, _ = neighbour_contrastive_loss(r, k_pos, negatives, TAU, "reference")
-    rn, kn, Qn = r.numpy(), k_pos.numpy(), queue.numpy()
+    rn, kn, q_neg = r.numpy(), k_pos.numpy(), queue.numpy()
     per_sample = []
     for i in range(b):
         pos = sum(rn[i, n] @ kn[i] for n in range(l)) / TAU
-        negs = [sum(rn[i, n] @ Qn[i, j] for n in range(l)) / TAU for j in range(k)]
+        negs = [sum(rn[i, n] @ q_neg[i, j] for n in range(l)) / TAU for j in range(k)]
         logits = np.array([pos] + negs)
         per_sample.append(-(pos - np.log(np.exp(logits).sum())))
     assert loss.item() == pytest.approx(np.mean(per_sample), rel=1e-10)

@@ -9,8 +9,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from custom.emphysema.model_card import (SYNTHETIC_WARNING, card_path, map_warning, model_provenance,
-                                         write_model_card)
+from custom.emphysema.model_card import SYNTHETIC_WARNING, card_path, map_warning, model_provenance, write_model_card
 from custom.synthetic.writer import is_synthetic_scan, save_nifti
 
 

@@ -43,7 +43,9 @@ def source_bundle(tmp_path_factory) -> Path:
                 m.running_mean.uniform_(-0.1, 0.1)
                 m.running_var.uniform_(0.5, 1.5)
     torch.save(net.state_dict(), root / "models" / "model.pt")
-    torch.save({k: v for k, v in net.state_dict().items() if k.startswith("encoder.")}, root / "models" / "pretrained.pt")
+    torch.save(
+        {k: v for k, v in net.state_dict().items() if k.startswith("encoder.")}, root / "models" / "pretrained.pt"
+    )
     return root
 
 
@@ -71,15 +73,30 @@ def _isolated_env(bundle_dir: Path) -> dict:
 
 
 def _files(folder: Path) -> dict:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
 
 
 def _verify(zoo: dict, cwd: Path, mode: str, isolated: bool = True) -> dict:
     cwd.mkdir(parents=True, exist_ok=True)
     report = cwd / "report.json"
-    command = [sys.executable, *(["-S"] if isolated else []), "-m", "custom.zoo.verify", "--bundle_dir",
-               str(zoo["bundle_dir"]), "--mode", mode, "--model_info", str(zoo["model_info"]), "--report", str(report)]
+    command = [
+        sys.executable,
+        *(["-S"] if isolated else []),
+        "-m",
+        "custom.zoo.verify",
+        "--bundle_dir",
+        str(zoo["bundle_dir"]),
+        "--mode",
+        mode,
+        "--model_info",
+        str(zoo["model_info"]),
+        "--report",
+        str(report),
+    ]
     env = _isolated_env(zoo["bundle_dir"]) if isolated else dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -90,8 +107,14 @@ def test_default_export_ships_model_pt_and_lists_only_it(zoo, source_bundle):
     bundle_dir = zoo["bundle_dir"]
     assert zoo["export"]["models"] == ["models/model.pt"]
     listed = yaml.safe_load((bundle_dir / "large_files.yml").read_text())["large_files"]
-    assert listed == [{"path": "models/model.pt", "url": "", "hash_type": "sha256",
-                       "hash_val": hashlib.sha256((bundle_dir / "models" / "model.pt").read_bytes()).hexdigest()}]
+    assert listed == [
+        {
+            "path": "models/model.pt",
+            "url": "",
+            "hash_type": "sha256",
+            "hash_val": hashlib.sha256((bundle_dir / "models" / "model.pt").read_bytes()).hexdigest(),
+        }
+    ]
     assert (bundle_dir / "models" / "model.pt").read_bytes() == (source_bundle / "models" / "model.pt").read_bytes()
     assert sorted(p.name for p in (bundle_dir / "models").iterdir()) == ["model.pt"]
 
@@ -108,8 +131,9 @@ def test_zoo_verification_passes_from_outside_the_repository(zoo, tmp_path, mode
     if mode == "min":
         assert "properties" not in report and "torchscript" not in report
     else:
-        assert {"bundle_root", "dataset", "dataset_dir", "evaluator", "network_def", "inferer", "version"} <= \
-            set(report["properties"])
+        assert {"bundle_root", "dataset", "dataset_dir", "evaluator", "network_def", "inferer", "version"} <= set(
+            report["properties"]
+        )
         assert report["net_in_out"] == "network_def"
         assert report["torchscript"] == ["ckpt_export of models/model.pt"]
     assert _files(zoo["bundle_dir"]) == before, "the verification changed the bundle"
@@ -126,12 +150,25 @@ def test_verify_started_with_another_custom_checks_the_shipped_code(zoo, tmp_pat
 def test_monai_verify_net_in_out_from_another_directory(zoo, tmp_path):
     """The documented direct MONAI command: the bundle folder on PYTHONPATH makes ``$import custom`` resolve."""
     bundle_dir = zoo["bundle_dir"]
-    command = [sys.executable, "-S", "-m", "monai.bundle", "verify_net_in_out", "network_def",
-               "--meta_file", str(bundle_dir / "configs" / "metadata.json"),
-               "--config_file", str(bundle_dir / "configs" / "inference.yaml"),
-               "--bundle_root", str(bundle_dir), "--device", "cpu"]
-    done = subprocess.run(command, cwd=tmp_path, env=_isolated_env(bundle_dir), capture_output=True, text=True,
-                          timeout=600)
+    command = [
+        sys.executable,
+        "-S",
+        "-m",
+        "monai.bundle",
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        str(bundle_dir / "configs" / "metadata.json"),
+        "--config_file",
+        str(bundle_dir / "configs" / "inference.yaml"),
+        "--bundle_root",
+        str(bundle_dir),
+        "--device",
+        "cpu",
+    ]
+    done = subprocess.run(
+        command, cwd=tmp_path, env=_isolated_env(bundle_dir), capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "data shape of network is verified with no error" in done.stdout + done.stderr
 

@@ -37,8 +37,13 @@ STARTUP_TIMEOUT_S = 300
 INFER_TIMEOUT_S = 900
 # A coarse evaluation grid and no pictures keep the round trip short on a CPU; the rest is the shipped config.
 TEST_OVERRIDES = {"stride": 32, "min_stride": 32, "progress": False, "pictures": False}
-NETWORK_ERRORS = ("NewConnectionError", "Temporary failure in name resolution", "Network is unreachable",
-                  "No matching distribution found", "Could not find a version that satisfies")
+NETWORK_ERRORS = (
+    "NewConnectionError",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "No matching distribution found",
+    "Could not find a version that satisfies",
+)
 
 pytestmark = pytest.mark.slow
 
@@ -47,8 +52,13 @@ pytestmark = pytest.mark.slow
 def monailabel_python() -> Path:
     """The MONAI Label venv's python, created (or reused through its stamp) by tools/monailabel_env.sh."""
     start = time.perf_counter()
-    proc = subprocess.run(["bash", str(REPO_ROOT / "tools" / "monailabel_env.sh")], check=False, cwd=REPO_ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["bash", str(REPO_ROOT / "tools" / "monailabel_env.sh")],
+        check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         output = proc.stdout + proc.stderr
         tail = "\n".join(line for line in output.splitlines() if "is ignored" not in line)[-3000:]
@@ -76,11 +86,22 @@ def _synthetic_ct(out_dir: Path) -> dict:
 
 def _export_bundle(out_dir: Path) -> Path:
     """The self-contained bundle folder, written by the bundle's own export command (weights added below)."""
-    proc = subprocess.run([sys.executable, str(REPO_ROOT / "bundle" / "scripts" / "export_bundle.py"),
-                           "--out_dir", str(out_dir), "--include_model", "false"],
-                          check=False, cwd=REPO_ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO_ROOT / "bundle" / "scripts" / "export_bundle.py"),
+            "--out_dir",
+            str(out_dir),
+            "--include_model",
+            "false",
+        ],
+        check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return Path(json.loads(proc.stdout[proc.stdout.index("{"):])["bundle_dir"])
+    return Path(json.loads(proc.stdout[proc.stdout.index("{") :])["bundle_dir"])
 
 
 def _write_centrilobular_model(path: Path) -> None:
@@ -110,8 +131,9 @@ def _override_inference_config(bundle_dir: Path, overrides: dict) -> None:
 def _monaibundle_app(python: Path, app_dir: Path) -> None:
     """Copy the monaibundle sample app shipped inside the monailabel package (what ``monailabel apps --download
     --name monaibundle`` copies; offline)."""
-    prefix = subprocess.run([str(python), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True,
-                            check=True).stdout.strip()
+    prefix = subprocess.run(
+        [str(python), "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     sample = Path(prefix) / "monailabel" / "sample-apps" / "monaibundle"
     assert (sample / "main.py").is_file(), f"monaibundle sample app not found in {sample}"
     shutil.copytree(sample, app_dir, ignore=shutil.ignore_patterns("logs", "model", "__pycache__"))
@@ -121,11 +143,34 @@ def _monaibundle_app(python: Path, app_dir: Path) -> None:
 def _server(python: Path, app_dir: Path, studies: Path, port: int, log_path: Path):
     # No PYTHONPATH from this process: `custom` must come from the served bundle folder, nothing else.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(OMP_NUM_THREADS="2", MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
-               MONAI_LABEL_SESSION_PATH=str(log_path.parent / "sessions"))
-    command = [str(python), "-m", "monailabel.main", "start_server", "--app", str(app_dir), "--studies", str(studies),
-               "--host", "127.0.0.1", "--port", str(port), "--conf", "models", BUNDLE_NAME,
-               "--conf", "zoo_source", "github", "--conf", "sam2", "false"]
+    env.update(
+        OMP_NUM_THREADS="2",
+        MONAI_LABEL_DATASTORE_AUTO_RELOAD="false",
+        MONAI_LABEL_SESSION_PATH=str(log_path.parent / "sessions"),
+    )
+    command = [
+        str(python),
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(app_dir),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--conf",
+        "models",
+        BUNDLE_NAME,
+        "--conf",
+        "zoo_source",
+        "github",
+        "--conf",
+        "sam2",
+        "false",
+    ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent)
         try:
@@ -166,8 +211,10 @@ def _infer(url: str, query: str, log_path: Path, params: dict | None = None) -> 
     except urllib.error.HTTPError as err:
         pytest.fail(f"/infer answered {err.code}: {err.read()[:500]!r}\n{_log_tail(log_path)}")
     message = email.parser.BytesParser().parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    parts = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-             for part in message.get_payload()}
+    parts = {
+        part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+        for part in message.get_payload()
+    }
     assert set(parts) == {"params", "image"}, f"unexpected multipart fields {sorted(parts)}"
     return json.loads(parts["params"]), parts["image"]
 
@@ -200,8 +247,15 @@ def served(monailabel_python, tmp_path_factory):
     with _server(monailabel_python, app_dir, studies, port, log_path) as proc:
         info = _wait_for_info(proc, url, log_path)
         print(f"MONAI Label server up: {time.perf_counter() - start:.1f} s")
-        yield {"url": url, "info": info, "bundle": bundle, "log": log_path, "subject": subject,
-               "study_image": study_image, "root": root}
+        yield {
+            "url": url,
+            "info": info,
+            "bundle": bundle,
+            "log": log_path,
+            "subject": subject,
+            "study_image": study_image,
+            "root": root,
+        }
 
 
 def _load_result(data: bytes, path: Path):
@@ -266,8 +320,9 @@ def test_infer_real_dicom_ct(served, tmp_path):
         pytest.skip(f"real CT not found at {series} (set DRASCLR_SHARED_DATA)")
     start = time.perf_counter()
     # A folder has no file extension: ask for NIfTI explicitly.
-    params, data = _infer(served["url"], f"image={urllib.parse.quote(str(series))}", served["log"],
-                          {"result_extension": ".nii.gz"})
+    params, data = _infer(
+        served["url"], f"image={urllib.parse.quote(str(series))}", served["log"], {"result_extension": ".nii.gz"}
+    )
     print(f"\n/infer on the real DICOM CT: {time.perf_counter() - start:.1f} s")
     assert params["label_names"] == served["info"]["models"][BUNDLE_NAME]["labels"], params
 
@@ -275,8 +330,11 @@ def test_infer_real_dicom_ct(served, tmp_path):
     dicom = LoadImage(image_only=True, reader="PydicomReader")(str(series))
     # The series' own lattice (in the atlas's axis order): its size and voxel spacing.
     assert labels.shape == tuple(dicom.shape), (labels.shape, dicom.shape)
-    np.testing.assert_allclose(np.linalg.norm(result.affine[:3, :3], axis=0),
-                               np.linalg.norm(np.asarray(dicom.affine)[:3, :3], axis=0), atol=1e-3)
+    np.testing.assert_allclose(
+        np.linalg.norm(result.affine[:3, :3], axis=0),
+        np.linalg.norm(np.asarray(dicom.affine)[:3, :3], axis=0),
+        atol=1e-3,
+    )
     assert set(np.unique(labels).tolist()) == {0, 1}, np.unique(labels)
     lung_ml = (labels > 0).sum() * abs(np.linalg.det(result.affine[:3, :3])) / 1000.0
     assert 2000 < lung_ml < 9000, f"labelled lung volume {lung_ml:.0f} ml is not an adult lung"

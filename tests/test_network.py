@@ -1,10 +1,10 @@
 import json
 
 import torch
+from conftest import REPO_ROOT, relative_error
 from monai.bundle import ConfigParser, verify_net_in_out
 from monai.inferers import SimpleInferer
 
-from conftest import REPO_ROOT, relative_error
 from custom.data.location import corner_to_location
 from custom.model.network import DrasCLRNetwork, network_input
 
@@ -51,8 +51,12 @@ def test_verify_net_in_out_on_the_representation_network(tmp_path):
     assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 4
     meta["network_data_format"]["outputs"]["pred"].update(num_channels=128, channel_def={"0": "representation"})
     (tmp_path / "metadata.json").write_text(json.dumps(meta))
-    verify_net_in_out(net_id="network_def", meta_file=str(tmp_path / "metadata.json"),
-                      config_file=str(CONFIGS / "network.yaml"), device="cpu")
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(tmp_path / "metadata.json"),
+        config_file=str(CONFIGS / "network.yaml"),
+        device="cpu",
+    )
 
 
 def test_config_builds_the_network():

@@ -3,16 +3,19 @@ the same representation and projection as the imported encoder on the same patch
 
 import torch
 import torch.nn.functional as F
-
 from conftest import relative_error
+
 from custom.model.network import DrasCLRNetwork, network_input
 from custom.model.official_checkpoint import import_to_network, load_official_encoder, load_official_model
 
 N = 8
 CONVS = [("conv1", 1, 8, 1), ("conv2", 8, 8, 2)]
 for block, (cin, cout) in enumerate([(8, 16), (16, 32), (32, 64)], start=1):
-    CONVS += [(f"downsample{block}.conv1", cin, cout, 1), (f"downsample{block}.conv2", cout, cout, 1),
-              (f"downsample{block}.conv3", cout, cout, 2)]
+    CONVS += [
+        (f"downsample{block}.conv1", cin, cout, 1),
+        (f"downsample{block}.conv2", cout, cout, 1),
+        (f"downsample{block}.conv3", cout, cout, 2),
+    ]
 CONVS += [("conv3", 64, 128, 1), ("conv4", 128, 128, 2)]
 
 
@@ -25,7 +28,9 @@ def official_state_dict(queue_size=16, landmarks=5):
     state = {}
     for prefix in ("module.encoder_q.", "module.encoder_k."):
         for name, cin, cout, _ in CONVS:
-            state[f"{prefix}{name}.weight"] = torch.randn(N, cout, cin, 3, 3, 3, generator=g) * (2.0 / (27 * cin)) ** 0.5
+            state[f"{prefix}{name}.weight"] = (
+                torch.randn(N, cout, cin, 3, 3, 3, generator=g) * (2.0 / (27 * cin)) ** 0.5
+            )
             state[f"{prefix}{name}.bias"] = torch.randn(cout, generator=g) * 0.1
             state[f"{prefix}{name}._routing_fn.fc.weight"] = torch.randn(N, 3, generator=g)
             state[f"{prefix}{name}._routing_fn.fc.bias"] = torch.randn(N, generator=g)
@@ -50,14 +55,27 @@ def reference_layout_forward(state, patch_zyx, location, prefix="module.encoder_
     for i in range(patch_zyx.shape[0]):
         x, p = patch_zyx[i : i + 1], location[i : i + 1]
         for name, _, _, stride in CONVS:
-            alpha = torch.sigmoid(p @ state[f"{prefix}{name}._routing_fn.fc.weight"].t() + state[f"{prefix}{name}._routing_fn.fc.bias"])[0]
+            alpha = torch.sigmoid(
+                p @ state[f"{prefix}{name}._routing_fn.fc.weight"].t() + state[f"{prefix}{name}._routing_fn.fc.bias"]
+            )[0]
             kernel = (alpha.view(-1, 1, 1, 1, 1, 1) * state[f"{prefix}{name}.weight"]).sum(0)
             x = F.conv3d(x, kernel, state[f"{prefix}{name}.bias"], stride=stride, padding=1)
             bn = f"{prefix}{_bn_name(name)}"
-            x = F.batch_norm(x, state[f"{bn}.running_mean"], state[f"{bn}.running_var"], state[f"{bn}.weight"], state[f"{bn}.bias"], False)
+            x = F.batch_norm(
+                x,
+                state[f"{bn}.running_mean"],
+                state[f"{bn}.running_var"],
+                state[f"{bn}.weight"],
+                state[f"{bn}.bias"],
+                False,
+            )
             x = F.elu(x)
         h = x.flatten(1)
-        z = F.linear(F.relu(F.linear(h, state[f"{prefix}fc.0.weight"], state[f"{prefix}fc.0.bias"])), state[f"{prefix}fc.2.weight"], state[f"{prefix}fc.2.bias"])
+        z = F.linear(
+            F.relu(F.linear(h, state[f"{prefix}fc.0.weight"], state[f"{prefix}fc.0.bias"])),
+            state[f"{prefix}fc.2.weight"],
+            state[f"{prefix}fc.2.bias"],
+        )
         outputs.append((h, z))
     return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
 

@@ -71,5 +71,6 @@ def test_subject_ids_with_leading_zeros_reach_the_training_file_list(tmp_path):
         (tmp_path / sid).mkdir()
         np.save(tmp_path / sid / "patches.npy", np.zeros((2, 2, 2, 2), np.int16))
     pd.DataFrame({"subject_id": ["00", "0001", "12345"], "status": "ok", "path": ["00", "0001", "12345"]}).to_csv(
-        tmp_path / "manifest.csv", index=False)
+        tmp_path / "manifest.csv", index=False
+    )
     assert [f.parent.name for f in prepared_patch_files(tmp_path)] == ["00", "0001", "12345"]

@@ -14,13 +14,11 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
-from custom.prepare import cache
-from custom.prepare.workflow import discover_inputs, prepare_cohort
-
 from conftest import REAL_CT
 from conftest import REAL_CT_SERIES as SERIES
 
+from custom.prepare import cache
+from custom.prepare.workflow import discover_inputs, prepare_cohort
 
 pytestmark = pytest.mark.skipif(not SERIES.is_dir(), reason=f"real CT not found at {SERIES} (set DRASCLR_REAL_CT)")
 

@@ -32,18 +32,22 @@ def test_resample_matches_monai_spacing():
     affine = np.diag([-0.8, 0.9, 2.5, 1.0])
     affine[:3, 3] = [3.0, -4.0, 5.0]
     expected = Spacing(pixdim=1.0, mode="bilinear", padding_mode="border")(
-        MetaTensor(torch.from_numpy(array)[None], affine=torch.from_numpy(affine)))
+        MetaTensor(torch.from_numpy(array)[None], affine=torch.from_numpy(affine))
+    )
     ours, ours_affine = resample_isotropic(array, affine)
     assert ours.shape == tuple(expected.shape[1:])
     np.testing.assert_allclose(ours, expected[0].numpy(), atol=1e-5)
     np.testing.assert_allclose(ours_affine, expected.affine.numpy())
 
 
-@pytest.mark.parametrize("values, words", [
-    (lambda a: (a + 1024) / 2000.0, "normalised"),  # scaled to [0, 1]
-    (lambda a: a + 1024, "RescaleIntercept"),  # raw stored values, intercept not applied
-    (lambda a: a * 0 + 7, "constant"),
-])
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        (lambda a: (a + 1024) / 2000.0, "normalised"),  # scaled to [0, 1]
+        (lambda a: a + 1024, "RescaleIntercept"),  # raw stored values, intercept not applied
+        (lambda a: a * 0 + 7, "constant"),
+    ],
+)
 def test_validate_hu_names_file_and_reason(values, words):
     hu = np.full((40, 40, 40), 40.0, dtype=np.float32)
     hu[:8] = -1000.0
@@ -78,6 +82,7 @@ def test_landmark_generator_gives_575_of_the_released_581():
 
 def test_landmark_generator_threshold_is_strictly_more_than_ten_percent(tmp_path):
     """Corners at x = 0, 26, 52; 3277 lung voxels (> 10 % of 32^3) keep a patch, 3276 do not."""
+
     def block(count):
         out = np.zeros((26, 32, 32), dtype=np.uint8)
         out.reshape(-1)[:count] = 1
@@ -99,8 +104,13 @@ def test_ants_matrix_matches_ants_point_mapping(tmp_path):
 
     rng = np.random.default_rng(1)
     matrix = np.eye(3) + rng.normal(0, 0.05, (3, 3))
-    tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3, matrix=matrix,
-                                    translation=[4.0, -7.0, 2.5], center=[10.0, 20.0, -30.0])
+    tx = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        dimension=3,
+        matrix=matrix,
+        translation=[4.0, -7.0, 2.5],
+        center=[10.0, 20.0, -30.0],
+    )
     path = str(tmp_path / "t.mat")
     ants.write_transform(tx, path)
     points = rng.uniform(-100, 100, (6, 3))
@@ -125,8 +135,15 @@ def _entry(tmp_path, subject_id="s1"):
     transform_mat.write_bytes(b"x" * 10)
     patches = np.zeros((581, 32, 32, 32), dtype=np.int16)
     transform = {"atlas_to_subject_vox": np.eye(4), "subject_to_atlas_vox": np.eye(4)}
-    return cache.write_subject_entry(tmp_path / "cache", subject_id, patches, np.zeros((581, 3)), transform_mat,
-                                     transform, {"num_landmarks": 581, "dice": 0.9})
+    return cache.write_subject_entry(
+        tmp_path / "cache",
+        subject_id,
+        patches,
+        np.zeros((581, 3)),
+        transform_mat,
+        transform,
+        {"num_landmarks": 581, "dice": 0.9},
+    )
 
 
 def test_cache_entry_is_atomic_and_validated(tmp_path):
@@ -156,9 +173,16 @@ def test_cache_entry_is_atomic_and_validated(tmp_path):
 
 
 def test_manifest_and_failures_are_written(tmp_path):
-    rows = [{"subject_id": "a", "status": "ok", "dice": 0.9, "path": "a"},
-            {"subject_id": "b", "status": "failed", "error": "b.nii.gz: bad", "error_type": "InputError",
-             "source": "b.nii.gz"}]
+    rows = [
+        {"subject_id": "a", "status": "ok", "dice": 0.9, "path": "a"},
+        {
+            "subject_id": "b",
+            "status": "failed",
+            "error": "b.nii.gz: bad",
+            "error_type": "InputError",
+            "source": "b.nii.gz",
+        },
+    ]
     cache.write_manifest(tmp_path, rows)
     manifest = cache.read_manifest(tmp_path)
     assert list(manifest.columns[: len(cache.MANIFEST_COLUMNS)]) == cache.MANIFEST_COLUMNS
@@ -192,8 +216,13 @@ def test_discover_inputs_folder_and_csv(tmp_path):
 
 
 def test_segmentation_finds_phantom_lungs_and_refuses_a_scan_without_lungs(tmp_path):
-    phantom = make_phantom(tmp_path / "p.nii.gz", seed=3, spacing_mm=4.0, scale_range=(1.15, 1.25),
-                           lung_mask_path=tmp_path / "truth.nii.gz")
+    phantom = make_phantom(
+        tmp_path / "p.nii.gz",
+        seed=3,
+        spacing_mm=4.0,
+        scale_range=(1.15, 1.25),
+        lung_mask_path=tmp_path / "truth.nii.gz",
+    )
     ct = load_ct(phantom.path, spacing=2.0)  # 2 mm keeps this unit test quick
     lung = segment_lungs(ct.hu, spacing_mm=2.0)
     truth = load_mask_like(tmp_path / "truth.nii.gz", ct)  # the user-mask path: reoriented and resampled

@@ -37,11 +37,13 @@ def cohort(tmp_path_factory):
     good = {
         "subj0": make_phantom(scans / "subj0.nii.gz", seed=10, axcodes="RAS", **SMALL),
         # LPS on disk, and a user lung mask (slightly eroded, so it differs from the built-in segmentation)
-        "subj1": make_phantom(scans / "subj1.nii.gz", seed=11, axcodes="LPS", lung_mask_path=root / "truth1.nii.gz",
-                              **SMALL),
+        "subj1": make_phantom(
+            scans / "subj1.nii.gz", seed=11, axcodes="LPS", lung_mask_path=root / "truth1.nii.gz", **SMALL
+        ),
     }
     truth = nib.load(str(root / "truth1.nii.gz"))
     from scipy import ndimage
+
     eroded = ndimage.binary_erosion(np.asarray(truth.dataobj) > 0).astype(np.uint8)
     nib.save(nib.Nifti1Image(eroded, truth.affine), str(scans / "subj1_lung_mask.nii.gz"))
 
@@ -54,8 +56,15 @@ def cohort(tmp_path_factory):
     cache_dir = root / "cache"
     start = time.perf_counter()
     manifest = prepare_cohort(scans, cache_dir, num_workers=2, progress=True)  # worker processes + progress bar
-    return dict(root=root, scans=scans, cache=cache_dir, manifest=manifest, phantoms=good,
-                seconds=time.perf_counter() - start, eroded_ml=float(eroded.sum()) * 2.5 ** 3 / 1000.0)
+    return dict(
+        root=root,
+        scans=scans,
+        cache=cache_dir,
+        manifest=manifest,
+        phantoms=good,
+        seconds=time.perf_counter() - start,
+        eroded_ml=float(eroded.sum()) * 2.5**3 / 1000.0,
+    )
 
 
 def test_end_to_end_two_subjects(cohort):
@@ -105,11 +114,14 @@ def test_user_lung_mask_wins(cohort):
     assert json.loads((cohort["cache"] / "subj0" / "qc.json").read_text())["lung_mask"] == "auto"
 
 
-@pytest.mark.parametrize("subject_id, error_type, words", [
-    ("corrupt", "InputError", "could not read the image"),
-    ("not_hu", "NotHounsfieldError", "not Hounsfield units"),
-    ("no_lungs", "NoLungError", "no lungs found"),
-])
+@pytest.mark.parametrize(
+    "subject_id, error_type, words",
+    [
+        ("corrupt", "InputError", "could not read the image"),
+        ("not_hu", "NotHounsfieldError", "not Hounsfield units"),
+        ("no_lungs", "NoLungError", "no lungs found"),
+    ],
+)
 def test_bad_inputs_are_recorded_while_others_finish(cohort, subject_id, error_type, words):
     manifest = cache.read_manifest(cohort["cache"]).set_index("subject_id")
     row = manifest.loc[subject_id]
@@ -139,13 +151,25 @@ def test_killed_run_resumes_without_redoing_finished_subjects(cohort, tmp_path):
     for name in ("subj0.nii.gz", "subj1.nii.gz"):
         shutil.copy(cohort["scans"] / name, scans / name)
     cache_dir = tmp_path / "cache"
-    command = [sys.executable, str(REPO / "bundle" / "scripts" / "prepare.py"), "run", "--source", str(scans),
-               "--cache_dir", str(cache_dir), "--progress", "False", "--log_level", "WARNING"]
+    command = [
+        sys.executable,
+        str(REPO / "bundle" / "scripts" / "prepare.py"),
+        "run",
+        "--source",
+        str(scans),
+        "--cache_dir",
+        str(cache_dir),
+        "--progress",
+        "False",
+        "--log_level",
+        "WARNING",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert _wait_for(lambda: (cache_dir / "subj0" / "qc.json").exists(), 600, first), \
+        assert _wait_for(lambda: (cache_dir / "subj0" / "qc.json").exists(), 600, first), (
             first.stderr.read().decode()[-2000:] if first.poll() is not None else "subj0 never finished"
+        )
         assert first.poll() is None, "the run finished before it could be killed"
         first.send_signal(signal.SIGKILL)  # no clean-up handlers run
         first.wait(30)

@@ -47,7 +47,7 @@ def small_chest(tmp_path_factory):
     x, y = np.meshgrid(np.arange(120), np.arange(110), indexing="ij")
     body = ((x - 60) / 55.0) ** 2 + ((y - 55) / 50.0) ** 2 <= 1.0
     hu[body] = 40.0
-    hu[20:58, 25:85, 5:85] = -850.0   # 38 x 60 x 80 mm
+    hu[20:58, 25:85, 5:85] = -850.0  # 38 x 60 x 80 mm
     hu[62:100, 25:85, 5:85] = -850.0
     hu += np.random.default_rng(0).normal(0, 5, hu.shape).astype(np.float32)
     path = folder / "small_chest.nii.gz"
@@ -74,8 +74,10 @@ def _parsed(name: str, override: dict | None = None) -> ConfigParser:
     return parser
 
 
-@pytest.mark.parametrize("name, chain_id", [("prepare.yaml", "scan_pipeline"), ("embed.yaml", "scan_pipeline"),
-                                            ("inference.yaml", "preprocessing")])
+@pytest.mark.parametrize(
+    "name, chain_id",
+    [("prepare.yaml", "scan_pipeline"), ("embed.yaml", "scan_pipeline"), ("inference.yaml", "preprocessing")],
+)
 def test_one_override_reaches_every_workflow_pipeline(name, chain_id, small_chest):
     default = _parsed(name).get_parsed_content(chain_id)
     assert [type(t) for t in default.transforms[:3]] == [LoadCTd, LungMaskd, RegisterToAtlasd]
@@ -99,8 +101,9 @@ def test_the_python_chains_are_the_configs():
         return [(type(t).__name__, {k: v for k, v in vars(t).items() if k not in {"R"}}) for t in chain.transforms]
 
     atlas_dir = str(REPO / "bundle" / "resources" / "atlas")
-    assert described(prepare_transforms(atlas_dir)) == described(_parsed("prepare.yaml").get_parsed_content(
-        "scan_pipeline"))
+    assert described(prepare_transforms(atlas_dir)) == described(
+        _parsed("prepare.yaml").get_parsed_content("scan_pipeline")
+    )
     python, config = preprocessing_chain(atlas_dir), _parsed("inference.yaml").get_parsed_content("preprocessing")
     assert [type(t).__name__ for t in python.transforms] == [type(t).__name__ for t in config.transforms]
     assert described(python)[:3] == described(config)[:3]
@@ -128,9 +131,19 @@ def test_not_hounsfield_input_is_refused_naming_the_file(tmp_path):
 
 
 def _bundle_run(run_id: str, config: str, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", str(CONFIGS / config),
-               "--meta_file", str(CONFIGS / "metadata.json"), *args,
-               *[item for key, value in OVERRIDE.items() for item in (f"--{key}", str(value))]]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        str(CONFIGS / config),
+        "--meta_file",
+        str(CONFIGS / "metadata.json"),
+        *args,
+        *[item for key, value in OVERRIDE.items() for item in (f"--{key}", str(value))],
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
@@ -142,8 +155,9 @@ def test_command_line_override_changes_prepare_embed_and_inference_alike(small_c
 
     # prepare: the subject fails at the lung mask, with the overridden minimum in its failure report
     cache_dir = tmp_path / "prepared"
-    done = _bundle_run("prepare", "prepare.yaml", "--source", str(small_chest), "--cache_dir", str(cache_dir),
-                       "--progress", "false")
+    done = _bundle_run(
+        "prepare", "prepare.yaml", "--source", str(small_chest), "--cache_dir", str(cache_dir), "--progress", "false"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     failures = pd.read_csv(cache_dir / "failures.csv")
     assert list(failures.subject_id) == ["small_chest"] and failures.error_type[0] == "NoLungError"
@@ -151,8 +165,18 @@ def test_command_line_override_changes_prepare_embed_and_inference_alike(small_c
 
     # embed from the raw scan: the same failure, in the cache it prepares on the fly
     torch.save(DrasCLRNetwork().state_dict(), tmp_path / "pretrained.pt")
-    done = _bundle_run("embed", "embed.yaml", "--source", str(small_chest), "--out_dir", str(tmp_path / "embed"),
-                       "--weights", str(tmp_path / "pretrained.pt"), "--progress", "false")
+    done = _bundle_run(
+        "embed",
+        "embed.yaml",
+        "--source",
+        str(small_chest),
+        "--out_dir",
+        str(tmp_path / "embed"),
+        "--weights",
+        str(tmp_path / "pretrained.pt"),
+        "--progress",
+        "false",
+    )
     assert done.returncode != 0 and "no subject of" in done.stderr
     failures = pd.read_csv(tmp_path / "embed" / "prepared" / "failures.csv")
     assert failures.error_type[0] == "NoLungError" and MINIMUM_WORDS in failures.error[0]
@@ -160,8 +184,20 @@ def test_command_line_override_changes_prepare_embed_and_inference_alike(small_c
     # emphysema maps: the scan is refused by the same component (recorded in failures.csv, nothing mapped)
     torch.save(EmphysemaNetwork().state_dict(), tmp_path / "model.pt")
     out = tmp_path / "maps"
-    done = _bundle_run("inference", "inference.yaml", "--input", str(small_chest), "--output_dir", str(out),
-                       "--model_path", str(tmp_path / "model.pt"), "--progress", "false", "--pictures", "false")
+    done = _bundle_run(
+        "inference",
+        "inference.yaml",
+        "--input",
+        str(small_chest),
+        "--output_dir",
+        str(out),
+        "--model_path",
+        str(tmp_path / "model.pt"),
+        "--progress",
+        "false",
+        "--pictures",
+        "false",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     failures = pd.read_csv(out / "failures.csv")
     assert list(failures.subject_id) == ["small_chest"] and "small_chest.nii.gz" in failures.error[0]

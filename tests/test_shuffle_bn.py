@@ -7,6 +7,7 @@
   exactly the keys of both ranks, in rank order.
 """
 
+import itertools
 import os
 import socket
 
@@ -31,18 +32,23 @@ def _global_batches():
     batches = []
     for step in range(STEPS):
         landmark = step % NUM_LANDMARKS
-        batches.append(dict(
-            query=torch.randn(GLOBAL_BATCH, 1, 32, 32, 32, generator=g),
-            key=torch.randn(GLOBAL_BATCH, 1, 32, 32, 32, generator=g),
-            location=(torch.rand(1, 3, generator=g) * 2 - 1).expand(GLOBAL_BATCH, 3).clone(),
-            landmark_ids=torch.full((GLOBAL_BATCH,), landmark),
-            neighbours=torch.randn(GLOBAL_BATCH, 2, 1, 32, 32, 32, generator=g),
-            neighbour_locations=torch.rand(GLOBAL_BATCH, 2, 3, generator=g) * 2 - 1,
-        ))
+        batches.append(
+            dict(
+                query=torch.randn(GLOBAL_BATCH, 1, 32, 32, 32, generator=g),
+                key=torch.randn(GLOBAL_BATCH, 1, 32, 32, 32, generator=g),
+                location=(torch.rand(1, 3, generator=g) * 2 - 1).expand(GLOBAL_BATCH, 3).clone(),
+                landmark_ids=torch.full((GLOBAL_BATCH,), landmark),
+                neighbours=torch.randn(GLOBAL_BATCH, 2, 1, 32, 32, 32, generator=g),
+                neighbour_locations=torch.rand(GLOBAL_BATCH, 2, 3, generator=g) * 2 - 1,
+            )
+        )
     return batches
 
 
-def _train(model, optimiser, batches, rows=slice(None), reduce=lambda x: x):
+ALL_ROWS = slice(None)
+
+
+def _train(model, optimiser, batches, rows=ALL_ROWS, reduce=lambda x: x):
     """STEPS steps; the key permutation is drawn from the default generator, seeded alike in every run."""
     losses = []
     for step, batch in enumerate(batches):
@@ -64,7 +70,9 @@ def _model(bn_splits):
 
 
 def _weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if "running_" not in k and "num_batches" not in k}
+    return {
+        k: v.detach().clone() for k, v in model.state_dict().items() if "running_" not in k and "num_batches" not in k
+    }
 
 
 def _ddp_worker(rank, world, port, out_dir):
@@ -105,7 +113,9 @@ def test_split_batchnorm_in_one_process_equals_two_ddp_ranks(tmp_path):
     # Control: one BatchNorm over the whole global batch (no split) trains something else.
     plain_losses, plain_weights = _one_process(bn_splits=1)
     assert not torch.allclose(plain_losses, ddp["losses"], atol=1e-4)
-    assert not torch.allclose(plain_weights["encoder_q.conv1.weight"], ddp["weights"]["encoder_q.conv1.weight"], atol=1e-4)
+    assert not torch.allclose(
+        plain_weights["encoder_q.conv1.weight"], ddp["weights"]["encoder_q.conv1.weight"], atol=1e-4
+    )
 
 
 def test_split_batchnorm_normalises_each_sub_batch_and_keeps_batchnorm_keys():
@@ -138,13 +148,14 @@ def _landmark_sync_worker(rank, world, port, cache, out_dir):
     torch.set_num_threads(1)
     import torch.nn.functional as F
 
+    from custom.data.patch_dataset import LandmarkPatchDataset, PassSampler, prepared_patch_files
     from custom.engine.distributed import concat_all_gather
     from custom.model.drasclr import DrasCLR
-    from custom.data.patch_dataset import LandmarkPatchDataset, PassSampler, prepared_patch_files
 
     dataset = LandmarkPatchDataset(prepared_patch_files(cache), num_neighbours=1, augment=False)
-    sampler = PassSampler(len(dataset.patch_files), dataset.num_landmarks, 2, "landmark", seed=3, num_replicas=world,
-                          rank=rank)
+    sampler = PassSampler(
+        len(dataset.patch_files), dataset.num_landmarks, 2, "landmark", seed=3, num_replicas=world, rank=rank
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, sampler=sampler, drop_last=True)
     torch.manual_seed(0)
     model = DrasCLR(num_landmarks=dataset.num_landmarks, queue_size=8)
@@ -153,15 +164,25 @@ def _landmark_sync_worker(rank, world, port, cache, out_dir):
     model.encoder_k.eval()
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     records = []
-    for step, batch in zip(range(3), loader):
+    for batch in itertools.islice(loader, 3):
         before, ptr = model.queue.keys.clone(), model.queue.ptr.clone()
-        out = ddp(**{k: batch[k] for k in ("query", "key", "location", "landmark_ids", "neighbours", "neighbour_locations")})
+        out = ddp(
+            **{k: batch[k] for k in ("query", "key", "location", "landmark_ids", "neighbours", "neighbour_locations")}
+        )
         out["loss"].backward()
         with torch.no_grad():
             keys = F.normalize(model.encoder_k(batch["key"], batch["location"])[1], dim=1)
-        records.append(dict(landmarks=batch["landmark_ids"].clone(), subjects=batch["subject"].clone(), before=before,
-                            after=model.queue.keys.clone(), ptr_before=ptr, ptr_after=model.queue.ptr.clone(),
-                            keys=concat_all_gather(keys)))
+        records.append(
+            dict(
+                landmarks=batch["landmark_ids"].clone(),
+                subjects=batch["subject"].clone(),
+                before=before,
+                after=model.queue.keys.clone(),
+                ptr_before=ptr,
+                ptr_after=model.queue.ptr.clone(),
+                keys=concat_all_gather(keys),
+            )
+        )
     torch.save(records, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

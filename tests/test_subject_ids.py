@@ -44,11 +44,16 @@ def test_ids_with_leading_zeros_survive_prepare_train_embed_evaluate(demo_cohort
 
     clinical = tmp_path / "clinical.csv"
     pd.DataFrame({"subject_id": IDS, "fev1pp": [80.0, 60.0, 40.0]}).to_csv(clinical, index=False)
-    cohort = Cohort("ids", clinical, EmbeddingSets({"DrasCLR": tmp_path / "embeddings"}),
-                    Baselines(prepared_cache=cache, laa950=True, laa950_patch=False, random_init=False))
+    cohort = Cohort(
+        "ids",
+        clinical,
+        EmbeddingSets({"DrasCLR": tmp_path / "embeddings"}),
+        Baselines(prepared_cache=cache, laa950=True, laa950_patch=False, random_init=False),
+    )
     data = cohort.load(Notes())
     assert sorted(data.clinical.index) == sorted(IDS)
     for name, table in data.sets.items():
         assert sorted(table.index) == sorted(IDS), name
-    np.testing.assert_allclose(data.sets["DrasCLR"].loc["0001"].to_numpy(),
-                               embedded.set_index("subject_id").loc["0001"].to_numpy(), atol=1e-6)
+    np.testing.assert_allclose(
+        data.sets["DrasCLR"].loc["0001"].to_numpy(), embedded.set_index("subject_id").loc["0001"].to_numpy(), atol=1e-6
+    )

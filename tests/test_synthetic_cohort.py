@@ -15,8 +15,14 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from custom.synthetic import (CopdLikeGenerator, CovidLikeGenerator, draw_clinical_table, generate_cohort,
-                              generate_covid_cohort, labels)
+from custom.synthetic import (
+    CopdLikeGenerator,
+    CovidLikeGenerator,
+    draw_clinical_table,
+    generate_cohort,
+    generate_covid_cohort,
+    labels,
+)
 from custom.synthetic.anatomy import load_atlas_reference
 from custom.synthetic.clinical import gold_stage
 from custom.synthetic.covid import grade_from_involvement
@@ -46,8 +52,9 @@ def table() -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def cohort_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
-    generate_cohort(out, num_subjects=6, seed=0, voxel_size=VOXEL_MM, dicom_every=4, annotation_fraction=1.0,
-                    progress=False)
+    generate_cohort(
+        out, num_subjects=6, seed=0, voxel_size=VOXEL_MM, dicom_every=4, annotation_fraction=1.0, progress=False
+    )
     generate_covid_cohort(out, num_subjects=5, seed=0, voxel_size=VOXEL_MM, progress=False)
     return out
 
@@ -158,7 +165,7 @@ def test_affine_only_subject_matches_its_saved_transform():
     subject_to_atlas = np.asarray(transform["subject_to_atlas"])
     assert np.allclose(subject_to_atlas @ np.asarray(transform["atlas_to_subject"]), np.eye(4))
     lung_vox = np.argwhere(sub["lung"] > 0)[::7]
-    atlas_mm = (subject_to_atlas @ grid.affine @ np.c_[lung_vox, np.ones(len(lung_vox))].T)
+    atlas_mm = subject_to_atlas @ grid.affine @ np.c_[lung_vox, np.ones(len(lung_vox))].T
     atlas_vox = np.rint(np.linalg.inv(reference.affine_1mm) @ atlas_mm)[:3] / reference.step
     inside = ndimage.map_coordinates(reference.lung, atlas_vox, order=0)
     assert np.mean(inside > 0) > 0.97
@@ -171,9 +178,24 @@ def test_files_tables_and_manifest(cohort_dir):
     manifest = pd.read_csv(cohort_dir / "cohort.csv", keep_default_na=False)
     clinical = pd.read_csv(cohort_dir / "clinical.csv")
     assert list(manifest["subject_id"]) == list(clinical["subject_id"]) == [f"SYN{i:04d}" for i in range(6)]
-    assert {"age", "sex", "race", "smoking_status", "pack_years", "fev1pp", "fev1_fvc", "gold", "prism",
-            "cle_score", "paraseptal_score", "exacerbation_history", "survival_years", "death_event",
-            "laa950_percent", "kernel"} <= set(clinical.columns)
+    assert {
+        "age",
+        "sex",
+        "race",
+        "smoking_status",
+        "pack_years",
+        "fev1pp",
+        "fev1_fvc",
+        "gold",
+        "prism",
+        "cle_score",
+        "paraseptal_score",
+        "exacerbation_history",
+        "survival_years",
+        "death_event",
+        "laa950_percent",
+        "kernel",
+    } <= set(clinical.columns)
     pd.testing.assert_frame_equal(
         clinical[["subject_id", "fev1pp", "gold"]], draw_clinical_table(6, seed=0)[["subject_id", "fev1pp", "gold"]]
     )

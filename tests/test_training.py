@@ -7,10 +7,9 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT, write_patch_cache
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-
-from conftest import REPO_ROOT, write_patch_cache
 
 TRAIN = str(REPO_ROOT / "bundle" / "configs" / "train.yaml")
 MULTI = str(REPO_ROOT / "bundle" / "configs" / "multi_gpu_train.yaml")
@@ -23,8 +22,16 @@ def cache(tmp_path_factory):
 
 def _workflow(cache, out, **overrides):
     settings = dict(
-        dataset_dir=str(cache), output_dir=str(out), model_path=str(out / "model.pt"), batch_size=4,
-        num_workers=0, max_epochs=1, epoch_length=4, queue_size=16, checkpoint_every=2, mlflow=False,
+        dataset_dir=str(cache),
+        output_dir=str(out),
+        model_path=str(out / "model.pt"),
+        batch_size=4,
+        num_workers=0,
+        max_epochs=1,
+        epoch_length=4,
+        queue_size=16,
+        checkpoint_every=2,
+        mlflow=False,
     )
     settings.update(overrides)
     workflow = ConfigWorkflow(config_file=TRAIN, workflow_type="train", **settings)
@@ -112,8 +119,9 @@ def test_checkpoint_carries_the_neighbour_table(cache, tmp_path):
     first.finalize()
     (checkpoint,) = (tmp_path / "run" / "checkpoints").glob("checkpoint_iteration=*.pt")
     assert torch.equal(torch.load(checkpoint, weights_only=False)["neighbour_table"]["neighbours"], table)
-    resumed = _workflow(cache, tmp_path / "run", max_epochs=2, epoch_length=2, checkpoint_every=0, resume=True,
-                        neighbour_seed=5)
+    resumed = _workflow(
+        cache, tmp_path / "run", max_epochs=2, epoch_length=2, checkpoint_every=0, resume=True, neighbour_seed=5
+    )
     dataset = resumed.parser.get_parsed_content("train#dataset")
     assert not torch.equal(dataset.neighbours, table)  # seed 5 alone would pick other equidistant neighbours
     resumed.run()
@@ -158,7 +166,12 @@ def test_mlflow_run_is_complete_and_a_crashed_run_resumes_into_it(cache, tmp_pat
     client = MlflowClient(tracking_uri=crashed.parser.get_parsed_content("tracking_uri"))
     (run,) = client.search_runs([client.get_experiment_by_name("drasclr_pretraining").experiment_id])
     assert run.info.status == "RUNNING" and [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [
-        1, 2, 3, 4, 5]
+        1,
+        2,
+        3,
+        4,
+        5,
+    ]
 
     resumed = _workflow(cache, tmp_path, resume=True, **settings)
     resumed.run()
@@ -174,10 +187,17 @@ def test_mlflow_run_is_complete_and_a_crashed_run_resumes_into_it(cache, tmp_pat
     assert len(tags.get("git_commit", "")) >= 40  # the tests run from a git checkout
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.name == "prepared_cohort" and dataset.dataset.digest
-    artifacts = {f.path for folder in ("config", "figures", "model", "dataset")
-                 for f in client.list_artifacts(run.info.run_id, folder)}
-    assert artifacts == {"config/train.yaml", "figures/training_curves.png", "model/model.pt",
-                         "dataset/manifest.csv"}, artifacts
+    artifacts = {
+        f.path
+        for folder in ("config", "figures", "model", "dataset")
+        for f in client.list_artifacts(run.info.run_id, folder)
+    }
+    assert artifacts == {
+        "config/train.yaml",
+        "figures/training_curves.png",
+        "model/model.pt",
+        "dataset/manifest.csv",
+    }, artifacts
     weights = client.download_artifacts(run.info.run_id, "model/model.pt", str(tmp_path / "download"))
     assert set(torch.load(weights, weights_only=True)) == set(torch.load(tmp_path / "model.pt", weights_only=True))
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("checkpoint_iteration=*.pt"))
@@ -201,12 +221,41 @@ def test_a_fresh_run_beside_another_runs_checkpoints_leaves_them_alone(cache, tm
 def test_two_process_gloo_training_through_torchrun(cache, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        "-m", "monai.bundle", "run", "training", "--config_file", f"['{TRAIN}','{MULTI}']",
-        "--dataset_dir", str(cache), "--output_dir", str(tmp_path / "out"), "--model_path", str(tmp_path / "model.pt"),
-        "--batch_size", "2", "--num_workers", "0", "--max_epochs", "1", "--epoch_length", "2", "--queue_size", "16",
-        "--order", "landmark",
-        "--checkpoint_every", "0", "--mlflow", "false", "--rank_state_dir", str(tmp_path / "ranks"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        f"['{TRAIN}','{MULTI}']",
+        "--dataset_dir",
+        str(cache),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model_path",
+        str(tmp_path / "model.pt"),
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--max_epochs",
+        "1",
+        "--epoch_length",
+        "2",
+        "--queue_size",
+        "16",
+        "--order",
+        "landmark",
+        "--checkpoint_every",
+        "0",
+        "--mlflow",
+        "false",
+        "--rank_state_dir",
+        str(tmp_path / "ranks"),
     ]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

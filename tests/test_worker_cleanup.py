@@ -76,13 +76,17 @@ def _wait_for(predicate, timeout: float, process) -> bool:
 def test_die_with_parent(means):
     """Each of the two means alone ends a child whose parent is killed: the kernel's parent-death signal (the
     watchdog polls only once an hour), and the watchdog thread (the kernel signal is not set)."""
-    child = ("import sys, time\nimport custom.processes as p\n"
-             + ("p._set_parent_death_signal = lambda *a: False\n" if means == "watchdog thread" else "")
-             + f"armed = p.die_with_parent(interval={0.2 if means == 'watchdog thread' else 3600})\n"
-             "print('armed', armed, flush=True)\ntime.sleep(600)\n")
-    parent = ("import subprocess, sys, time\n"
-              f"child = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
-              "print(child.pid, flush=True)\ntime.sleep(600)\n")
+    child = (
+        "import sys, time\nimport custom.processes as p\n"
+        + ("p._set_parent_death_signal = lambda *a: False\n" if means == "watchdog thread" else "")
+        + f"armed = p.die_with_parent(interval={0.2 if means == 'watchdog thread' else 3600})\n"
+        "print('armed', armed, flush=True)\ntime.sleep(600)\n"
+    )
+    parent = (
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+        "print(child.pid, flush=True)\ntime.sleep(600)\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO))
     run = subprocess.Popen([sys.executable, "-c", parent], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
     pid = None
@@ -109,18 +113,33 @@ def test_workers_die_with_a_killed_run(tmp_path):
         make_phantom(scans / f"subj{i}.nii.gz", seed=20 + i, **SMALL)
     cache_dir = tmp_path / "cache"
     log = (tmp_path / "run.log").open("w")
-    command = [sys.executable, str(REPO / "bundle" / "scripts" / "prepare.py"), "run", "--source", str(scans),
-               "--cache_dir", str(cache_dir), "--num_workers", "2", "--progress", "False", "--log_level", "WARNING"]
+    command = [
+        sys.executable,
+        str(REPO / "bundle" / "scripts" / "prepare.py"),
+        "run",
+        "--source",
+        str(scans),
+        "--cache_dir",
+        str(cache_dir),
+        "--num_workers",
+        "2",
+        "--progress",
+        "False",
+        "--log_level",
+        "WARNING",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     run = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     workers = []
     try:
-        assert _wait_for(lambda: len(_workers(run.pid)) == 2, 120, run), \
-            f"no two workers appeared (run exit {run.poll()}): {(tmp_path / 'run.log').read_text()[-2000:]}"
+        assert _wait_for(
+            lambda: len(_workers(run.pid)) == 2, 120, run
+        ), f"no two workers appeared (run exit {run.poll()}): {(tmp_path / 'run.log').read_text()[-2000:]}"
         workers = _workers(run.pid)
         # past their imports and into the subjects: several CPU seconds each
-        assert _wait_for(lambda: all(_cpu_seconds(w) >= 6.0 for w in workers), 180, run), \
-            f"workers never got busy (run exit {run.poll()})"
+        assert _wait_for(
+            lambda: all(_cpu_seconds(w) >= 6.0 for w in workers), 180, run
+        ), f"workers never got busy (run exit {run.poll()})"
         assert run.poll() is None, "the run finished before it could be killed"
         finished = sorted(p.name for p in cache_dir.iterdir() if not p.name.startswith("."))
         assert len([n for n in finished if n.startswith("subj")]) < 4  # work was still left to do

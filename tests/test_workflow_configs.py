@@ -75,8 +75,7 @@ def test_every_setting_is_read_by_a_component(name):
     run_ids = WORKFLOWS[name]
     assert run_ids <= set(config), f"{name}: run ids {sorted(run_ids - set(config))} missing"
     refs = _references(config)
-    unread = [i for key, value in config.items() if key not in run_ids | {"imports"}
-              for i in _unread(value, key, refs)]
+    unread = [i for key, value in config.items() if key not in run_ids | {"imports"} for i in _unread(value, key, refs)]
     assert unread == [], f"{name}: settings no component reads: {unread}"
     for run_id in run_ids - {"initialize"}:  # each workflow ends in a short run expression
         entries = config[run_id] if isinstance(config[run_id], list) else [config[run_id]]
@@ -127,8 +126,16 @@ def test_evaluate_config_builds_its_components_and_takes_overrides(tmp_path):
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "evaluate.yaml"))
-    parser.update({"output_dir": str(tmp_path), "readout#pca_components": 3, "survival#repeats": 2,
-                   "baselines#random_init_seed": 7, "covid_cohort": None, "synthetic": "false"})
+    parser.update(
+        {
+            "output_dir": str(tmp_path),
+            "readout#pca_components": 3,
+            "survival#repeats": 2,
+            "baselines#random_init_seed": 7,
+            "covid_cohort": None,
+            "synthetic": "false",
+        }
+    )
     evaluation = parser.get_parsed_content("evaluation")
     assert isinstance(evaluation, Evaluation)
     assert evaluation.phenotypes.readout.pca_components == 3 and evaluation.survival.repeats == 2
@@ -145,12 +152,32 @@ def test_a_component_swapped_on_the_command_line_runs(tmp_path):
         "from custom.synthetic.covid_like import CovidLikeGenerator\n\n\n"
         "class SevereCovid(CovidLikeGenerator):\n"
         "    def __init__(self, **settings):\n"
-        "        super().__init__(grade_probs=[0, 0, 0, 0, 1], **settings)\n")
+        "        super().__init__(grade_probs=[0, 0, 0, 0, 1], **settings)\n"
+    )
     out = tmp_path / "cohort"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), str(REPO_ROOT)]), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(CONFIGS / "generate.yaml"),
-               "--output_dir", str(out), "--num_subjects", "1", "--covid_subjects", "2", "--voxel_size", "6.0",
-               "--dicom_every", "0", "--progress", "false", "--covid#_target_", "severe_covid.SevereCovid"]
+    command = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(CONFIGS / "generate.yaml"),
+        "--output_dir",
+        str(out),
+        "--num_subjects",
+        "1",
+        "--covid_subjects",
+        "2",
+        "--voxel_size",
+        "6.0",
+        "--dicom_every",
+        "0",
+        "--progress",
+        "false",
+        "--covid#_target_",
+        "severe_covid.SevereCovid",
+    ]
     result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     covid = pd.read_csv(out / "covid_clinical.csv")
@@ -185,8 +212,14 @@ def test_an_encoder_def_override_changes_the_network_each_workflow_builds(name):
     """--encoder_def#... on the command line reaches the encoder of every workflow (no sizes left in Python)."""
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / name))
-    parser.update({"encoder_def#representation_dim": 16, "encoder_def#projection_dim": 8,
-                   "encoder_def#num_experts": 2, "encoder_def#conditioning": "concatenation"})
+    parser.update(
+        {
+            "encoder_def#representation_dim": 16,
+            "encoder_def#projection_dim": 8,
+            "encoder_def#num_experts": 2,
+            "encoder_def#conditioning": "concatenation",
+        }
+    )
     built = parser.get_parsed_content(ARCHITECTURE_USERS[name])
     if name == "evaluate.yaml":  # the random-init baseline's encoder
         from custom.evaluation.baselines import random_init_network
@@ -210,7 +243,6 @@ def test_weights_of_other_sizes_fail_naming_the_file_and_the_sizes(tmp_path):
         load_network(tmp_path / "small.pt")
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "embed.yaml"))
-    parser.update({"encoder_def#representation_dim": 16, "encoder_def#projection_dim": 8,
-                   "encoder_def#num_experts": 2})
+    parser.update({"encoder_def#representation_dim": 16, "encoder_def#projection_dim": 8, "encoder_def#num_experts": 2})
     loaded = load_network(tmp_path / "small.pt", network=parser.get_parsed_content("representation_def"))
     assert loaded.encoder.representation_dim == 16

@@ -27,17 +27,17 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from custom import bundle_root
-from custom.emphysema.dense_input import LUNG_CHANNEL, probabilities_at
-from custom.emphysema.folded_classifier import FoldedClassifier, folded_probabilities_at
-from custom.emphysema.finetune import load_emphysema_model
-from custom.emphysema.network import EMPHYSEMA_CLASSES
-from custom.emphysema.scan_transforms import preprocessing_chain
-from custom.emphysema.sliding_window import EmphysemaInferer, decide_labels
+from custom import bundle_root  # noqa: E402
+from custom.emphysema.dense_input import LUNG_CHANNEL, probabilities_at  # noqa: E402
+from custom.emphysema.finetune import load_emphysema_model  # noqa: E402
+from custom.emphysema.folded_classifier import FoldedClassifier, folded_probabilities_at  # noqa: E402
+from custom.emphysema.network import EMPHYSEMA_CLASSES  # noqa: E402
+from custom.emphysema.scan_transforms import preprocessing_chain  # noqa: E402
+from custom.emphysema.sliding_window import EmphysemaInferer, decide_labels  # noqa: E402
 
 
 def _settings(text: str) -> list:
-    """"stride:min_stride" items, comma separated."""
+    """ "stride:min_stride" items, comma separated."""
     out = []
     for part in text.split(","):
         stride, _, min_stride = part.partition(":")
@@ -50,8 +50,11 @@ def _cube_centres(lung: np.ndarray, labels: np.ndarray, count: int, size: int, s
     rng = np.random.default_rng(seed)
     half = size // 2
     inner = np.zeros_like(lung)
-    inner[half : lung.shape[0] - size + half + 1, half : lung.shape[1] - size + half + 1,
-          half : lung.shape[2] - size + half + 1] = True
+    inner[
+        half : lung.shape[0] - size + half + 1,
+        half : lung.shape[1] - size + half + 1,
+        half : lung.shape[2] - size + half + 1,
+    ] = True
     pools = [np.argwhere(lung & inner & (labels > 0)), np.argwhere(lung & inner)]
     corners = []
     for i in range(count):
@@ -72,24 +75,32 @@ def main(argv=None) -> int:
     parser.add_argument("--image", default=str(root / "demo_data/synthetic/images/SYN0000.nii.gz"))
     parser.add_argument("--lung_mask", default="")
     parser.add_argument("--model", default=str(root / "models/model.pt"))
-    parser.add_argument("--settings", default="32:32,32:8,20:10,24:12",
-                        help="stride:min_stride, comma separated")
+    parser.add_argument("--settings", default="32:32,32:8,20:10,24:12", help="stride:min_stride, comma separated")
     parser.add_argument("--cubes", type=int, default=3)
     parser.add_argument("--cube", type=int, default=12)
-    parser.add_argument("--threshold", default="0.5",
-                        help="a probability, or 'auto': the 95th percentile of the subtype probability over the lung "
-                             "in the first (unrefined) setting's map, so that emphysema borders exist to compare")
+    parser.add_argument(
+        "--threshold",
+        default="0.5",
+        help="a probability, or 'auto': the 95th percentile of the subtype probability over the lung "
+        "in the first (unrefined) setting's map, so that emphysema borders exist to compare",
+    )
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--speed_patches", type=int, default=512,
-                        help="lung patches timed through the network's forward and through the folded classifier")
+    parser.add_argument(
+        "--speed_patches",
+        type=int,
+        default=512,
+        help="lung patches timed through the network's forward and through the folded classifier",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     if not Path(args.model).is_file():
-        parser.error(f"{args.model}: no emphysema model (EmphysemaNetwork state dict); run the fine-tuning first "
-                     "or pass --model")
+        parser.error(
+            f"{args.model}: no emphysema model (EmphysemaNetwork state dict); run the fine-tuning first "
+            "or pass --model"
+        )
     network = load_emphysema_model(args.model)
 
     start = time.perf_counter()
@@ -100,29 +111,38 @@ def main(argv=None) -> int:
     prepare_seconds = time.perf_counter() - start
     lung = channels[LUNG_CHANNEL].numpy() > 0.5
     num_lung = int(lung.sum())
-    print(f"scan {args.image}: prepared grid {tuple(channels.shape[1:])}, {num_lung} lung voxels, "
-          f"preprocessing {prepare_seconds:.1f} s")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
-          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"scan {args.image}: prepared grid {tuple(channels.shape[1:])}, {num_lung} lung voxels, "
+        f"preprocessing {prepare_seconds:.1f} s"
+    )
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}"
+    )
 
     # the two exact evaluators on the same lung patches, side by side
     lung_voxels = torch.nonzero(torch.from_numpy(lung))
-    sample = lung_voxels[torch.randperm(len(lung_voxels), generator=torch.Generator().manual_seed(args.seed))
-                         [: args.speed_patches]]
+    sample = lung_voxels[
+        torch.randperm(len(lung_voxels), generator=torch.Generator().manual_seed(args.seed))[: args.speed_patches]
+    ]
     speeds = {}
     for name, evaluate in (
         ("network forward", lambda c: probabilities_at(network, channels, c, batch_size=args.batch_size)),
-        ("folded classifier", lambda c: folded_probabilities_at(FoldedClassifier(network), channels, c,
-                                                                batch_size=args.batch_size)),
+        (
+            "folded classifier",
+            lambda c: folded_probabilities_at(FoldedClassifier(network), channels, c, batch_size=args.batch_size),
+        ),
     ):
         evaluate(sample[: args.batch_size])  # warm-up
         start = time.perf_counter()
         speeds[name] = (evaluate(sample), time.perf_counter() - start)
     difference = float((speeds["network forward"][0] - speeds["folded classifier"][0]).abs().max())
-    print(f"patch evaluation, {len(sample)} lung patches, batch {args.batch_size}: "
-          + ", ".join(f"{n} {len(sample) / t:.0f} patches/s" for n, (_, t) in speeds.items())
-          + f" ({speeds['network forward'][1] / speeds['folded classifier'][1]:.2f}x); "
-          f"max |probability difference| {difference:.1e}")
+    print(
+        f"patch evaluation, {len(sample)} lung patches, batch {args.batch_size}: "
+        + ", ".join(f"{n} {len(sample) / t:.0f} patches/s" for n, (_, t) in speeds.items())
+        + f" ({speeds['network forward'][1] / speeds['folded classifier'][1]:.2f}x); "
+        f"max |probability difference| {difference:.1e}"
+    )
 
     maps = []
     settings = _settings(args.settings)
@@ -131,20 +151,30 @@ def main(argv=None) -> int:
         parser.error("--threshold auto needs a first setting without refinement (stride:stride)")
     threshold = 0.5 if auto else float(args.threshold)
     for stride, min_stride in settings:
-        inferer = EmphysemaInferer(stride=stride, min_stride=min_stride, threshold=threshold,
-                                   batch_size=args.batch_size)
+        inferer = EmphysemaInferer(
+            stride=stride, min_stride=min_stride, threshold=threshold, batch_size=args.batch_size
+        )
         start = time.perf_counter()
         probabilities = inferer(channels[None], network)[0]
         seconds = time.perf_counter() - start
-        maps.append({"stride": stride, "min_stride": min_stride, "seconds": seconds,
-                     "evaluations": inferer.last_evaluations, "probabilities": probabilities,
-                     "labels": decide_labels(probabilities, threshold).numpy() * lung})
+        maps.append(
+            {
+                "stride": stride,
+                "min_stride": min_stride,
+                "seconds": seconds,
+                "evaluations": inferer.last_evaluations,
+                "probabilities": probabilities,
+                "labels": decide_labels(probabilities, threshold).numpy() * lung,
+            }
+        )
         if auto and len(maps) == 1:
             threshold = float(np.percentile(probabilities[1:].max(dim=0).values.numpy()[lung], 95))
             maps[0]["labels"] = decide_labels(probabilities, threshold).numpy() * lung
             print(f"  threshold 'auto': {threshold:.4f} (95th percentile of the subtype probability in the lung)")
-        print(f"  map stride {stride} refine to {min_stride}: {seconds:.1f} s, "
-              f"{inferer.last_evaluations} network evaluations")
+        print(
+            f"  map stride {stride} refine to {min_stride}: {seconds:.1f} s, "
+            f"{inferer.last_evaluations} network evaluations"
+        )
 
     any_emphysema = np.max(np.stack([m["labels"] for m in maps]), axis=0)
     corners = _cube_centres(lung, any_emphysema, args.cubes, args.cube, args.seed)
@@ -163,15 +193,22 @@ def main(argv=None) -> int:
     idx = tuple(centres.T.numpy())
     folded_per_patch = speeds["folded classifier"][1] / len(sample)
     step1_folded = folded_per_patch * num_lung
-    print(f"step-1 brute force (network forward) on {len(corners)} cubes of {args.cube}^3 ({len(centres)} lung "
-          f"voxels): {brute_seconds:.1f} s = {1000 * per_patch:.1f} ms per voxel -> whole scan {step1_scan:.0f} s "
-          f"({step1_scan / 3600:.1f} h) extrapolated; with the folded classifier {step1_folded:.0f} s "
-          f"({step1_folded / 3600:.1f} h)")
-    print("  exact label counts on the cubes: "
-          + ", ".join(f"{n} {int((exact_labels == c).sum())}" for c, n in enumerate(EMPHYSEMA_CLASSES)))
+    print(
+        f"step-1 brute force (network forward) on {len(corners)} cubes of {args.cube}^3 ({len(centres)} lung "
+        f"voxels): {brute_seconds:.1f} s = {1000 * per_patch:.1f} ms per voxel -> whole scan {step1_scan:.0f} s "
+        f"({step1_scan / 3600:.1f} h) extrapolated; with the folded classifier {step1_folded:.0f} s "
+        f"({step1_folded / 3600:.1f} h)"
+    )
+    print(
+        "  exact label counts on the cubes: "
+        + ", ".join(f"{n} {int((exact_labels == c).sum())}" for c, n in enumerate(EMPHYSEMA_CLASSES))
+    )
 
-    header = ["stride", "refine_to", "s/scan", "evals", "speed-up", "speed-up (same evaluator)"] + \
-        [f"Dice {n}" for n in EMPHYSEMA_CLASSES[1:]] + ["label agreement", "max |dp|"]
+    header = (
+        ["stride", "refine_to", "s/scan", "evals", "speed-up", "speed-up (same evaluator)"]
+        + [f"Dice {n}" for n in EMPHYSEMA_CLASSES[1:]]
+        + ["label agreement", "max |dp|"]
+    )
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     reached = []
     for m in maps:
@@ -180,21 +217,34 @@ def main(argv=None) -> int:
         dice = [_dice(fast_labels == c, exact_labels == c) for c in range(1, len(EMPHYSEMA_CLASSES))]
         agreement = float((fast_labels == exact_labels).mean())
         max_dp = float((fast - exact.T).abs().max())
-        row = [m["stride"], m["min_stride"], f"{m['seconds']:.1f}", m["evaluations"],
-               f"{step1_scan / m['seconds']:.0f}x", f"{step1_folded / m['seconds']:.0f}x"] + [f"{d:.3f}" for d in dice] + [f"{agreement:.4f}",
-                                                                                      f"{max_dp:.3f}"]
+        row = (
+            [
+                m["stride"],
+                m["min_stride"],
+                f"{m['seconds']:.1f}",
+                m["evaluations"],
+                f"{step1_scan / m['seconds']:.0f}x",
+                f"{step1_folded / m['seconds']:.0f}x",
+            ]
+            + [f"{d:.3f}" for d in dice]
+            + [f"{agreement:.4f}", f"{max_dp:.3f}"]
+        )
         print("| " + " | ".join(str(v) for v in row) + " |")
         if all(np.isnan(d) or d >= 0.95 for d in dice):
             reached.append(m)
     print()
     if not (exact_labels > 0).any():
-        print("no emphysema in the sampled cubes by the step-1 map: Dice is undefined here; use a scan with "
-              "emphysema (e.g. the SYNTHETIC subject SYN0007) or more cubes")
+        print(
+            "no emphysema in the sampled cubes by the step-1 map: Dice is undefined here; use a scan with "
+            "emphysema (e.g. the SYNTHETIC subject SYN0007) or more cubes"
+        )
     elif reached:
         best = min(reached, key=lambda m: m["evaluations"])  # evaluations do not depend on the machine's load
-        print(f"cheapest setting with Dice >= 0.95 for every subtype present: stride {best['stride']} refined to "
-              f"{best['min_stride']}, {best['evaluations']} network evaluations ({num_lung / best['evaluations']:.0f}x "
-              f"fewer than step 1), {best['seconds']:.1f} s per scan, {step1_scan / best['seconds']:.0f}x faster")
+        print(
+            f"cheapest setting with Dice >= 0.95 for every subtype present: stride {best['stride']} refined to "
+            f"{best['min_stride']}, {best['evaluations']} network evaluations ({num_lung / best['evaluations']:.0f}x "
+            f"fewer than step 1), {best['seconds']:.1f} s per scan, {step1_scan / best['seconds']:.0f}x faster"
+        )
     else:
         print("Dice >= 0.95 was NOT reached by any setting tried; try smaller strides (--settings)")
     return 0

@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from custom.model.encoder import DrasCLREncoder
 from custom.flags import fire_cli
+from custom.model.encoder import DrasCLREncoder
 from custom.model.loc_condconv import set_loc_condconv_mode
 
 
@@ -74,7 +74,9 @@ def run(
         if "per_sample" in medians:
             for mode in modes:
                 if mode != "per_sample":
-                    print(f"batch {batch}: speed-up {mode} vs per_sample = {medians['per_sample'] / medians[mode]:.2f}x")
+                    print(
+                        f"batch {batch}: speed-up {mode} vs per_sample = {medians['per_sample'] / medians[mode]:.2f}x"
+                    )
     return None
 
 

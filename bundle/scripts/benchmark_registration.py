@@ -40,8 +40,13 @@ def landmark_error_mm(registration, ct, phantom, centres) -> np.ndarray:
     return np.linalg.norm((estimated - true_vox) * np.asarray(ct.spacing), axis=1)
 
 
-def main(subjects: int = 3, reference_subjects: int = 1, out_dir: str = "benchmark_registration",
-         seed: int = 100, spacing_mm: float = 2.0) -> dict:
+def main(
+    subjects: int = 3,
+    reference_subjects: int = 1,
+    out_dir: str = "benchmark_registration",
+    seed: int = 100,
+    spacing_mm: float = 2.0,
+) -> dict:
     """Run both recipes; write ``results.csv`` and ``summary.json`` into ``out_dir`` and print a table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,14 +67,22 @@ def main(subjects: int = 3, reference_subjects: int = 1, out_dir: str = "benchma
         recipes = [reg.FAST] + ([reg.REFERENCE] if i < reference_subjects else [])
         for recipe in recipes:
             cpu_start = time.process_time()  # all threads of this process: fairer than wall time on a busy machine
-            result = reg.register_to_atlas(mask, ct.affine, atlas_mask, atlas.affine, recipe,
-                                           atlas_image=fixed[recipe.name])
+            result = reg.register_to_atlas(
+                mask, ct.affine, atlas_mask, atlas.affine, recipe, atlas_image=fixed[recipe.name]
+            )
             cpu_seconds = time.process_time() - cpu_start
             err = landmark_error_mm(result, ct, phantom, centres)
             result.cleanup()
-            rows.append(dict(subject=i, recipe=recipe.name, seconds=round(result.seconds, 2),
-                             cpu_seconds=round(cpu_seconds, 2),
-                             mean_error_mm=round(float(err.mean()), 3), max_error_mm=round(float(err.max()), 3)))
+            rows.append(
+                dict(
+                    subject=i,
+                    recipe=recipe.name,
+                    seconds=round(result.seconds, 2),
+                    cpu_seconds=round(cpu_seconds, 2),
+                    mean_error_mm=round(float(err.mean()), 3),
+                    max_error_mm=round(float(err.max()), 3),
+                )
+            )
             print(rows[-1], flush=True)
 
     table = pd.DataFrame(rows)
@@ -78,16 +91,19 @@ def main(subjects: int = 3, reference_subjects: int = 1, out_dir: str = "benchma
     paired = same.pivot(index="subject", columns="recipe", values="seconds")
     paired_cpu = same.pivot(index="subject", columns="recipe", values="cpu_seconds")
     summary = {
-        recipe: {"subjects": int((table.recipe == recipe).sum()),
-                 "mean_seconds": round(float(table[table.recipe == recipe].seconds.mean()), 2),
-                 "mean_cpu_seconds": round(float(table[table.recipe == recipe].cpu_seconds.mean()), 2),
-                 "mean_landmark_error_mm": round(float(table[table.recipe == recipe].mean_error_mm.mean()), 3)}
+        recipe: {
+            "subjects": int((table.recipe == recipe).sum()),
+            "mean_seconds": round(float(table[table.recipe == recipe].seconds.mean()), 2),
+            "mean_cpu_seconds": round(float(table[table.recipe == recipe].cpu_seconds.mean()), 2),
+            "mean_landmark_error_mm": round(float(table[table.recipe == recipe].mean_error_mm.mean()), 3),
+        }
         for recipe in table.recipe.unique()
     }
     if "reference" in paired:
         summary["speedup_on_same_subjects"] = round(float(paired["reference"].mean() / paired["fast"].mean()), 1)
         summary["cpu_speedup_on_same_subjects"] = round(
-            float(paired_cpu["reference"].mean() / paired_cpu["fast"].mean()), 1)
+            float(paired_cpu["reference"].mean() / paired_cpu["fast"].mean()), 1
+        )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(table.to_string(index=False))
     print(json.dumps(summary, indent=2))

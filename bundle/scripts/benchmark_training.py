@@ -36,8 +36,8 @@ if __package__ in (None, ""):  # run as a file: make ``custom`` importable from 
 
 import torch
 
-from custom.model.drasclr import DrasCLR
 from custom.flags import as_bool, fire_cli
+from custom.model.drasclr import DrasCLR
 from custom.model.loc_condconv import MODES, set_loc_condconv_mode
 
 GIB = 1024**3
@@ -85,8 +85,12 @@ def machine_report(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / GIB, 1), cuda=torch.version.cuda,
-                    cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / GIB, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
     return info
 
 
@@ -157,8 +161,9 @@ def compare(build, modes: list, batch: dict, device: torch.device, amp: bool, re
     """Warm-up step (the loss check) then ``repeats`` timed steps of every variant, interleaved. ``build(mode)``
     returns a fresh model, the same weights and queues for every call."""
     state = {m: build(m) for m in modes}
-    optimisers = {m: torch.optim.SGD(state[m].encoder_q.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-                  for m in modes}
+    optimisers = {
+        m: torch.optim.SGD(state[m].encoder_q.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4) for m in modes
+    }
     scalers = {m: torch.amp.GradScaler("cuda") if amp else None for m in modes}
     results = {m: {"times": [], **({"peak_gib": 0.0} if device.type == "cuda" else {})} for m in modes}
 
@@ -180,7 +185,8 @@ def compare(build, modes: list, batch: dict, device: torch.device, amp: bool, re
         for m in modes:
             results[m]["times"].append(one(m, r + 1))
     results["_model_gib"] = _model_gib(state[modes[0]])
-    del state, optimisers, scalers
+    for table in (state, optimisers, scalers):  # free the models before the next comparison
+        table.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return results
@@ -192,8 +198,10 @@ def _report(results: dict, batch_size: int, num_neighbours: int, device: torch.d
         r["median_s"] = statistics.median(r["times"])
         r["query_patches_per_s"] = batch_size / r["median_s"]
         times = ", ".join(f"{t:.3f}" for t in r["times"])
-        print(f"{label}{m}: {r['median_s']:.3f} s/step (median of [{times}]; warm-up {r['warmup_s']:.3f} s), "
-              f"{r['query_patches_per_s']:.1f} query patches/s ({per_step / r['median_s']:.1f} patches encoded/s)")
+        print(
+            f"{label}{m}: {r['median_s']:.3f} s/step (median of [{times}]; warm-up {r['warmup_s']:.3f} s), "
+            f"{r['query_patches_per_s']:.1f} query patches/s ({per_step / r['median_s']:.1f} patches encoded/s)"
+        )
         if device.type == "cuda":
             print(f"{label}{m}: peak GPU memory allocated {r['peak_gib']:.2f} GiB (torch.cuda.max_memory_allocated)")
     if "per_sample" in results:
@@ -205,8 +213,10 @@ def _report(results: dict, batch_size: int, num_neighbours: int, device: torch.d
             diff = abs(r["first_loss"] - reference["first_loss"]) / max(abs(reference["first_loss"]), 1e-30)
             r["first_loss_rel_diff_vs_per_sample"] = diff
             print(f"{label}speed-up {m} vs per_sample: {r['speedup_vs_per_sample']:.2f}x")
-            print(f"{label}first-step loss {m} {r['first_loss']:.6f} vs per_sample {reference['first_loss']:.6f} "
-                  f"(relative difference {diff:.1e}; same weights, batch and permutation)")
+            print(
+                f"{label}first-step loss {m} {r['first_loss']:.6f} vs per_sample {reference['first_loss']:.6f} "
+                f"(relative difference {diff:.1e}; same weights, batch and permutation)"
+            )
 
 
 def _amp_settings(amp, device: torch.device) -> list[bool]:
@@ -253,24 +263,35 @@ def run(
     if int(repeats) < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if batch_size % bn_splits or batch_size // bn_splits < 2:
-        raise ValueError(f"batch_size {batch_size} must be a multiple of bn_splits {bn_splits} with at least 2 "
-                         f"samples per split (the last BatchNorm sees 1 voxel per sample)")
+        raise ValueError(
+            f"batch_size {batch_size} must be a multiple of bn_splits {bn_splits} with at least 2 "
+            f"samples per split (the last BatchNorm sees 1 voxel per sample)"
+        )
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmark_training: --device cuda but torch.cuda.is_available() is False")
     amps = _amp_settings(amp, device)
     info = machine_report(device)
-    where = f"{info['gpu']} ({info['gpu_memory_gib']} GiB), CUDA {info['cuda']}, cuDNN {info['cudnn']}" \
-        if device.type == "cuda" else info["cpu"]
+    where = (
+        f"{info['gpu']} ({info['gpu_memory_gib']} GiB), CUDA {info['cuda']}, cuDNN {info['cudnn']}"
+        if device.type == "cuda"
+        else info["cpu"]
+    )
     print(f"machine: {info['host']}, {info['platform']}, {where}")
-    print(f"cpus: {info['cpu_count']} ({info['cpus_usable']} usable), torch threads {info['torch_threads']}, "
-          f"OMP_NUM_THREADS {info['omp_num_threads']}, python {info['python']}, torch {info['torch']}")
-    print(f"load average before (1/5/15 min): {info['loadavg_before']} "
-          f"(an idle machine reads well under its usable cpus)")
-    print(f"configuration: device {device}, batch {batch_size} (+{num_neighbours} neighbours each), order {order}, "
-          f"bn_splits {bn_splits}, init {init}, queue {num_landmarks} x {queue_size} x 128 float32, "
-          f"modes {', '.join(modes)}, amp {'/'.join('on' if a else 'off' for a in amps)}, repeats {repeats} "
-          f"(+1 warm-up), seed {seed}")
+    print(
+        f"cpus: {info['cpu_count']} ({info['cpus_usable']} usable), torch threads {info['torch_threads']}, "
+        f"OMP_NUM_THREADS {info['omp_num_threads']}, python {info['python']}, torch {info['torch']}"
+    )
+    print(
+        f"load average before (1/5/15 min): {info['loadavg_before']} "
+        f"(an idle machine reads well under its usable cpus)"
+    )
+    print(
+        f"configuration: device {device}, batch {batch_size} (+{num_neighbours} neighbours each), order {order}, "
+        f"bn_splits {bn_splits}, init {init}, queue {num_landmarks} x {queue_size} x 128 float32, "
+        f"modes {', '.join(modes)}, amp {'/'.join('on' if a else 'off' for a in amps)}, repeats {repeats} "
+        f"(+1 warm-up), seed {seed}"
+    )
 
     def build(mode: str) -> DrasCLR:
         torch.manual_seed(seed)  # identical weights and queues for every variant
@@ -292,8 +313,10 @@ def run(
     if device.type == "cpu":
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # KiB on Linux
         info["peak_rss_gib"] = peak
-        print(f"peak resident memory {peak:.2f} GiB (getrusage: the whole process, the {len(modes)} variants' models held "
-              f"at once, {model_gib:.2f} GiB of weights and queues each)")
+        print(
+            f"peak resident memory {peak:.2f} GiB (getrusage: the whole process, the {len(modes)} variants' models held "
+            f"at once, {model_gib:.2f} GiB of weights and queues each)"
+        )
     else:
         peaks = ", ".join(f"{k} {m} {r['peak_gib']:.2f} GiB" for k, res in results.items() for m, r in res.items())
         print(f"peak GPU memory allocated per step: {peaks}")
@@ -301,9 +324,18 @@ def run(
     info["seconds"] = time.perf_counter() - started
     print(f"load average after (1/5/15 min): {info['loadavg_after']}; benchmark took {info['seconds']:.0f} s")
     if json_out:
-        config = dict(batch_size=batch_size, repeats=repeats, queue_size=queue_size, num_landmarks=num_landmarks,
-                      num_neighbours=num_neighbours, order=order, bn_splits=bn_splits, init=init,
-                      device=str(device), modes=modes)
+        config = dict(
+            batch_size=batch_size,
+            repeats=repeats,
+            queue_size=queue_size,
+            num_landmarks=num_landmarks,
+            num_neighbours=num_neighbours,
+            order=order,
+            bn_splits=bn_splits,
+            init=init,
+            device=str(device),
+            modes=modes,
+        )
         Path(json_out).write_text(json.dumps({"machine": info, "config": config, "results": results}, indent=2))
     return None
 
@@ -316,8 +348,10 @@ def _one_paper_step():
     batch = make_batch(128, 2, 581, "landmark", device)
     seconds, _ = train_step(model, optimiser, None, batch, device, False)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(f"paper configuration (batch 128 of one landmark, 2 neighbours, bn_splits 4, queue 581x4096x128 "
-          f"float32, grouped) on CPU: one step {seconds:.1f} s, peak resident memory {peak_gib:.2f} GiB")
+    print(
+        f"paper configuration (batch 128 of one landmark, 2 neighbours, bn_splits 4, queue 581x4096x128 "
+        f"float32, grouped) on CPU: one step {seconds:.1f} s, peak resident memory {peak_gib:.2f} GiB"
+    )
 
 
 if __name__ == "__main__":

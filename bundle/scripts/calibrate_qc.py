@@ -74,8 +74,13 @@ def damaged_versions(name: str, image: Path, out_dir: Path, lung_mask: Path | No
         m = qc_damage.cut(mask, mask_affine, above_mm=apex - mm) if lung_mask is not None else (None, None)
         add(f"cut_superior_{mm}mm", "cut_off", arr, aff, *m)
     for axis in (0, 1, 2):
-        add(f"flip_{'xyz'[axis]}", "flipped", qc_damage.flip(array, axis), affine,
-            *((qc_damage.flip(mask, axis), mask_affine) if lung_mask is not None else (None, None)))
+        add(
+            f"flip_{'xyz'[axis]}",
+            "flipped",
+            qc_damage.flip(array, axis),
+            affine,
+            *((qc_damage.flip(mask, axis), mask_affine) if lung_mask is not None else (None, None)),
+        )
     for mm in THICK:
         if mm <= spacing_z + 1e-6:
             continue
@@ -120,16 +125,28 @@ def table_row(source: str, case: str, expected: str, qc: dict) -> dict:
     orientation = qc.get("orientation_dice") or {}
     gains = {a: d - orientation["none"] for a, d in orientation.items() if a != "none"} if orientation else {}
     best = max(gains, key=gains.get) if gains else ""
-    return {"source": source, "case": case, "expected": expected, "status": status,
-            "reasons": "; ".join(reasons), "dice": qc.get("dice"), "share_ratio": qc.get("share_ratio"),
-            "edge_inferior": edges.get("inferior"), "edge_superior": edges.get("superior"),
-            "edge_max": max(edges.values()) if edges else None,
-            "dice_as_given": orientation.get("none"), "flip_axis": best,
-            "flip_gain": round(gains[best], 4) if best else None,
-            **{f"dice_flip_{a.split('-')[0]}": d for a, d in orientation.items() if a != "none"},
-            "slice_mm": qc.get("slice_mm"), "laa950": qc.get("laa950"), "lung_ml": qc.get("lung_volume_ml"),
-            "qc_seconds": qc.get("qc_seconds"), "registration_seconds": qc.get("registration_seconds"),
-            "seconds": qc.get("seconds")}
+    return {
+        "source": source,
+        "case": case,
+        "expected": expected,
+        "status": status,
+        "reasons": "; ".join(reasons),
+        "dice": qc.get("dice"),
+        "share_ratio": qc.get("share_ratio"),
+        "edge_inferior": edges.get("inferior"),
+        "edge_superior": edges.get("superior"),
+        "edge_max": max(edges.values()) if edges else None,
+        "dice_as_given": orientation.get("none"),
+        "flip_axis": best,
+        "flip_gain": round(gains[best], 4) if best else None,
+        **{f"dice_flip_{a.split('-')[0]}": d for a, d in orientation.items() if a != "none"},
+        "slice_mm": qc.get("slice_mm"),
+        "laa950": qc.get("laa950"),
+        "lung_ml": qc.get("lung_volume_ml"),
+        "qc_seconds": qc.get("qc_seconds"),
+        "registration_seconds": qc.get("registration_seconds"),
+        "seconds": qc.get("seconds"),
+    }
 
 
 def decide_again(table: pd.DataFrame, atlas_share: float) -> pd.DataFrame:
@@ -146,14 +163,21 @@ def decide_again(table: pd.DataFrame, atlas_share: float) -> pd.DataFrame:
         edges = {"inferior": value(row, "edge_inferior") or 0.0, "superior": value(row, "edge_superior") or 0.0}
         if (value(row, "edge_max") or 0.0) > max(edges.values()):
             edges["side"] = value(row, "edge_max")
-        orientation = {"none": value(row, "dice_as_given"), "left-right": value(row, "dice_flip_left"),
-                       "anterior-posterior": value(row, "dice_flip_anterior"),
-                       "head-feet": value(row, "dice_flip_head")}
+        orientation = {
+            "none": value(row, "dice_as_given"),
+            "left-right": value(row, "dice_flip_left"),
+            "anterior-posterior": value(row, "dice_flip_anterior"),
+            "head-feet": value(row, "dice_flip_head"),
+        }
         ratio = value(row, "share_ratio")
-        measures = {"dice": value(row, "dice"), "atlas_share_inside_lung": atlas_share,
-                    "share_inside_lung": None if ratio is None else ratio * atlas_share, "edge_share": edges,
-                    "orientation_dice": orientation if orientation["none"] is not None else None,
-                    "slice_mm": value(row, "slice_mm")}
+        measures = {
+            "dice": value(row, "dice"),
+            "atlas_share_inside_lung": atlas_share,
+            "share_inside_lung": None if ratio is None else ratio * atlas_share,
+            "edge_share": edges,
+            "orientation_dice": orientation if orientation["none"] is not None else None,
+            "slice_mm": value(row, "slice_mm"),
+        }
         verdict = anatomy_qc.assess(measures, anatomy_qc.QCLimits(), accept=())
         statuses.append(verdict.status)
         reasons.append("; ".join(verdict.reasons))
@@ -161,23 +185,46 @@ def decide_again(table: pd.DataFrame, atlas_share: float) -> pd.DataFrame:
 
 
 def markdown(table: pd.DataFrame) -> str:
-    columns = ["source", "case", "expected", "status", "dice", "share_ratio", "edge_inferior", "edge_superior",
-               "flip_axis", "flip_gain", "slice_mm", "laa950", "qc_seconds"]
+    columns = [
+        "source",
+        "case",
+        "expected",
+        "status",
+        "dice",
+        "share_ratio",
+        "edge_inferior",
+        "edge_superior",
+        "flip_axis",
+        "flip_gain",
+        "slice_mm",
+        "laa950",
+        "qc_seconds",
+    ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table[columns].itertuples(index=False):
         cells = []
         for value in row:
             if isinstance(value, float):
-                cells.append("-" if np.isnan(value) else f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) < 100
-                             else f"{value:.0f}")
+                cells.append(
+                    "-"
+                    if np.isnan(value)
+                    else f"{value:.3f}".rstrip("0").rstrip(".") if abs(value) < 100 else f"{value:.0f}"
+                )
             else:
                 cells.append(str(value) if value is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main(out_dir: str = "runs/calibrate_qc", synthetic: int = 3, kernels: str = "soft_kernel_B,sharp_kernel_L",
-         seed: int = 0, sheet_dir: str | None = None, skip_table: bool = False, decide_only: bool = False) -> str:
+def main(
+    out_dir: str = "runs/calibrate_qc",
+    synthetic: int = 3,
+    kernels: str = "soft_kernel_B,sharp_kernel_L",
+    seed: int = 0,
+    sheet_dir: str | None = None,
+    skip_table: bool = False,
+    decide_only: bool = False,
+) -> str:
     """Make the damaged versions, run the QC on each, write ``calibration.csv`` and print the table; returns
     the CSV's path. ``decide_only``: take the decisions of ``<out_dir>/calibration.csv`` again with the current
     thresholds (its measured numbers kept) and print the table."""
@@ -205,8 +252,9 @@ def main(out_dir: str = "runs/calibrate_qc", synthetic: int = 3, kernels: str = 
             raise FileNotFoundError(f"{series}: real CT not found (set DRASCLR_REAL_CT)")
         sources.append((f"real_{kernel}", series, None))
     if synthetic:
-        manifest = generate_cohort(out / "synthetic", num_subjects=int(synthetic), seed=seed, dicom_every=0,
-                                   progress=False)
+        manifest = generate_cohort(
+            out / "synthetic", num_subjects=int(synthetic), seed=seed, dicom_every=0, progress=False
+        )
         for row in manifest.itertuples():
             sources.append((row.subject_id, Path(row.image), Path(row.lung_mask)))
 
@@ -217,15 +265,23 @@ def main(out_dir: str = "runs/calibrate_qc", synthetic: int = 3, kernels: str = 
         print(f"{name}: {len(all_cases[name])} versions written in {time.perf_counter() - started:.0f} s", flush=True)
 
     if not skip_table:
-        chain = Compose([LoadCTd("image"), LungMaskd("image"), RegisterToAtlasd("image", accept=list(ACCEPTABLE),
-                                                                                 failure_pictures=False)])
+        chain = Compose(
+            [
+                LoadCTd("image"),
+                LungMaskd("image"),
+                RegisterToAtlasd("image", accept=list(ACCEPTABLE), failure_pictures=False),
+            ]
+        )
         rows = []
         for name, cases in all_cases.items():
             for case, expected, image, mask in cases:
                 qc = measure(image, mask, chain)
                 rows.append(table_row(name, case, expected, qc))
-                print(f"{name:>24} {case:<20} expected {expected:<13} -> {rows[-1]['status']:<8} "
-                      f"{rows[-1]['reasons'][:110]}", flush=True)
+                print(
+                    f"{name:>24} {case:<20} expected {expected:<13} -> {rows[-1]['status']:<8} "
+                    f"{rows[-1]['reasons'][:110]}",
+                    flush=True,
+                )
                 pd.DataFrame(rows).to_csv(out / "calibration.csv", index=False)
         table = pd.DataFrame(rows)
         table.to_csv(out / "calibration.csv", index=False)
@@ -244,7 +300,7 @@ def demo_sheet(all_cases: dict, cache_dir: Path) -> None:
     rows = []
     real = next((k for k in all_cases if k.startswith("real_")), None)
     if real:
-        rows.append((f"{real}", str(REAL_CT / real[len("real_"):]), ""))
+        rows.append((f"{real}", str(REAL_CT / real[len("real_") :]), ""))
         for case in ("cut_inferior_40mm", "flip_z", "flip_y", "thick_10mm"):
             match = [c for c in all_cases[real] if c[0] == case]
             if match:

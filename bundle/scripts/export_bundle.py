@@ -21,8 +21,8 @@ from pathlib import Path
 _here = Path(__file__).resolve()
 sys.path.insert(0, str(next((p for p in _here.parents if (p / "custom" / "__init__.py").is_file()), _here.parents[2])))
 
-from custom.zoo.export import export_bundle  # noqa: E402
 from custom.flags import argparse_bool  # noqa: E402
+from custom.zoo.export import export_bundle  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -32,15 +32,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--name", default=None, help="exported folder name (default: from metadata name)")
     for flag, default, text in [
         ("zip", False, "also write <name>_v<version>.zip"),
-        ("include_model", True, "ship models/model.pt (required) and models/model.ts when there; false: a "
-                                "development export without weights, which the Model Zoo's checks refuse"),
+        (
+            "include_model",
+            True,
+            "ship models/model.pt (required) and models/model.ts when there; false: a "
+            "development export without weights, which the Model Zoo's checks refuse",
+        ),
         ("include_pretrained", False, "ship models/pretrained.pt (the pre-trained encoder)"),
         ("torchscript", False, "script models/model.pt into models/model.ts inside the export"),
         ("overwrite", False, "replace an existing export"),
     ]:
         parser.add_argument(f"--{flag}", type=argparse_bool, nargs="?", const=True, default=default, help=text)
-    parser.add_argument("--inference_config", default="configs/inference.yaml",
-                        help="config whose network_def is scripted with --torchscript")
+    parser.add_argument(
+        "--inference_config",
+        default="configs/inference.yaml",
+        help="config whose network_def is scripted with --torchscript",
+    )
     args = parser.parse_args(argv)
     result = export_bundle(**vars(args))
     print(json.dumps(result, indent=2))

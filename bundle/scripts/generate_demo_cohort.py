@@ -15,8 +15,13 @@ import time
 from pathlib import Path
 
 from custom.flags import fire_cli
-from custom.synthetic import (CopdLikeGenerator, CovidLikeGenerator, draw_clinical_table, generate_cohort,
-                              generate_covid_cohort)
+from custom.synthetic import (
+    CopdLikeGenerator,
+    CovidLikeGenerator,
+    draw_clinical_table,
+    generate_cohort,
+    generate_covid_cohort,
+)
 from custom.synthetic.pictures import render_clinical_model, render_subject
 
 
@@ -31,15 +36,26 @@ def showcase_pictures(pictures_dir, seed: int = 0, voxel_size: float = 2.0) -> N
     plan = copd.plan(index)
     sub = copd.synthesize(plan)
     row, protocol = plan.row, plan.protocol
-    render_subject(sub["image"], sub["lesion"], copd.grid.spacing, pictures / "synthetic_copd_subject.png",
-                   f"{row['subject_id']} (COPD-like, {row['gold_label']}, {protocol['kernel']} kernel)")
+    render_subject(
+        sub["image"],
+        sub["lesion"],
+        copd.grid.spacing,
+        pictures / "synthetic_copd_subject.png",
+        f"{row['subject_id']} (COPD-like, {row['gold_label']}, {protocol['kernel']} kernel)",
+    )
     covid = CovidLikeGenerator(5, seed, voxel_size)
     plan = covid.plan(3)  # grades cycle with the index: subject 3 is CT-3
     sub = covid.synthesize(plan)
     row = plan.row
-    render_subject(sub["image"], sub["lesion"], covid.grid.spacing, pictures / "synthetic_covid_subject.png",
-                   f"{row['subject_id']} (COVID-like, {row['grade_label']}, "
-                   f"{100 * row['involvement_fraction']:.0f} % involved)", window=(-1100.0, 100.0))
+    render_subject(
+        sub["image"],
+        sub["lesion"],
+        covid.grid.spacing,
+        pictures / "synthetic_covid_subject.png",
+        f"{row['subject_id']} (COVID-like, {row['grade_label']}, "
+        f"{100 * row['involvement_fraction']:.0f} % involved)",
+        window=(-1100.0, 100.0),
+    )
     render_clinical_model(draw_clinical_table(500, seed), pictures / "synthetic_clinical_model.png")
     print(f"pictures written to {pictures}")
 
@@ -66,20 +82,33 @@ def main(
     copd = covid = None
     if cohort in ("copd", "both"):
         copd = generate_cohort(
-            out, num_subjects=num_subjects, seed=seed, voxel_size=voxel_size, deformation_mm=deformation_mm,
-            include_panlobular=include_panlobular, dicom_every=dicom_every,
-            annotation_fraction=annotation_fraction, progress=progress,
+            out,
+            num_subjects=num_subjects,
+            seed=seed,
+            voxel_size=voxel_size,
+            deformation_mm=deformation_mm,
+            include_panlobular=include_panlobular,
+            dicom_every=dicom_every,
+            annotation_fraction=annotation_fraction,
+            progress=progress,
         )
     if cohort in ("covid", "both"):
         covid = generate_covid_cohort(
-            out, num_subjects=covid_subjects or num_subjects, seed=seed, voxel_size=voxel_size,
-            deformation_mm=deformation_mm, dicom_every=0, progress=progress,
+            out,
+            num_subjects=covid_subjects or num_subjects,
+            seed=seed,
+            voxel_size=voxel_size,
+            deformation_mm=deformation_mm,
+            dicom_every=0,
+            progress=progress,
         )
     elapsed = time.perf_counter() - start
     total = sum(len(m) for m in (copd, covid) if m is not None)
     size_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
-    print(f"SYNTHETIC cohort in {out}: {total} subjects, {elapsed:.1f} s ({elapsed / max(total, 1):.2f} s/subject), "
-          f"{size_mb:.1f} MB on disk ({size_mb / max(total, 1):.1f} MB/subject)")
+    print(
+        f"SYNTHETIC cohort in {out}: {total} subjects, {elapsed:.1f} s ({elapsed / max(total, 1):.2f} s/subject), "
+        f"{size_mb:.1f} MB on disk ({size_mb / max(total, 1):.1f} MB/subject)"
+    )
     if pictures_dir:
         showcase_pictures(pictures_dir, seed, voxel_size)
 

@@ -48,8 +48,10 @@ def cuda_ready() -> None:
         print(f"gpu_check: needs a CUDA GPU with PyTorch: torch does not import here ({error}); nothing was run")
         sys.exit(3)
     if not torch.cuda.is_available():
-        print(f"gpu_check: needs a CUDA GPU: torch {torch.__version__} sees none (torch.cuda.is_available() is "
-              f"False) on this machine; nothing was run")
+        print(
+            f"gpu_check: needs a CUDA GPU: torch {torch.__version__} sees none (torch.cuda.is_available() is "
+            f"False) on this machine; nothing was run"
+        )
         sys.exit(3)
 
 
@@ -85,15 +87,17 @@ def info(json_out: str = "") -> None:
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        payload.update({
-            "nccl": _nccl_version(torch),
-            "gpu": props.name,
-            "gpu_count": torch.cuda.device_count(),
-            "capability": f"{props.major}.{props.minor}",
-            "gpu_memory_gib": round(props.total_memory / 1024**3, 1),
-            "multiprocessors": props.multi_processor_count,
-            "bf16": torch.cuda.is_bf16_supported(),
-        })
+        payload.update(
+            {
+                "nccl": _nccl_version(torch),
+                "gpu": props.name,
+                "gpu_count": torch.cuda.device_count(),
+                "capability": f"{props.major}.{props.minor}",
+                "gpu_memory_gib": round(props.total_memory / 1024**3, 1),
+                "multiprocessors": props.multi_processor_count,
+                "bf16": torch.cuda.is_bf16_supported(),
+            }
+        )
     for module in ("monai", "ignite", "numpy"):
         try:
             payload[module] = __import__(module).__version__
@@ -125,8 +129,8 @@ def amp_parity(
     import copy
 
     import torch
-
     from benchmark_training import make_batch
+
     from custom.model.drasclr import DrasCLR
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -172,13 +176,21 @@ def amp_parity(
         return dict(sorted(errors.items(), key=lambda item: -item[1])[:count])
 
     report = {
-        "config": dict(batch_size=batch_size, queue_size=queue_size, num_landmarks=num_landmarks,
-                       num_neighbours=num_neighbours, bn_splits=bn_splits, order=order, amp_dtype=amp_dtype,
-                       device=str(device)),
+        "config": dict(
+            batch_size=batch_size,
+            queue_size=queue_size,
+            num_landmarks=num_landmarks,
+            num_neighbours=num_neighbours,
+            bn_splits=bn_splits,
+            order=order,
+            amp_dtype=amp_dtype,
+            device=str(device),
+        ),
         "losses": results,
         "amp_vs_fp32": {k: rel(results["amp"][k], results["float32"][k]) for k in LOSS_TERMS if k in results["amp"]},
-        "fp32_vs_fp64": {k: rel(results["float32"][k], results["float64"][k]) for k in LOSS_TERMS
-                         if k in results["float32"]},
+        "fp32_vs_fp64": {
+            k: rel(results["float32"][k], results["float64"][k]) for k in LOSS_TERMS if k in results["float32"]
+        },
         "grad_amp_vs_fp32": grad_rel(grads["amp"], grads["float32"]),
         "grad_fp32_vs_fp64": grad_rel(grads["float32"], grads["float64"]),
         "grad_amp_worst_weights": worst_layers(grads["amp"], grads["float32"]),
@@ -187,24 +199,35 @@ def amp_parity(
         "tolerance_fp32": FP32_TOLERANCE,
     }
     for key in ("amp_vs_fp32", "fp32_vs_fp64"):
-        print(f"relative difference of the losses, {key.replace('_', ' ')}: "
-              + ", ".join(f"{k} {v:.2e}" for k, v in report[key].items()))
-    print(f"relative difference of the query-encoder gradients: amp vs fp32 {report['grad_amp_vs_fp32']:.2e}, "
-          f"fp32 vs fp64 {report['grad_fp32_vs_fp64']:.2e}; AMP gradients finite: {report['grad_amp_finite']}; worst "
-          f"AMP weights: " + ", ".join(f"{n} {v:.2e}" for n, v in report["grad_amp_worst_weights"].items())
-          + " (reported, not asserted)")
-    failures = [f"amp vs fp32 {k} {v:.2e} >= {tolerance:g}" for k, v in report["amp_vs_fp32"].items()
-                if not v < tolerance]
-    failures += [f"fp32 vs fp64 {k} {v:.2e} >= {FP32_TOLERANCE:g}" for k, v in report["fp32_vs_fp64"].items()
-                 if not v < FP32_TOLERANCE]
+        print(
+            f"relative difference of the losses, {key.replace('_', ' ')}: "
+            + ", ".join(f"{k} {v:.2e}" for k, v in report[key].items())
+        )
+    print(
+        f"relative difference of the query-encoder gradients: amp vs fp32 {report['grad_amp_vs_fp32']:.2e}, "
+        f"fp32 vs fp64 {report['grad_fp32_vs_fp64']:.2e}; AMP gradients finite: {report['grad_amp_finite']}; worst "
+        f"AMP weights: "
+        + ", ".join(f"{n} {v:.2e}" for n, v in report["grad_amp_worst_weights"].items())
+        + " (reported, not asserted)"
+    )
+    failures = [
+        f"amp vs fp32 {k} {v:.2e} >= {tolerance:g}" for k, v in report["amp_vs_fp32"].items() if not v < tolerance
+    ]
+    failures += [
+        f"fp32 vs fp64 {k} {v:.2e} >= {FP32_TOLERANCE:g}"
+        for k, v in report["fp32_vs_fp64"].items()
+        if not v < FP32_TOLERANCE
+    ]
     report["ok"] = not failures
     report["failures"] = failures
     _write(json_out, report)
     if failures:
         print("AMP PARITY FAILED: " + "; ".join(failures))
         sys.exit(1)
-    print(f"AMP parity ok: every loss term within {tolerance:g} of float32 (float32 within {FP32_TOLERANCE:g} of "
-          f"float64)")
+    print(
+        f"AMP parity ok: every loss term within {tolerance:g} of float32 (float32 within {FP32_TOLERANCE:g} of "
+        f"float64)"
+    )
 
 
 def make_cache(cache_dir: str, num_subjects: int = 4, num_landmarks: int = 581, seed: int = 0) -> None:
@@ -273,9 +296,11 @@ def summary(work_dir: str, json_out: str, log: str = "") -> None:
             payload[name] = json.loads(path.read_text())
     bench = payload.get("benchmark", {}).get("results", {})
     payload["headline"] = {
-        f"{amp}_{mode}": {k: r.get(k) for k in ("median_s", "query_patches_per_s", "speedup_vs_per_sample",
-                                                  "peak_gib") if k in r}
-        for amp, res in bench.items() for mode, r in res.items()
+        f"{amp}_{mode}": {
+            k: r.get(k) for k in ("median_s", "query_patches_per_s", "speedup_vs_per_sample", "peak_gib") if k in r
+        }
+        for amp, res in bench.items()
+        for mode, r in res.items()
     }
     Path(json_out).write_text(json.dumps(payload, indent=2, default=str))
 
@@ -290,7 +315,14 @@ if __name__ == "__main__":
     sys.path.insert(0, str(HERE))  # benchmark_training beside this file
     from custom.flags import fire_cli
 
-    fire_cli({
-        "cuda_ready": cuda_ready, "missing_modules": missing_modules, "info": info, "amp_parity": amp_parity,
-        "make_cache": make_cache, "check_training": check_training, "summary": summary,
-    })
+    fire_cli(
+        {
+            "cuda_ready": cuda_ready,
+            "missing_modules": missing_modules,
+            "info": info,
+            "amp_parity": amp_parity,
+            "make_cache": make_cache,
+            "check_training": check_training,
+            "summary": summary,
+        }
+    )

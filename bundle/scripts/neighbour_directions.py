@@ -16,7 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 import numpy as np  # noqa: E402
 
-from custom.data.atlas import DIRECTIONS, landmark_centres, nearest_neighbours, neighbour_direction_histogram  # noqa: E402
+from custom.data.atlas import (  # noqa: E402
+    DIRECTIONS,
+    landmark_centres,
+    nearest_neighbours,
+    neighbour_direction_histogram,
+)
 from custom.flags import fire_cli  # noqa: E402
 
 

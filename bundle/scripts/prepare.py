@@ -23,15 +23,32 @@ from custom.flags import fire_cli  # noqa: E402  (--resume false / --strict true
 
 
 @SetParseFn(str, "source", "cache_dir", "atlas_dir", "registration", "log_level")  # a folder named 2024 stays text
-def run(source: str, cache_dir: str, atlas_dir: str | None = None, registration: str = "fast",
-        num_workers: int = 1, resume: bool = True, progress: bool = True, min_dice: float = 0.5,
-        strict: bool = False, log_level: str = "INFO") -> dict:
+def run(
+    source: str,
+    cache_dir: str,
+    atlas_dir: str | None = None,
+    registration: str = "fast",
+    num_workers: int = 1,
+    resume: bool = True,
+    progress: bool = True,
+    min_dice: float = 0.5,
+    strict: bool = False,
+    log_level: str = "INFO",
+) -> dict:
     """Prepare every scan of ``source`` (CSV, folder, or one scan) into ``cache_dir``."""
     from custom.prepare.workflow import prepare_cohort, summary
 
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(name)s %(message)s")
-    manifest = prepare_cohort(source, cache_dir, atlas_dir=atlas_dir, registration=registration,
-                              num_workers=num_workers, resume=resume, progress=progress, min_dice=min_dice)
+    manifest = prepare_cohort(
+        source,
+        cache_dir,
+        atlas_dir=atlas_dir,
+        registration=registration,
+        num_workers=num_workers,
+        resume=resume,
+        progress=progress,
+        min_dice=min_dice,
+    )
     counts = summary(manifest)
     if strict and counts["failed"]:
         print(counts)
@@ -40,8 +57,9 @@ def run(source: str, cache_dir: str, atlas_dir: str | None = None, registration:
 
 
 @SetParseFn(str, "atlas_mask", "out_file")
-def landmarks(atlas_mask: str, out_file: str, patch_size: int = 32, step: int = 26,
-              min_lung_fraction: float = 0.1) -> int:
+def landmarks(
+    atlas_mask: str, out_file: str, patch_size: int = 32, step: int = 26, min_lung_fraction: float = 0.1
+) -> int:
     """Landmarks (patch corners, ``atlas_patch_loc.npy`` format) for your own atlas lung mask."""
     from custom.prepare.landmark_generator import generate_atlas_landmarks
 

@@ -34,12 +34,24 @@ import pandas as pd
 from monai.utils import path_to_sqlite_uri
 
 import custom
-from custom.engine.ablation import (VARIANTS, ablation_config_files, check_inherited, check_reusable, get_variant,
-                             planned_budget, run_variant, training_configs, training_settings, variant_done)
 from custom.atomic_io import atomic_path
+from custom.engine.ablation import (
+    VARIANTS,
+    ablation_config_files,
+    check_inherited,
+    check_reusable,
+    get_variant,
+    planned_budget,
+    run_variant,
+    training_configs,
+    training_settings,
+    variant_done,
+)
 from custom.flags import fire_cli
 
 BUNDLE = Path(custom.bundle_root())
+DEMO_DATASET = str(BUNDLE / "demo_data" / "prepared")
+DEFAULT_OUT_DIR = str(BUNDLE / "runs" / "ablations")
 
 
 def plan_variants(variants: str | list | tuple | None) -> list[str]:
@@ -52,8 +64,8 @@ def plan_variants(variants: str | list | tuple | None) -> list[str]:
 
 
 def main(
-    dataset_dir: str = str(BUNDLE / "demo_data" / "prepared"),
-    out_dir: str = str(BUNDLE / "runs" / "ablations"),
+    dataset_dir: str = DEMO_DATASET,
+    out_dir: str = DEFAULT_OUT_DIR,
     variants: str | None = None,
     paper: bool = False,
     max_epochs: int | None = None,
@@ -66,8 +78,12 @@ def main(
 ):
     out = Path(out_dir)
     plan = plan_variants(variants)
-    schedule = {"max_epochs": max_epochs, "epoch_length": epoch_length, "batch_size": batch_size,
-                "num_workers": num_workers}
+    schedule = {
+        "max_epochs": max_epochs,
+        "epoch_length": epoch_length,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+    }
     overrides = {k: v for k, v in schedule.items() if v is not None}
     overrides.update(mlflow=mlflow, tracking_uri=path_to_sqlite_uri(str(out / "mlruns.db")))
     print(f"ablation variants: {', '.join(plan)} -> {out}", flush=True)
@@ -96,9 +112,12 @@ def main(
             rows.append({"variant": name, "status": f"failed: {type(error).__name__}: {error}"})
             continue
         rows.append(_row(name, "ok", record, folder))
-        print(f"[{name}] got {_budget_line(record.get('budget'))}; train {record['train_seconds']:.1f} s (CPU "
-              f"{record['train_cpu_seconds']:.0f} s), embed {record['embed_seconds']:.1f} s (CPU "
-              f"{record['embed_cpu_seconds']:.0f} s), total {time.perf_counter() - start:.1f} s", flush=True)
+        print(
+            f"[{name}] got {_budget_line(record.get('budget'))}; train {record['train_seconds']:.1f} s (CPU "
+            f"{record['train_cpu_seconds']:.0f} s), embed {record['embed_seconds']:.1f} s (CPU "
+            f"{record['embed_cpu_seconds']:.0f} s), total {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
     table = pd.DataFrame(rows)
     with atomic_path(out / "ablations.csv") as tmp:
         table.to_csv(tmp, index=False)
@@ -110,8 +129,9 @@ def main(
 def _planned(name: str, dataset_dir, out: Path, paper, seed: int, overrides: dict) -> tuple[dict, dict]:
     """(planned budget, inherited settings) of a trainable variant, as ``run_variant`` will train it; refuses a
     variant whose config does not inherit the method's training settings."""
-    drasclr, variant = training_configs(name, paper, dataset_dir=str(dataset_dir), output_dir=str(out / name),
-                                        seed=seed, **overrides)
+    drasclr, variant = training_configs(
+        name, paper, dataset_dir=str(dataset_dir), output_dir=str(out / name), seed=seed, **overrides
+    )
     check_inherited(drasclr, variant, name)
     return planned_budget(variant), training_settings(drasclr, variant)
 
@@ -121,8 +141,10 @@ def _budget_line(budget: dict | None) -> str:
         return "budget not recorded"
     per_epoch = budget["epoch_length"] or "a full pass"
     steps = f"{budget['iterations']} iterations (" if budget["iterations"] else "("
-    return (f"budget: {steps}{budget['max_epochs']} epochs x {per_epoch}) of batch {budget['batch_size']}, order "
-            f"{budget['order']}, {budget['num_queues']} queue(s) of K = {budget['queue_size']}")
+    return (
+        f"budget: {steps}{budget['max_epochs']} epochs x {per_epoch}) of batch {budget['batch_size']}, order "
+        f"{budget['order']}, {budget['num_queues']} queue(s) of K = {budget['queue_size']}"
+    )
 
 
 BUDGET = ("iterations", "batch_size", "max_epochs", "epoch_length", "order", "queue_size", "num_queues")
@@ -131,8 +153,14 @@ BUDGET = ("iterations", "batch_size", "max_epochs", "epoch_length", "order", "qu
 def _row(name: str, status: str, record: dict, folder: Path) -> dict:
     times = ("train_seconds", "train_cpu_seconds", "embed_seconds", "embed_cpu_seconds")
     budget = record.get("budget") or {}
-    return {"variant": name, "status": status, **{k: budget.get(k) for k in BUDGET},
-            **{k: record.get(k) for k in times}, "weights": record.get("weights"), "embeddings": str(folder)}
+    return {
+        "variant": name,
+        "status": status,
+        **{k: budget.get(k) for k in BUDGET},
+        **{k: record.get(k) for k in times},
+        "weights": record.get("weights"),
+        "embeddings": str(folder),
+    }
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from custom.data.atlas import landmark_locations, landmark_neighbours
-from custom.errors import MissingInputError
 from custom.data.augmentation import contrastive_views, make_view, view_seed
+from custom.errors import MissingInputError
 
 ORDERS = ("mixed", "landmark")
 
@@ -41,8 +41,13 @@ def prepared_patch_files(cache_dir: str | Path) -> List[Path]:
         files = sorted(cache_dir.glob("*/patches.npy"))
     files = [f for f in files if f.is_file()]
     if not files:
-        raise MissingInputError(cache_dir, "prepared subjects", "prepare",
-                                "no manifest.csv row with status ok and a patches.npy", cache_dir=cache_dir)
+        raise MissingInputError(
+            cache_dir,
+            "prepared subjects",
+            "prepare",
+            "no manifest.csv row with status ok and a patches.npy",
+            cache_dir=cache_dir,
+        )
     return files
 
 
@@ -65,7 +70,9 @@ class LandmarkPatchDataset(Dataset):
         self._arrays: Dict[int, np.ndarray] = {}
         first = self._patches(0)
         if first.ndim != 4 or first.shape[0] != self.num_landmarks:
-            raise ValueError(f"{self.patch_files[0]}: expected ({self.num_landmarks}, S, S, S) patches, got {first.shape}")
+            raise ValueError(
+                f"{self.patch_files[0]}: expected ({self.num_landmarks}, S, S, S) patches, got {first.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.patch_files) * self.num_landmarks
@@ -145,7 +152,9 @@ class PassSampler(Sampler[int]):
                 f"{num_subjects} (use a smaller batch_size or order 'mixed')"
             )
         if order == "mixed" and num_subjects * num_landmarks < self.global_batch:
-            raise ValueError(f"{num_subjects * num_landmarks} patches cannot fill one global batch of {self.global_batch}")
+            raise ValueError(
+                f"{num_subjects * num_landmarks} patches cannot fill one global batch of {self.global_batch}"
+            )
         self.num_subjects, self.num_landmarks = num_subjects, num_landmarks
         self.batch_size, self.order, self.seed = batch_size, order, seed
         self.num_replicas, self.rank = num_replicas, rank

@@ -16,18 +16,22 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from custom.data.atlas import landmark_locations
 from custom.atomic_io import atomic_path
-from custom.engine import subject_shards
+from custom.data.atlas import landmark_locations
 from custom.data.intensity import hu_to_network
+from custom.data.patch_dataset import prepared_patch_files
+from custom.engine import subject_shards
 from custom.model.network import DrasCLRNetwork, network_input
 from custom.model.weights import encoder_state, file_sha1, load_into
-from custom.data.patch_dataset import prepared_patch_files
 from custom.subject_table import embedding_table, write_embedding_table
 
 
-def load_network(model_path: str | Path, device: str | torch.device = "cpu",
-                 conditioning: str = "loc_condconv", network: DrasCLRNetwork | None = None) -> DrasCLRNetwork:
+def load_network(
+    model_path: str | Path,
+    device: str | torch.device = "cpu",
+    conditioning: str = "loc_condconv",
+    network: DrasCLRNetwork | None = None,
+) -> DrasCLRNetwork:
     """The representation network with the ``encoder.*`` weights of ``model_path``.
 
     Accepts ``models/pretrained.pt`` (a DrasCLRNetwork state dict) and ``models/model.pt`` (the fine-tuned
@@ -44,12 +48,16 @@ def load_network(model_path: str | Path, device: str | torch.device = "cpu",
 def encoder_sizes(network: DrasCLRNetwork) -> str:
     """The architecture of ``network``'s encoder in words, for errors and the embedding stamp."""
     encoder = network.encoder
-    return (f"representation_dim={encoder.representation_dim}, projection_dim={encoder.projection_dim}, "
-            f"num_experts={encoder.num_experts}, conditioning={encoder.conditioning}")
+    return (
+        f"representation_dim={encoder.representation_dim}, projection_dim={encoder.projection_dim}, "
+        f"num_experts={encoder.num_experts}, conditioning={encoder.conditioning}"
+    )
 
 
 @torch.no_grad()
-def embed_patches(network: DrasCLRNetwork, patches_hu: np.ndarray, locations: np.ndarray, batch_size: int = 64) -> np.ndarray:
+def embed_patches(
+    network: DrasCLRNetwork, patches_hu: np.ndarray, locations: np.ndarray, batch_size: int = 64
+) -> np.ndarray:
     """(J, S, S, S) HU patches at (J, 3) locations -> (J, 128) representations."""
     device = next(network.parameters()).device
     out = []
@@ -88,8 +96,11 @@ def embed_cohort(
     (out_dir / "patch_embeddings").mkdir(parents=True, exist_ok=True)
     files = prepared_patch_files(cache_dir)
     mine = subject_shards.shard(files)
-    stamp = {"weights": str(Path(model_path).resolve()), "weights_sha1": file_sha1(model_path),
-             "architecture": encoder_sizes(network)}
+    stamp = {
+        "weights": str(Path(model_path).resolve()),
+        "weights_sha1": file_sha1(model_path),
+        "architecture": encoder_sizes(network),
+    }
     reusable = _read_stamp(out_dir) == stamp  # same weights: a subject embedded earlier is not embedded again
     subject_shards.barrier()
     if not reusable and subject_shards.is_main():

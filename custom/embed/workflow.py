@@ -63,10 +63,18 @@ def embed(
         from custom.prepare.workflow import DEFAULT_MIN_DICE, prepare_cohort
 
         cache = Path(cache_dir) if cache_dir else out_dir / "prepared"
-        manifest = prepare_cohort(source, cache, atlas_dir=atlas_dir, registration=registration,
-                                  num_workers=num_workers, progress=progress,
-                                  min_dice=DEFAULT_MIN_DICE if min_dice is None else min_dice, transforms=transforms)
+        manifest = prepare_cohort(
+            source,
+            cache,
+            atlas_dir=atlas_dir,
+            registration=registration,
+            num_workers=num_workers,
+            progress=progress,
+            min_dice=DEFAULT_MIN_DICE if min_dice is None else min_dice,
+            transforms=transforms,
+        )
         if not (manifest["status"] == "ok").any():
             raise RuntimeError(f"no subject of {source} could be prepared; see {cache / 'failures.csv'}")
-    return embed_cohort(cache, weights, out_dir, device=device, batch_size=batch_size, progress=progress,
-                        network=network)
+    return embed_cohort(
+        cache, weights, out_dir, device=device, batch_size=batch_size, progress=progress, network=network
+    )

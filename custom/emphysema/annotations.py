@@ -54,7 +54,9 @@ def read_annotations(path: str | Path) -> pd.DataFrame:
     """The annotation table with checked columns, labels (lower-cased) and finite numeric centres."""
     path = Path(path)
     if not path.is_file():
-        raise MissingInputError(path, "annotation table", producer_of(path, "your own box CSV (docs/emphysema_finetune.md)"))
+        raise MissingInputError(
+            path, "annotation table", producer_of(path, "your own box CSV (docs/emphysema_finetune.md)")
+        )
     try:
         table = pd.read_csv(path, dtype={"subject_id": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
@@ -79,8 +81,10 @@ def check_annotations(table: pd.DataFrame, source: str = "annotation table") -> 
     table["label"] = table["label"].astype(str).str.strip().str.lower()
     unknown = sorted(set(table["label"]) - set(EMPHYSEMA_CLASSES))
     if unknown:
-        raise AnnotationError(f"{source}: unknown label(s) {unknown} (lines {_lines(table, table['label'].isin(unknown))}); "
-                              f"expected one of {list(EMPHYSEMA_CLASSES)}")
+        raise AnnotationError(
+            f"{source}: unknown label(s) {unknown} (lines {_lines(table, table['label'].isin(unknown))}); "
+            f"expected one of {list(EMPHYSEMA_CLASSES)}"
+        )
     centres = table[list(CENTRE_MM)].apply(pd.to_numeric, errors="coerce")
     bad = ~np.isfinite(centres.to_numpy(dtype=np.float64)).all(axis=1)
     if bad.any():
@@ -89,8 +93,11 @@ def check_annotations(table: pd.DataFrame, source: str = "annotation table") -> 
     if "size_mm" in table.columns:
         sizes = pd.to_numeric(table["size_mm"], errors="coerce")
         if (np.abs(sizes - BOX_MM) > 0.5).any():
-            logger.warning("%s: some boxes are not %g mm; the classifier still reads 32 mm patches at their centres",
-                           source, BOX_MM)
+            logger.warning(
+                "%s: some boxes are not %g mm; the classifier still reads 32 mm patches at their centres",
+                source,
+                BOX_MM,
+            )
     return table
 
 
@@ -111,17 +118,21 @@ def load_prepared_subject(prepared_dir: str | Path, subject_id: str) -> Prepared
     prepared_dir = Path(prepared_dir)
     folder = prepared_subjects(prepared_dir).get(str(subject_id))
     if folder is None or not (folder / "transform.json").is_file():
-        raise FileNotFoundError(f"{prepared_dir}: subject {subject_id!r} is not prepared (no ok manifest row "
-                                "or no transform.json)")
+        raise FileNotFoundError(
+            f"{prepared_dir}: subject {subject_id!r} is not prepared (no ok manifest row " "or no transform.json)"
+        )
     manifest = pd.read_csv(prepared_dir / "manifest.csv", dtype={"subject_id": str}, keep_default_na=False)
     row = manifest[manifest["subject_id"] == str(subject_id)].iloc[-1]
     transform = json.loads((folder / "transform.json").read_text())
     return PreparedSubject(
-        subject_id=str(subject_id), folder=folder, source=str(row.get("source", "")),
+        subject_id=str(subject_id),
+        folder=folder,
+        source=str(row.get("source", "")),
         lung_mask=str(row.get("lung_mask", "") or "auto"),
         affine_ras=np.asarray(transform["subject_affine_ras"], dtype=np.float64),
         shape=tuple(int(s) for s in transform["subject_shape"]),
-        subject_to_atlas_vox=np.asarray(transform["subject_to_atlas_vox"], dtype=np.float64))
+        subject_to_atlas_vox=np.asarray(transform["subject_to_atlas_vox"], dtype=np.float64),
+    )
 
 
 def world_to_voxel(points_mm: np.ndarray, affine_ras: np.ndarray, coordinate_system: str = "RAS") -> np.ndarray:
@@ -136,8 +147,9 @@ def world_to_voxel(points_mm: np.ndarray, affine_ras: np.ndarray, coordinate_sys
     return np.rint(voxels).astype(np.int64)
 
 
-def map_annotations(annotations: str | Path | pd.DataFrame, prepared_dir: str | Path,
-                    coordinate_system: str = "RAS") -> pd.DataFrame:
+def map_annotations(
+    annotations: str | Path | pd.DataFrame, prepared_dir: str | Path, coordinate_system: str = "RAS"
+) -> pd.DataFrame:
     """The annotation table plus, per box, its centre voxel on the prepared grid (``voxel_x/y/z``), the atlas
     voxel of that centre (``atlas_vox_x/y/z``) and the prepared folder (row order kept, index reset). Raises,
     naming the table, when a subject is not prepared or a centre lies outside its scan."""
@@ -150,8 +162,10 @@ def map_annotations(annotations: str | Path | pd.DataFrame, prepared_dir: str | 
     available = prepared_subjects(prepared_dir)
     missing = sorted(set(table["subject_id"]) - set(available))
     if missing:
-        raise AnnotationError(f"{source}: subject(s) {missing[:10]}{' ...' if len(missing) > 10 else ''} not "
-                              f"prepared in {prepared_dir} (run the prepare workflow on their scans first)")
+        raise AnnotationError(
+            f"{source}: subject(s) {missing[:10]}{' ...' if len(missing) > 10 else ''} not "
+            f"prepared in {prepared_dir} (run the prepare workflow on their scans first)"
+        )
     table[list(VOXEL)] = 0
     table[list(ATLAS)] = 0.0
     table["prepared_folder"] = ""
@@ -163,7 +177,8 @@ def map_annotations(annotations: str | Path | pd.DataFrame, prepared_dir: str | 
             raise AnnotationError(
                 f"{source}: box centre(s) on line(s) {_lines(table, table.index.isin(rows.index[outside]))} "
                 f"(subject {subject_id}) lie outside its scan (grid {subject.shape} voxels; centres are "
-                f"{coordinate_system} mm in the scan's world frame)")
+                f"{coordinate_system} mm in the scan's world frame)"
+            )
         atlas = (subject.subject_to_atlas_vox @ np.c_[voxels, np.ones(len(voxels))].T).T[:, :3]
         table.loc[rows.index, list(VOXEL)] = voxels
         table.loc[rows.index, list(ATLAS)] = atlas

@@ -39,7 +39,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from custom.emphysema.detection_rule import SUBTYPES, DetectionRule, detection_scores
 from custom.emphysema.finetune import FinetuneResult, finetune
 from custom.emphysema.labelled_patches import LabelledPatches
-from custom.emphysema.network import EMPHYSEMA_CLASSES
+from custom.emphysema.network import EMPHYSEMA_CLASSES, NUM_EMPHYSEMA_CLASSES
 from custom.emphysema.random_location import PATCH_LOCATION, RANDOM_LOCATION, RandomLocations
 
 SCHEMES = ("patch_laa", "linear_readout", "full_finetuning")
@@ -57,12 +57,15 @@ def subject_folds(patches: LabelledPatches, n_splits: int = 5, seed: int = 0) ->
     if n_subjects < 2:
         raise ValueError(f"cross-validation needs boxes from at least 2 subjects, got {n_subjects}")
     splitter = StratifiedGroupKFold(n_splits=min(int(n_splits), n_subjects), shuffle=True, random_state=seed)
-    return [(np.sort(train), np.sort(test))
-            for train, test in splitter.split(np.zeros(len(patches)), patches.labels, groups=subjects)]
+    return [
+        (np.sort(train), np.sort(test))
+        for train, test in splitter.split(np.zeros(len(patches)), patches.labels, groups=subjects)
+    ]
 
 
-def annotation_subset(labels: np.ndarray, train: np.ndarray, fraction: float, seed: int = 0,
-                      classes: Sequence[int] | None = None) -> np.ndarray:
+def annotation_subset(
+    labels: np.ndarray, train: np.ndarray, fraction: float, seed: int = 0, classes: Sequence[int] | None = None
+) -> np.ndarray:
     """``fraction`` of the training boxes ``train`` of each class in ``classes`` (every class when None; at least
     one box of each), the boxes of the other classes all kept; nested: a larger fraction keeps every box of a
     smaller one (one random order per class, drawn whatever the fraction)."""
@@ -73,7 +76,7 @@ def annotation_subset(labels: np.ndarray, train: np.ndarray, fraction: float, se
     keep = []
     for k in np.unique(labels[train]):
         members = rng.permutation(train[labels[train] == k])
-        if classes is None or k in set(int(c) for c in classes):
+        if classes is None or k in {int(c) for c in classes}:
             members = members[: max(1, math.ceil(round(fraction * len(members), 6)))]
         keep.append(members)
     return np.sort(np.concatenate(keep)) if keep else train[:0]
@@ -92,8 +95,9 @@ def task_labels(labels: np.ndarray, subtype: str) -> np.ndarray:
 
 def binary_task(patches: LabelledPatches, subtype: str) -> LabelledPatches:
     """The same boxes (arrays shared, not copied) with ``task_labels``: what a binary detector is trained on."""
-    return LabelledPatches(patches.regions, patches.lungs, patches.region_to_atlas,
-                           task_labels(patches.labels, subtype), patches.table)
+    return LabelledPatches(
+        patches.regions, patches.lungs, patches.region_to_atlas, task_labels(patches.labels, subtype), patches.table
+    )
 
 
 class SubjectFolds:
@@ -119,11 +123,14 @@ class Experiment:
 
     def __post_init__(self):
         if self.scheme not in SCHEMES or self.init not in INITS or self.task not in TASKS:
-            raise ValueError(f"experiment {self.scheme}/{self.init}/{self.task}: scheme must be one of {SCHEMES}, "
-                             f"init one of {INITS}, task one of {TASKS}")
+            raise ValueError(
+                f"experiment {self.scheme}/{self.init}/{self.task}: scheme must be one of {SCHEMES}, "
+                f"init one of {INITS}, task one of {TASKS}"
+            )
         if (self.scheme == "patch_laa") != (self.init == "none"):
-            raise ValueError(f"experiment {self.scheme}/{self.init}: init 'none' is the Patch-LAA regression's, "
-                             f"and only its")
+            raise ValueError(
+                f"experiment {self.scheme}/{self.init}: init 'none' is the Patch-LAA regression's, " f"and only its"
+            )
         if self.scheme == "patch_laa" and (self.task != BINARY or self.location != PATCH_LOCATION):
             raise ValueError("the Patch-LAA regression is a binary detector and reads no location")
 
@@ -134,8 +141,14 @@ class Experiment:
         return f"{self.scheme}/{self.init}/{self.fraction:g}{suffix}"
 
 
-def experiments(fractions: Sequence[float] = (), scratch: bool = True, linear_readout: bool = True,
-                random_location: bool = False, patch_laa: bool = True, multiclass: bool = False) -> list[Experiment]:
+def experiments(
+    fractions: Sequence[float] = (),
+    scratch: bool = True,
+    linear_readout: bool = True,
+    random_location: bool = False,
+    patch_laa: bool = True,
+    multiclass: bool = False,
+) -> list[Experiment]:
     """Table 5 (Patch LAA, linear readout, full fine-tuning pre-trained and from scratch, all annotations) +
     Fig. 5 (full fine-tuning pre-trained at each of ``fractions`` < 1) + Table 7 (linear readout with random
     locations) when ``random_location`` + the 3-class softmax (full fine-tuning) when ``multiclass``."""
@@ -158,20 +171,46 @@ class FinetuneRunner:
     linear readout, false full fine-tuning; Adam with ``lr``, ``weight_decay``; ``epochs`` of ``batch_size``;
     seeded by ``seed`` + the fold."""
 
-    def __init__(self, freeze_encoder: bool, epochs: int = 10, lr: float = 5e-4, weight_decay: float = 1e-4,
-                 batch_size: int = 8, augment: bool = False, balance_classes: bool = True, seed: int = 0,
-                 device: str = "cpu"):
+    def __init__(
+        self,
+        freeze_encoder: bool,
+        epochs: int = 10,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-4,
+        batch_size: int = 8,
+        augment: bool = False,
+        balance_classes: bool = True,
+        seed: int = 0,
+        device: str = "cpu",
+    ):
         self.freeze_encoder, self.epochs, self.lr = bool(freeze_encoder), int(epochs), float(lr)
         self.weight_decay, self.batch_size = float(weight_decay), int(batch_size)
         self.augment, self.balance_classes = bool(augment), bool(balance_classes)
         self.seed, self.device = int(seed), str(device)
 
-    def train(self, patches: LabelledPatches, indices, pretrained_path: str | Path | None,
-              fold: int = 0, num_classes: int = len(EMPHYSEMA_CLASSES)) -> FinetuneResult:
-        return finetune(patches, indices, pretrained_path=pretrained_path, freeze_encoder=self.freeze_encoder,
-                        epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, batch_size=self.batch_size,
-                        seed=self.seed + fold, augment=self.augment, balance_classes=self.balance_classes,
-                        device=self.device, num_classes=num_classes)
+    def train(
+        self,
+        patches: LabelledPatches,
+        indices,
+        pretrained_path: str | Path | None,
+        fold: int = 0,
+        num_classes: int = NUM_EMPHYSEMA_CLASSES,
+    ) -> FinetuneResult:
+        return finetune(
+            patches,
+            indices,
+            pretrained_path=pretrained_path,
+            freeze_encoder=self.freeze_encoder,
+            epochs=self.epochs,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            batch_size=self.batch_size,
+            seed=self.seed + fold,
+            augment=self.augment,
+            balance_classes=self.balance_classes,
+            device=self.device,
+            num_classes=num_classes,
+        )
 
 
 @dataclass
@@ -209,8 +248,13 @@ def fold_table(patches: LabelledPatches, folds: list) -> pd.DataFrame:
     for fold, (_, test) in enumerate(folds):
         for subject in sorted(set(subjects[test])):
             mine = test[subjects[test] == subject]
-            rows.append({"fold": fold, "subject_id": subject,
-                         **{f"n_{name}": int((labels[mine] == k).sum()) for k, name in enumerate(EMPHYSEMA_CLASSES)}})
+            rows.append(
+                {
+                    "fold": fold,
+                    "subject_id": subject,
+                    **{f"n_{name}": int((labels[mine] == k).sum()) for k, name in enumerate(EMPHYSEMA_CLASSES)},
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -236,10 +280,20 @@ class DetectionCrossValidation:
     ones all kept, unless ``subsample_healthy``), and tested with ``rule`` (the networks) or by the regression's
     own call (Patch LAA). Experiments with random locations use the boxes moved by ``random_locations``."""
 
-    def __init__(self, patches: LabelledPatches, pretrained_path: str | Path | None, folds: SubjectFolds,
-                 experiments: Sequence[Experiment], runners: dict, rule: DetectionRule,
-                 random_locations: RandomLocations | None = None, seed: int = 0, progress: bool = True,
-                 subtypes: Sequence[str] = SUBTYPES, subsample_healthy: bool = False):
+    def __init__(
+        self,
+        patches: LabelledPatches,
+        pretrained_path: str | Path | None,
+        folds: SubjectFolds,
+        experiments: Sequence[Experiment],
+        runners: dict,
+        rule: DetectionRule,
+        random_locations: RandomLocations | None = None,
+        seed: int = 0,
+        progress: bool = True,
+        subtypes: Sequence[str] = SUBTYPES,
+        subsample_healthy: bool = False,
+    ):
         self.patches, self.pretrained_path, self.folds = patches, pretrained_path, folds
         self.experiments, self.runners, self.rule = list(experiments), dict(runners), rule
         self.random_locations, self.seed, self.progress = random_locations, int(seed), bool(progress)
@@ -277,13 +331,36 @@ class DetectionCrossValidation:
             frames, rows = self._job(folds, fold, run, subtype, variants)
             predictions += frames
             metrics += rows
-        columns = ["experiment", "scheme", "init", "fraction", "location", "task", "fold", "subtype", "box",
-                   "subject_id", "label", "score", "detected"]
+        columns = [
+            "experiment",
+            "scheme",
+            "init",
+            "fraction",
+            "location",
+            "task",
+            "fold",
+            "subtype",
+            "box",
+            "subject_id",
+            "label",
+            "score",
+            "detected",
+        ]
         predictions = pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=columns)
-        baseline = self.runners["patch_laa"].describe() if "patch_laa" in self.runners and hasattr(
-            self.runners["patch_laa"], "describe") else ""
-        return DetectionResults(predictions, pd.DataFrame(metrics), len(patches), len(set(patches.subject_ids)),
-                                self.rule.describe(), fold_table(patches, folds), baseline)
+        baseline = (
+            self.runners["patch_laa"].describe()
+            if "patch_laa" in self.runners and hasattr(self.runners["patch_laa"], "describe")
+            else ""
+        )
+        return DetectionResults(
+            predictions,
+            pd.DataFrame(metrics),
+            len(patches),
+            len(set(patches.subject_ids)),
+            self.rule.describe(),
+            fold_table(patches, folds),
+            baseline,
+        )
 
     def _job(self, folds: list, fold: int, run: Experiment, subtype: str | None, variants: dict):
         """Train and test one experiment on one fold (one subtype's task, or the 3-class one)."""
@@ -294,27 +371,39 @@ class DetectionCrossValidation:
             chosen = annotation_subset(labels, train, run.fraction, seed=self.seed + fold)
             names = dict(enumerate(EMPHYSEMA_CLASSES))
             present = set(labels[chosen].tolist())
-            missing = [] if HEALTHY in present and len(present) > 1 else [
-                names[HEALTHY] if HEALTHY not in present else "subtype"]
+            missing = (
+                []
+                if HEALTHY in present and len(present) > 1
+                else [names[HEALTHY] if HEALTHY not in present else "subtype"]
+            )
         else:  # the subtype's binary task: its boxes and the healthy ones, relabelled 1 / 0
             labels, num_classes, scored = task_labels(self.patches.labels, subtype), 2, (subtype,)
             train, test = train[labels[train] >= 0], test[labels[test] >= 0]
             view = binary_task(boxes, subtype)
-            chosen = annotation_subset(labels, train, run.fraction, seed=self.seed + fold,
-                                       classes=None if self.subsample_healthy else [1])
+            chosen = annotation_subset(
+                labels, train, run.fraction, seed=self.seed + fold, classes=None if self.subsample_healthy else [1]
+            )
             present = set(labels[chosen].tolist())
             missing = [name for k, name in ((0, "healthy"), (1, subtype)) if k not in present]
         info = {"experiment": run.name, **asdict(run), "fold": fold}
         if missing:
             truth_all = self.patches.labels[test]
-            rows = [{**info, "subtype": s, "status": f"not trained: no {' or '.join(missing)} box in the training part",
-                     "n_positive": int((truth_all == EMPHYSEMA_CLASSES.index(s)).sum()),
-                     "n_healthy": int((truth_all == HEALTHY).sum()), "n_train_boxes": len(chosen),
-                     "n_train_positive": int((labels[chosen] == (1 if subtype else EMPHYSEMA_CLASSES.index(s))).sum())}
-                    for s in scored]
+            rows = [
+                {
+                    **info,
+                    "subtype": s,
+                    "status": f"not trained: no {' or '.join(missing)} box in the training part",
+                    "n_positive": int((truth_all == EMPHYSEMA_CLASSES.index(s)).sum()),
+                    "n_healthy": int((truth_all == HEALTHY).sum()),
+                    "n_train_boxes": len(chosen),
+                    "n_train_positive": int((labels[chosen] == (1 if subtype else EMPHYSEMA_CLASSES.index(s))).sum()),
+                }
+                for s in scored
+            ]
             return [], rows
         result = self.runners[run.scheme].train(
-            view, chosen, self.pretrained_path if run.init == "pretrained" else None, fold, num_classes)
+            view, chosen, self.pretrained_path if run.init == "pretrained" else None, fold, num_classes
+        )
         start = time.perf_counter()
         if run.scheme == "patch_laa":
             frame = result.model.predict(boxes, test, subtype)
@@ -329,10 +418,17 @@ class DetectionCrossValidation:
             long.insert(len(info), "subtype", s)
             frames.append(long)
             positive = 1 if subtype else EMPHYSEMA_CLASSES.index(s)
-            rows.append({**info, "subtype": s, "status": "ok",
-                         **detection_scores(long["label"] == s, long["detected"]),
-                         "n_train_boxes": len(chosen), "n_train_positive": int((labels[chosen] == positive).sum()),
-                         "train_seconds": round(result.seconds, 2), "inference_seconds": round(inference_seconds, 2),
-                         "final_train_loss": round(float(result.epoch_losses[-1]), 4) if result.epoch_losses
-                         else np.nan})
+            rows.append(
+                {
+                    **info,
+                    "subtype": s,
+                    "status": "ok",
+                    **detection_scores(long["label"] == s, long["detected"]),
+                    "n_train_boxes": len(chosen),
+                    "n_train_positive": int((labels[chosen] == positive).sum()),
+                    "train_seconds": round(result.seconds, 2),
+                    "inference_seconds": round(inference_seconds, 2),
+                    "final_train_loss": round(float(result.epoch_losses[-1]), 4) if result.epoch_losses else np.nan,
+                }
+            )
         return frames, rows

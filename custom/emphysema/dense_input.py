@@ -75,8 +75,9 @@ def patches_at(channels: torch.Tensor, centres: torch.Tensor, pad_intensity: flo
 
 
 @torch.no_grad()
-def probabilities_at(network: torch.nn.Module, channels: torch.Tensor, centres: torch.Tensor,
-                     batch_size: int = 64) -> torch.Tensor:
+def probabilities_at(
+    network: torch.nn.Module, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 64
+) -> torch.Tensor:
     """(N, C) class probabilities (softmax) of the patches centred at ``centres`` of a (5|4, X, Y, Z) scan."""
     device = next(network.parameters()).device
     out = []

@@ -24,8 +24,9 @@ class DetectionEvaluation:
     """``cross_validation.run()``, then each of ``writers`` into ``output_dir`` with ``note`` (a caption above the
     tables and on the figure; the demo's says the data are synthetic)."""
 
-    def __init__(self, cross_validation: DetectionCrossValidation, writers: Sequence, output_dir: str | Path,
-                 note: str = ""):
+    def __init__(
+        self, cross_validation: DetectionCrossValidation, writers: Sequence, output_dir: str | Path, note: str = ""
+    ):
         self.cross_validation, self.writers = cross_validation, list(writers or [])
         self.output_dir, self.note = Path(output_dir), note or ""
 

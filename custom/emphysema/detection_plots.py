@@ -25,16 +25,29 @@ def plot_label_efficiency(efficiency: pd.DataFrame, path: str | Path, note: str 
     for ax, subtype in zip(axes[0], SUBTYPES):
         rows = efficiency[efficiency["subtype"] == subtype]
         pre = rows[rows["init"] == "pretrained"].sort_values("fraction")
-        ax.errorbar(100 * pre["fraction"], pre["f1_mean"], yerr=pre["f1_sd"].fillna(0), marker="o", capsize=3,
-                    label="DrasCLR pre-trained, fine-tuned")
+        ax.errorbar(
+            100 * pre["fraction"],
+            pre["f1_mean"],
+            yerr=pre["f1_sd"].fillna(0),
+            marker="o",
+            capsize=3,
+            label="DrasCLR pre-trained, fine-tuned",
+        )
         scratch = rows[(rows["init"] == "scratch") & (rows["fraction"] == 1.0)]
         if len(scratch) and np.isfinite(scratch["f1_mean"].iloc[0]):
             mean, sd = float(scratch["f1_mean"].iloc[0]), float(np.nan_to_num(scratch["f1_sd"].iloc[0]))
             ax.axhline(mean, color="tab:red", linestyle="--", label="from scratch, 100 % of annotations")
             ax.axhspan(mean - sd, mean + sd, color="tab:red", alpha=0.12)
         if not np.isfinite(rows["f1_mean"].to_numpy(dtype=float)).any():
-            ax.text(0.5, 0.5, "no fold could score this subtype\n(see fold_metrics.csv)", ha="center", va="center",
-                    transform=ax.transAxes, color="gray")
+            ax.text(
+                0.5,
+                0.5,
+                "no fold could score this subtype\n(see fold_metrics.csv)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                color="gray",
+            )
         ax.set_title(f"{subtype} emphysema (vs healthy)")
         ax.set_xlabel(f"{subtype} annotations used for training (%)")
         ax.set_ylabel("F1 (mean ± s.d. over folds)")

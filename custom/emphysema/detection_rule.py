@@ -47,8 +47,9 @@ def box_offsets(stride: int = DEFAULT_STRIDE) -> np.ndarray:
     return grid.reshape(-1, 3).astype(np.int64)
 
 
-def box_probabilities(network: torch.nn.Module, patches: LabelledPatches, indices=None,
-                      stride: int = DEFAULT_STRIDE, batch_size: int = 64) -> np.ndarray:
+def box_probabilities(
+    network: torch.nn.Module, patches: LabelledPatches, indices=None, stride: int = DEFAULT_STRIDE, batch_size: int = 64
+) -> np.ndarray:
     """(n, M, C) class probabilities of the patches centred at the evaluated voxels of each box.
 
     Boxes are laid side by side along x in one dense input (each in its own 64-voxel slab, which the patches
@@ -86,9 +87,16 @@ def detector_classes(subtype: str | None = None) -> tuple:
     return ("healthy", subtype)
 
 
-def box_predictions(network: torch.nn.Module, patches: LabelledPatches, indices=None,
-                    stride: int = DEFAULT_STRIDE, batch_size: int = 64, fraction: float = BOX_FRACTION,
-                    threshold: float = VOXEL_THRESHOLD, subtype: str | None = None) -> pd.DataFrame:
+def box_predictions(
+    network: torch.nn.Module,
+    patches: LabelledPatches,
+    indices=None,
+    stride: int = DEFAULT_STRIDE,
+    batch_size: int = 64,
+    fraction: float = BOX_FRACTION,
+    threshold: float = VOXEL_THRESHOLD,
+    subtype: str | None = None,
+) -> pd.DataFrame:
     """One row per box: ``box`` (index in ``patches``), ``subject_id``, ``label`` (its class in ``patches``),
     ``share_<class>`` (share of evaluated voxels with p(class) > ``threshold``) and ``detected_<subtype>`` (share
     >= ``fraction``). ``subtype`` given: ``network`` is that subtype's binary detector (2 outputs: healthy,
@@ -98,11 +106,18 @@ def box_predictions(network: torch.nn.Module, patches: LabelledPatches, indices=
     indices = np.arange(len(patches)) if indices is None else np.asarray(indices, dtype=np.int64)
     probabilities = box_probabilities(network, patches, indices, stride, batch_size)
     if len(probabilities) and probabilities.shape[-1] != len(classes):
-        raise ValueError(f"the detector has {probabilities.shape[-1]} outputs, the rule for "
-                         f"{subtype or 'the 3-class softmax'} expects {len(classes)} ({', '.join(classes)})")
+        raise ValueError(
+            f"the detector has {probabilities.shape[-1]} outputs, the rule for "
+            f"{subtype or 'the 3-class softmax'} expects {len(classes)} ({', '.join(classes)})"
+        )
     shares = positive_shares(probabilities, threshold)
-    frame = pd.DataFrame({"box": indices, "subject_id": patches.subject_ids[indices],
-                          "label": [EMPHYSEMA_CLASSES[k] for k in patches.labels[indices]]})
+    frame = pd.DataFrame(
+        {
+            "box": indices,
+            "subject_id": patches.subject_ids[indices],
+            "label": [EMPHYSEMA_CLASSES[k] for k in patches.labels[indices]],
+        }
+    )
     for k, name in enumerate(classes):
         frame[f"share_{name}"] = shares[:, k] if len(shares) else []
     for name in classes[1:]:
@@ -135,19 +150,28 @@ class DetectionRule:
     """The rule with its settings: ``stride`` of the evaluated sub-grid, ``fraction`` of evaluated voxels above
     ``threshold`` that makes a box positive, ``batch_size`` of the classifier calls."""
 
-    def __init__(self, stride: int = DEFAULT_STRIDE, fraction: float = BOX_FRACTION,
-                 threshold: float = VOXEL_THRESHOLD, batch_size: int = 64):
+    def __init__(
+        self,
+        stride: int = DEFAULT_STRIDE,
+        fraction: float = BOX_FRACTION,
+        threshold: float = VOXEL_THRESHOLD,
+        batch_size: int = 64,
+    ):
         self.stride, self.fraction, self.threshold = int(stride), float(fraction), float(threshold)
         self.batch_size = int(batch_size)
         self.voxels_per_box = len(box_offsets(self.stride))
 
-    def predict(self, network: torch.nn.Module, patches: LabelledPatches, indices=None,
-                subtype: str | None = None) -> pd.DataFrame:
+    def predict(
+        self, network: torch.nn.Module, patches: LabelledPatches, indices=None, subtype: str | None = None
+    ) -> pd.DataFrame:
         """``box_predictions`` of the boxes ``indices`` (all by default): ``subtype``'s binary detector, or the
         3-class softmax (``None``)."""
-        return box_predictions(network, patches, indices, self.stride, self.batch_size, self.fraction,
-                               self.threshold, subtype)
+        return box_predictions(
+            network, patches, indices, self.stride, self.batch_size, self.fraction, self.threshold, subtype
+        )
 
     def describe(self) -> str:
-        return (f"rule: positive when >= {self.fraction:.0%} of the box voxels have p > {self.threshold:g} "
-                f"(stride {self.stride}: {self.voxels_per_box} voxels per box)")
+        return (
+            f"rule: positive when >= {self.fraction:.0%} of the box voxels have p > {self.threshold:g} "
+            f"(stride {self.stride}: {self.voxels_per_box} voxels per box)"
+        )

@@ -19,19 +19,19 @@ TABLE5_ROWS = (
     ("full_finetuning", "pretrained", "binary", "DrasCLR (ours)"),
 )
 # extra rows, not the paper's: shown when the run has them
-EXTRA_ROWS = (
-    ("full_finetuning", "pretrained", "multiclass", "DrasCLR, one 3-class softmax (extra, not the paper's)"),
-)
-SCHEME_NAMES = {"patch_laa": "linear readout", "linear_readout": "linear readout",
-                "full_finetuning": "full fine-tuning"}
+EXTRA_ROWS = (("full_finetuning", "pretrained", "multiclass", "DrasCLR, one 3-class softmax (extra, not the paper's)"),)
+SCHEME_NAMES = {
+    "patch_laa": "linear readout",
+    "linear_readout": "linear readout",
+    "full_finetuning": "full fine-tuning",
+}
 
 
 def summarise(fold_metrics: pd.DataFrame) -> pd.DataFrame:
     """Mean, s.d. and number of folds of F1 / precision / recall (and accuracy) per experiment and subtype (tidy,
     one row per experiment x subtype), a ``<metric>_text`` column "0.82 ± 0.03", and the mean numbers of training
     boxes."""
-    keys = [k for k in ("experiment", "scheme", "init", "fraction", "location", "task", "subtype")
-            if k in fold_metrics]
+    keys = [k for k in ("experiment", "scheme", "init", "fraction", "location", "task", "subtype") if k in fold_metrics]
     rows = []
     for values, group in fold_metrics.groupby(keys, sort=False):
         row = dict(zip(keys, values))
@@ -103,6 +103,7 @@ def efficiency_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def markdown_table(frame: pd.DataFrame) -> str:
     """A GitHub-flavoured Markdown table of ``frame`` (numbers with 3 significant digits)."""
+
     def cell(value) -> str:
         if isinstance(value, float):
             return "n/a" if not np.isfinite(value) else f"{value:.3g}"

@@ -41,7 +41,8 @@ def table_header(results: DetectionResults, note: str = "", summary: str = "Mean
     return (f"{note}\n\n" if note else "") + (
         f"{results.n_boxes} boxes from {results.n_subjects} subjects, {results.n_folds} subject-grouped folds (the "
         f"same for every row); one binary detector per subtype (healthy vs subtype boxes); {results.rule}. "
-        f"{summary}\n\n")
+        f"{summary}\n\n"
+    )
 
 
 class DetectionTablesWriter:
@@ -52,8 +53,10 @@ class DetectionTablesWriter:
         out = Path(output_dir)
         summary = summarise(results.fold_metrics)
         table = detection_table(summary)
-        caption = ("Table 5: mean ± s.d. over the folds that define the metric (`folds`: how many have an F1); "
-                   "all training annotations of each fold.")
+        caption = (
+            "Table 5: mean ± s.d. over the folds that define the metric (`folds`: how many have an F1); "
+            "all training annotations of each fold."
+        )
         if results.baseline:
             caption += f" {results.baseline}."
         return {
@@ -61,8 +64,9 @@ class DetectionTablesWriter:
             "fold_metrics": write_csv(results.fold_metrics, out / "fold_metrics.csv"),
             "summary": write_csv(summary, out / "detection_summary.csv"),
             "table": write_csv(table, out / "detection_table.csv"),
-            "table_md": write_text(out / "detection_table.md",
-                                   table_header(results, note, caption) + markdown_table(table)),
+            "table_md": write_text(
+                out / "detection_table.md", table_header(results, note, caption) + markdown_table(table)
+            ),
             "folds": write_csv(results.folds(), out / "folds.csv"),
         }
 
@@ -76,8 +80,10 @@ class LabelEfficiencyWriter:
         efficiency = efficiency_table(summarise(results.fold_metrics))
         return {
             "efficiency": write_csv(efficiency, out / "label_efficiency.csv"),
-            "efficiency_md": write_text(out / "label_efficiency.md", table_header(results, note)
-                                        + markdown_table(efficiency.drop(columns=["f1_text"]))),
+            "efficiency_md": write_text(
+                out / "label_efficiency.md",
+                table_header(results, note) + markdown_table(efficiency.drop(columns=["f1_text"])),
+            ),
             "curve": plot_label_efficiency(efficiency, out / "label_efficiency.png", note=note),
         }
 
@@ -94,15 +100,26 @@ class LocationTableWriter:
         out = Path(output_dir)
         table = location_table(results.fold_metrics)
         per_fold = location_folds(results.fold_metrics)
-        shown = table[["subtype", "random location", "patch location", "mean difference", "paired folds",
-                       "p (one-sided paired t-test)"]]
-        header = table_header(results, note, "Linear readout, box accuracy (subtype vs healthy boxes), mean ± s.d. "
-                                             "over folds; p: one-sided paired t-test (scipy.stats.ttest_rel, patch "
-                                             "> random) over the folds where both arms have a number.")
+        shown = table[
+            [
+                "subtype",
+                "random location",
+                "patch location",
+                "mean difference",
+                "paired folds",
+                "p (one-sided paired t-test)",
+            ]
+        ]
+        header = table_header(
+            results,
+            note,
+            "Linear readout, box accuracy (subtype vs healthy boxes), mean ± s.d. "
+            "over folds; p: one-sided paired t-test (scipy.stats.ttest_rel, patch "
+            "> random) over the folds where both arms have a number.",
+        )
         text = header + markdown_table(shown) + "\nPer fold (accuracy; difference = patch - random):\n\n"
         return {
             "location_table": write_csv(table, out / "table7_location_sensitivity.csv"),
             "location_folds": write_csv(per_fold, out / "table7_folds.csv"),
-            "location_table_md": write_text(out / "table7_location_sensitivity.md",
-                                            text + markdown_table(per_fold)),
+            "location_table_md": write_text(out / "table7_location_sensitivity.md", text + markdown_table(per_fold)),
         }

@@ -27,20 +27,25 @@ from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
 from custom.atomic_io import atomic_path
+from custom.data.intensity import HALF_RANGE
+from custom.data.location import PATCH_SIZE
 from custom.emphysema.labelled_patches import LabelledPatchDataset, LabelledPatches
-from custom.model.weights import load_into, read_state
 from custom.emphysema.network import (
-    EMPHYSEMA_CLASSES,
+    NUM_EMPHYSEMA_CLASSES,
     EmphysemaNetwork,
     load_pretrained_encoder,
 )
-from custom.data.intensity import HALF_RANGE
-from custom.data.location import PATCH_SIZE
 from custom.model.network import DrasCLRNetwork
+from custom.model.weights import load_into, read_state
 
 
-def emphysema_network(pretrained_path: str | Path | None = None, freeze_encoder: bool = False, seed: int = 0,
-                      mode: str = "grouped", num_classes: int = len(EMPHYSEMA_CLASSES)) -> EmphysemaNetwork:
+def emphysema_network(
+    pretrained_path: str | Path | None = None,
+    freeze_encoder: bool = False,
+    seed: int = 0,
+    mode: str = "grouped",
+    num_classes: int = NUM_EMPHYSEMA_CLASSES,
+) -> EmphysemaNetwork:
     """A classifier whose random initialisation depends only on ``seed``; encoder from ``pretrained_path`` if
     given (else "from scratch"). ``num_classes`` 2 is a binary detector (healthy vs one subtype)."""
     with torch.random.fork_rng(devices=[]):
@@ -56,7 +61,7 @@ def trainable_parameters(network: torch.nn.Module) -> list:
     return [p for p in network.parameters() if p.requires_grad]
 
 
-def class_weights(labels, num_classes: int = len(EMPHYSEMA_CLASSES), balance: bool = True) -> torch.Tensor:
+def class_weights(labels, num_classes: int = NUM_EMPHYSEMA_CLASSES, balance: bool = True) -> torch.Tensor:
     """Cross-entropy class weights: ``n / (classes present * count)`` per class (1 for all when not balancing;
     0 for a class absent from the training set, which then plays no part)."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
@@ -87,11 +92,19 @@ class IntensityOnly:
 def box_augmentation(seed: int = 0, prob: float = 0.5) -> Compose:
     """Mild MONAI augmentation of a 4-channel box patch: a small affine (border padding keeps the constant
     location channels constant) and Gaussian noise of 50 HU on the intensity channel."""
-    transform = Compose([
-        RandAffine(prob=prob, rotate_range=(math.pi / 18,) * 3, translate_range=(4.0,) * 3, scale_range=(0.05,) * 3,
-                   padding_mode="border", spatial_size=(PATCH_SIZE,) * 3),
-        IntensityOnly(RandGaussianNoise(prob=prob, std=50.0 / HALF_RANGE)),
-    ])
+    transform = Compose(
+        [
+            RandAffine(
+                prob=prob,
+                rotate_range=(math.pi / 18,) * 3,
+                translate_range=(4.0,) * 3,
+                scale_range=(0.05,) * 3,
+                padding_mode="border",
+                spatial_size=(PATCH_SIZE,) * 3,
+            ),
+            IntensityOnly(RandGaussianNoise(prob=prob, std=50.0 / HALF_RANGE)),
+        ]
+    )
     transform.set_random_state(seed=seed)
     return transform
 
@@ -102,8 +115,9 @@ def training_loader(dataset, batch_size: int = 8, seed: int = 0, num_workers: in
         raise ValueError(f"fine-tuning needs at least 2 annotated boxes, got {len(dataset)}")
     batch_size = max(2, min(int(batch_size), len(dataset)))
     generator = torch.Generator().manual_seed(int(seed))
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator,
-                      num_workers=num_workers)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator, num_workers=num_workers
+    )
 
 
 @torch.no_grad()
@@ -120,8 +134,15 @@ def encoder_features(network: EmphysemaNetwork, patches: LabelledPatches, indice
     return torch.cat(out) if out else torch.zeros((0, network.classifier.in_features))
 
 
-def training_setup(patches: LabelledPatches, network: EmphysemaNetwork, indices=None, batch_size: int = 8,
-                   augment: bool = False, seed: int = 0, num_workers: int = 0):
+def training_setup(
+    patches: LabelledPatches,
+    network: EmphysemaNetwork,
+    indices=None,
+    batch_size: int = 8,
+    augment: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+):
     """(data loader, module to train). Linear readout without augmentation trains ``network.classifier`` on
     encoder features computed once: the frozen encoder gives the same features every epoch, so this is the
     same optimisation as running it each step, at a fraction of the cost. Otherwise the whole network and
@@ -170,7 +191,8 @@ class LossProgressBar:
         from ignite.handlers import ProgressBar
 
         ProgressBar(persist=self.persist, desc=self.desc).attach(
-            engine, output_transform=lambda out: {"loss": round(float(torch.as_tensor(out["loss"]).detach()), 4)})
+            engine, output_transform=lambda out: {"loss": round(float(torch.as_tensor(out["loss"]).detach()), 4)}
+        )
 
 
 def save_model(network: torch.nn.Module, path: str | Path) -> Path:
@@ -236,11 +258,24 @@ class FinetuneResult:
     num_boxes: int = 0
 
 
-def finetune(patches: LabelledPatches, indices=None, pretrained_path: str | Path | None = None,
-             freeze_encoder: bool = True, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4,
-             batch_size: int = 8, seed: int = 0, augment: bool = False, balance_classes: bool = True,
-             device: str | torch.device = "cpu", progress: bool = False, model_path: str | Path | None = None,
-             handlers: list | None = None, num_classes: int = len(EMPHYSEMA_CLASSES)) -> FinetuneResult:
+def finetune(
+    patches: LabelledPatches,
+    indices=None,
+    pretrained_path: str | Path | None = None,
+    freeze_encoder: bool = True,
+    epochs: int = 10,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 8,
+    seed: int = 0,
+    augment: bool = False,
+    balance_classes: bool = True,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    model_path: str | Path | None = None,
+    handlers: list | None = None,
+    num_classes: int = NUM_EMPHYSEMA_CLASSES,
+) -> FinetuneResult:
     """Train a classifier on the boxes ``indices`` of ``patches`` (all by default); Adam on the trainable
     parameters, class-weighted cross-entropy. Writes ``model_path`` when given. ``num_classes`` outputs, the
     labels of ``patches`` being class indices below it (2: a binary detector on relabelled boxes)."""
@@ -248,8 +283,9 @@ def finetune(patches: LabelledPatches, indices=None, pretrained_path: str | Path
     set_determinism(seed=seed)
     device = torch.device(device)
     indices = np.arange(len(patches)) if indices is None else np.asarray(indices, dtype=np.int64)
-    network = emphysema_network(pretrained_path, freeze_encoder=freeze_encoder, seed=seed,
-                                num_classes=num_classes).to(device)
+    network = emphysema_network(pretrained_path, freeze_encoder=freeze_encoder, seed=seed, num_classes=num_classes).to(
+        device
+    )
     loader, module = training_setup(patches, network, indices, batch_size=batch_size, augment=augment, seed=seed)
     weights = class_weights(patches.labels[indices], num_classes, balance=balance_classes).to(device)
     optimizer = torch.optim.Adam(trainable_parameters(module), lr=lr, weight_decay=weight_decay)
@@ -261,9 +297,16 @@ def finetune(patches: LabelledPatches, indices=None, pretrained_path: str | Path
         train_handlers.append(RecalibrateBatchNorm(network, patches, indices))
     if model_path:
         train_handlers.append(SaveEmphysemaModel(network, model_path))
-    trainer = SupervisedTrainer(device=device, max_epochs=int(epochs), train_data_loader=loader, network=module,
-                                optimizer=optimizer, loss_function=torch.nn.CrossEntropyLoss(weight=weights),
-                                train_handlers=train_handlers, decollate=False)
+    trainer = SupervisedTrainer(
+        device=device,
+        max_epochs=int(epochs),
+        train_data_loader=loader,
+        network=module,
+        optimizer=optimizer,
+        loss_function=torch.nn.CrossEntropyLoss(weight=weights),
+        train_handlers=train_handlers,
+        decollate=False,
+    )
     trainer.run()
     network.eval()
     return FinetuneResult(network, epoch_loss.history, time.perf_counter() - start, len(indices))

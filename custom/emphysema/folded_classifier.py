@@ -43,8 +43,9 @@ def supports_folding(network: nn.Module) -> bool:
         and isinstance(getattr(network, "classifier", None), nn.Linear)
         and getattr(encoder, "conditioning", None) == "loc_condconv"
         and isinstance(getattr(encoder, "act", None), nn.ELU)
-        and all(isinstance(conv, LocCondConv3d) and isinstance(bn, nn.BatchNorm3d)
-                for conv, bn in _conv_bn_pairs(encoder))
+        and all(
+            isinstance(conv, LocCondConv3d) and isinstance(bn, nn.BatchNorm3d) for conv, bn in _conv_bn_pairs(encoder)
+        )
     )
 
 
@@ -63,11 +64,16 @@ class FoldedClassifier:
                 bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
                 size = (size + 2 * conv.padding - conv.kernel_size) // conv.stride + 1
                 experts = (conv.weight * scale.view(1, -1, 1, 1, 1, 1)).contiguous()
-                self.layers.append({
-                    "experts": experts, "bias": ((bias - bn.running_mean) * scale + bn.bias).contiguous(),
-                    "routing": conv.routing, "stride": conv.stride, "padding": conv.padding,
-                    "experts_form": size**3 <= EXPERTS_FORM_MAX_VOXELS,
-                })
+                self.layers.append(
+                    {
+                        "experts": experts,
+                        "bias": ((bias - bn.running_mean) * scale + bn.bias).contiguous(),
+                        "routing": conv.routing,
+                        "stride": conv.stride,
+                        "padding": conv.padding,
+                        "experts_form": size**3 <= EXPERTS_FORM_MAX_VOXELS,
+                    }
+                )
         self.classifier = network.classifier
         self.num_classes = network.classifier.out_features
 
@@ -80,8 +86,13 @@ class FoldedClassifier:
             num_experts, out_channels, in_channels = experts.shape[:3]
             alpha = layer["routing"](locations.to(experts.dtype))  # (B, E)
             if layer["experts_form"]:
-                y = F.conv3d(x, experts.view(num_experts * out_channels, *experts.shape[2:]), None,
-                             layer["stride"], layer["padding"])
+                y = F.conv3d(
+                    x,
+                    experts.view(num_experts * out_channels, *experts.shape[2:]),
+                    None,
+                    layer["stride"],
+                    layer["padding"],
+                )
                 y = torch.einsum("bn,bnoxyz->boxyz", alpha, y.view(b, num_experts, out_channels, *y.shape[2:]))
                 y = y + layer["bias"].view(1, -1, 1, 1, 1)
             else:
@@ -92,8 +103,9 @@ class FoldedClassifier:
 
 
 @torch.no_grad()
-def folded_probabilities_at(classifier: FoldedClassifier, channels: torch.Tensor, centres: torch.Tensor,
-                            batch_size: int = 32) -> torch.Tensor:
+def folded_probabilities_at(
+    classifier: FoldedClassifier, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 32
+) -> torch.Tensor:
     """(N, C) softmax probabilities of the patches centred at ``centres`` (N, 3) of a (5|4, X, Y, Z) scan: the
     numbers of ``dense_input.probabilities_at`` with the network, faster."""
     device = classifier.layers[0]["experts"].device
@@ -109,8 +121,9 @@ def folded_probabilities_at(classifier: FoldedClassifier, channels: torch.Tensor
     return torch.cat(out)
 
 
-def classifier_probabilities_at(network: nn.Module, channels: torch.Tensor, centres: torch.Tensor,
-                                batch_size: int = 8) -> torch.Tensor:
+def classifier_probabilities_at(
+    network: nn.Module, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 8
+) -> torch.Tensor:
     """``dense_input.probabilities_at``, through the folded classifier when the network supports it."""
     if supports_folding(network):
         return folded_probabilities_at(FoldedClassifier(network), channels, centres, batch_size=batch_size)

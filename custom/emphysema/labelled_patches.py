@@ -25,11 +25,11 @@ import torch
 from torch.utils.data import Dataset
 
 from custom.atomic_io import atomic_path
+from custom.data.intensity import HU_MIN
+from custom.data.location import PATCH_SIZE
 from custom.emphysema.annotations import VOXEL, load_prepared_subject, map_annotations
 from custom.emphysema.dense_input import patches_at, scan_channels
 from custom.emphysema.network import EMPHYSEMA_CLASSES
-from custom.data.intensity import HU_MIN
-from custom.data.location import PATCH_SIZE
 
 CONTEXT = 2 * PATCH_SIZE  # 64: patches centred anywhere in a 32^3 box stay inside the 64^3 region
 CENTRE_IN_REGION = PATCH_SIZE  # region voxel of the box centre (32, 32, 32)
@@ -68,8 +68,13 @@ class LabelledPatches:
 
     def subset(self, indices) -> LabelledPatches:
         indices = np.asarray(indices, dtype=np.int64)
-        return LabelledPatches(self.regions[indices], self.lungs[indices], self.region_to_atlas[indices],
-                               self.labels[indices], self.table.iloc[indices].reset_index(drop=True))
+        return LabelledPatches(
+            self.regions[indices],
+            self.lungs[indices],
+            self.region_to_atlas[indices],
+            self.labels[indices],
+            self.table.iloc[indices].reset_index(drop=True),
+        )
 
 
 class LabelledPatchDataset(Dataset):
@@ -125,8 +130,10 @@ def _subject_volumes(prepared_dir: Path, subject_id: str):
     image, lung = load_scan(subject.source, subject.lung_mask, axcodes=axcodes)
     hu, affine = image[0].numpy(), np.asarray(image.affine, dtype=np.float64)
     if tuple(hu.shape) != subject.shape or not np.allclose(affine, subject.affine_ras, atol=1e-3):
-        raise ValueError(f"{subject.source}: the scan no longer matches its prepared grid in {subject.folder} "
-                         f"(shape {hu.shape} vs {subject.shape}); prepare it again")
+        raise ValueError(
+            f"{subject.source}: the scan no longer matches its prepared grid in {subject.folder} "
+            f"(shape {hu.shape} vs {subject.shape}); prepare it again"
+        )
     return subject, hu, lung
 
 
@@ -141,8 +148,9 @@ def _cache_key(table: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def build_labelled_patches(annotations, prepared_dir: str | Path, coordinate_system: str = "RAS",
-                           progress: bool = False) -> LabelledPatches:
+def build_labelled_patches(
+    annotations, prepared_dir: str | Path, coordinate_system: str = "RAS", progress: bool = False
+) -> LabelledPatches:
     """Map the boxes onto the prepared grids and cut their 64^3 regions (one CT load per subject)."""
     prepared_dir = Path(prepared_dir)
     table = map_annotations(annotations, prepared_dir, coordinate_system).reset_index(drop=True)
@@ -174,10 +182,16 @@ def save_labelled_patches(patches: LabelledPatches, path: str | Path, key: str =
     path = Path(path)
     table = patches.table
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, regions=patches.regions, lungs=patches.lungs,
-                            region_to_atlas=patches.region_to_atlas, labels=patches.labels,
-                            table=np.array(table.to_json(orient="split")), key=np.array(key),
-                            version=np.array(CACHE_VERSION))
+        np.savez_compressed(
+            handle,
+            regions=patches.regions,
+            lungs=patches.lungs,
+            region_to_atlas=patches.region_to_atlas,
+            labels=patches.labels,
+            table=np.array(table.to_json(orient="split")),
+            key=np.array(key),
+            version=np.array(CACHE_VERSION),
+        )
     return path
 
 
@@ -195,8 +209,13 @@ def default_cache_path(prepared_dir: str | Path) -> Path:
     return Path(prepared_dir) / "labelled_boxes.npz"
 
 
-def load_labelled_patches(annotations, prepared_dir: str | Path, cache_path: str | Path | None = None,
-                          coordinate_system: str = "RAS", progress: bool = False) -> LabelledPatches:
+def load_labelled_patches(
+    annotations,
+    prepared_dir: str | Path,
+    cache_path: str | Path | None = None,
+    coordinate_system: str = "RAS",
+    progress: bool = False,
+) -> LabelledPatches:
     """The labelled patch set, from ``cache_path`` when it was built from the same boxes and transforms, else
     built (reloading the CTs) and cached there. ``cache_path`` defaults to ``<prepared_dir>/labelled_boxes.npz``."""
     cache_path = Path(cache_path) if cache_path else default_cache_path(prepared_dir)

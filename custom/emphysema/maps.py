@@ -16,8 +16,8 @@ import pandas as pd
 from monai.data import Dataset
 
 from custom.atomic_io import atomic_path
-from custom.engine import subject_shards
 from custom.emphysema.report import write_cohort_csv
+from custom.engine import subject_shards
 
 logger = logging.getLogger("drasclr.emphysema")
 ERROR_KEY = "error"
@@ -99,8 +99,12 @@ class FailureTolerantDataset(Dataset):
                 message = f"{source}: {message}"
             logger.debug("preprocessing %s failed:\n%s", source, traceback.format_exc())
             subject = item.get("subject_id") if isinstance(item, dict) else None
-            return {"subject_id": str(subject or Path(source).name), "source": source, ERROR_KEY: message,
-                    "error_type": type(err).__name__}
+            return {
+                "subject_id": str(subject or Path(source).name),
+                "source": source,
+                ERROR_KEY: message,
+                "error_type": type(err).__name__,
+            }
 
 
 def skip_failed_scans(engine, batchdata):
@@ -238,5 +242,9 @@ class CohortReport:
                 self.write(reports, failures)
             subject_shards.barrier()
         if subject_shards.is_main():
-            logger.info("emphysema maps: %d scans mapped, %d failed; outputs in %s", len(reports), len(failures),
-                        self.output_dir)
+            logger.info(
+                "emphysema maps: %d scans mapped, %d failed; outputs in %s",
+                len(reports),
+                len(failures),
+                self.output_dir,
+            )

@@ -39,11 +39,17 @@ def describe_training_data(synthetic_subjects: int, subjects: int) -> str:
 def write_model_card(model_path: str | Path, annotations: str | Path, sources: dict, boxes: int) -> Path:
     """Write the card of the weights at ``model_path``; ``sources``: subject id -> the scan its boxes came from."""
     synthetic = sum(bool(is_synthetic_scan(s)) for s in sources.values() if s)
-    card = {"model_file": Path(model_path).name, "sha1": file_sha1(model_path),
-            "task": "patch classifier: healthy / centrilobular / paraseptal emphysema (32 mm boxes)",
-            "annotations": str(annotations), "boxes": int(boxes), "subjects": len(sources),
-            "synthetic_subjects": synthetic, "trained_on": describe_training_data(synthetic, len(sources)),
-            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    card = {
+        "model_file": Path(model_path).name,
+        "sha1": file_sha1(model_path),
+        "task": "patch classifier: healthy / centrilobular / paraseptal emphysema (32 mm boxes)",
+        "annotations": str(annotations),
+        "boxes": int(boxes),
+        "subjects": len(sources),
+        "synthetic_subjects": synthetic,
+        "trained_on": describe_training_data(synthetic, len(sources)),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     path = card_path(model_path)
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(card, indent=1))
@@ -54,8 +60,12 @@ def model_provenance(model_path: str | Path) -> dict:
     """{file, sha1, trained_on, synthetic_training_data (True / False / None: unknown)} of the weights."""
     model_path = Path(model_path)
     sha1 = file_sha1(model_path) if model_path.is_file() else None
-    out = {"file": str(model_path), "sha1": sha1, "trained_on": "unknown (no model card beside the weights)",
-           "synthetic_training_data": None}
+    out = {
+        "file": str(model_path),
+        "sha1": sha1,
+        "trained_on": "unknown (no model card beside the weights)",
+        "synthetic_training_data": None,
+    }
     try:
         card = json.loads(card_path(model_path).read_text())
     except (OSError, ValueError):
@@ -92,6 +102,8 @@ class WriteModelCard:
 
         subjects = sorted({str(s) for s in self.patches.subject_ids})
         manifest = read_manifest(self.prepared_dir).set_index("subject_id")
-        sources = {s: (manifest.at[s, "source"] if s in manifest.index and "source" in manifest.columns else None)
-                   for s in subjects}
+        sources = {
+            s: (manifest.at[s, "source"] if s in manifest.index and "source" in manifest.columns else None)
+            for s in subjects
+        }
         write_model_card(self.model_path, self.annotations, sources, len(self.patches))

@@ -17,16 +17,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from custom.model.weights import encoder_state, load_into
 from custom.model.network import DrasCLRNetwork
+from custom.model.weights import encoder_state, load_into
 
 EMPHYSEMA_CLASSES = ("healthy", "centrilobular", "paraseptal")
+NUM_EMPHYSEMA_CLASSES = len(EMPHYSEMA_CLASSES)
 
 
 class EmphysemaNetwork(DrasCLRNetwork):
     def __init__(
         self,
-        num_classes: int = len(EMPHYSEMA_CLASSES),
+        num_classes: int = NUM_EMPHYSEMA_CLASSES,
         representation_dim: int = 128,
         projection_dim: int = 128,
         num_experts: int = 8,
@@ -34,8 +35,14 @@ class EmphysemaNetwork(DrasCLRNetwork):
         mode: str = "grouped",
         conditioning: str = "loc_condconv",
     ):
-        super().__init__(representation_dim, projection_dim, num_experts, output="representation", mode=mode,
-                         conditioning=conditioning)
+        super().__init__(
+            representation_dim,
+            projection_dim,
+            num_experts,
+            output="representation",
+            mode=mode,
+            conditioning=conditioning,
+        )
         self.classifier = nn.Linear(representation_dim, num_classes)
         self.freeze_encoder = freeze_encoder
         if freeze_encoder:

@@ -50,8 +50,9 @@ def box_hu(patches: LabelledPatches, index: int, within_lung: bool = True) -> np
     return hu.ravel()
 
 
-def density_features(hu: np.ndarray, features: Sequence[str] = ("laa950",),
-                     threshold_hu: float = LAA_THRESHOLD_HU) -> list:
+def density_features(
+    hu: np.ndarray, features: Sequence[str] = ("laa950",), threshold_hu: float = LAA_THRESHOLD_HU
+) -> list:
     """The ``features`` of one set of HU values: ``laa950`` = share below ``threshold_hu``, ``perc15`` = 15th
     percentile (HU)."""
     hu = np.asarray(hu, dtype=np.float64)
@@ -66,8 +67,13 @@ def density_features(hu: np.ndarray, features: Sequence[str] = ("laa950",),
     return values
 
 
-def patch_laa_features(patches: LabelledPatches, indices=None, features: Sequence[str] = ("laa950",),
-                       within_lung: bool = True, threshold_hu: float = LAA_THRESHOLD_HU) -> np.ndarray:
+def patch_laa_features(
+    patches: LabelledPatches,
+    indices=None,
+    features: Sequence[str] = ("laa950",),
+    within_lung: bool = True,
+    threshold_hu: float = LAA_THRESHOLD_HU,
+) -> np.ndarray:
     """(n, len(features)) density features of the boxes ``indices`` (all by default)."""
     indices = np.arange(len(patches)) if indices is None else np.asarray(indices, dtype=np.int64)
     rows = [density_features(box_hu(patches, int(i), within_lung), features, threshold_hu) for i in indices]
@@ -97,8 +103,13 @@ class PatchLAADetector:
         ``p_<subtype>`` and ``detected_<subtype>`` (the regression's call: probability > 0.5)."""
         indices = np.arange(len(patches)) if indices is None else np.asarray(indices, dtype=np.int64)
         x = self.features_of(patches, indices)
-        frame = pd.DataFrame({"box": indices, "subject_id": patches.subject_ids[indices],
-                              "label": [EMPHYSEMA_CLASSES[k] for k in patches.labels[indices]]})
+        frame = pd.DataFrame(
+            {
+                "box": indices,
+                "subject_id": patches.subject_ids[indices],
+                "label": [EMPHYSEMA_CLASSES[k] for k in patches.labels[indices]],
+            }
+        )
         for k, name in enumerate(self.features):
             frame[name] = x[:, k]
         frame[f"p_{subtype}"] = self.model.predict_proba(x)[:, 1] if len(x) else []
@@ -122,9 +133,15 @@ class PatchLAARunner:
     binary task's relabelled boxes): ``features`` (``laa950``; optionally ``perc15``), ``within_lung``,
     ``threshold_hu``, ``C`` (inverse L2 strength), ``balance_classes`` (``class_weight="balanced"``)."""
 
-    def __init__(self, features: Sequence[str] = ("laa950",), within_lung: bool = True,
-                 threshold_hu: float = LAA_THRESHOLD_HU, C: float = 1.0, balance_classes: bool = False,
-                 max_iter: int = 1000):
+    def __init__(
+        self,
+        features: Sequence[str] = ("laa950",),
+        within_lung: bool = True,
+        threshold_hu: float = LAA_THRESHOLD_HU,
+        C: float = 1.0,  # noqa: N803 - scikit-learn's name for the inverse L2 strength
+        balance_classes: bool = False,
+        max_iter: int = 1000,
+    ):
         self.features = tuple(features)
         unknown = sorted(set(self.features) - set(FEATURES))
         if unknown or not self.features:
@@ -132,8 +149,9 @@ class PatchLAARunner:
         self.within_lung, self.threshold_hu = bool(within_lung), float(threshold_hu)
         self.C, self.balance_classes, self.max_iter = float(C), bool(balance_classes), int(max_iter)
 
-    def train(self, patches: LabelledPatches, indices, pretrained_path=None, fold: int = 0,
-              num_classes: int = 2) -> PatchLAAResult:
+    def train(
+        self, patches: LabelledPatches, indices, pretrained_path=None, fold: int = 0, num_classes: int = 2
+    ) -> PatchLAAResult:
         """Fit on the boxes ``indices`` (``pretrained_path`` and ``fold`` are not used: no encoder, no random
         initialisation)."""
         if int(num_classes) != 2:
@@ -142,11 +160,17 @@ class PatchLAARunner:
         indices = np.asarray(indices, dtype=np.int64)
         labels = np.asarray(patches.labels[indices], dtype=np.int64)
         if set(np.unique(labels)) != {0, 1}:
-            raise ValueError(f"the Patch-LAA regression needs healthy (0) and subtype (1) training boxes, got "
-                             f"classes {sorted(set(labels.tolist()))}")
+            raise ValueError(
+                f"the Patch-LAA regression needs healthy (0) and subtype (1) training boxes, got "
+                f"classes {sorted(set(labels.tolist()))}"
+            )
         x = patch_laa_features(patches, indices, self.features, self.within_lung, self.threshold_hu)
-        model = make_pipeline(StandardScaler(), LogisticRegression(
-            C=self.C, class_weight="balanced" if self.balance_classes else None, max_iter=self.max_iter))
+        model = make_pipeline(
+            StandardScaler(),
+            LogisticRegression(
+                C=self.C, class_weight="balanced" if self.balance_classes else None, max_iter=self.max_iter
+            ),
+        )
         model.fit(x, labels)
         p = np.clip(model.predict_proba(x)[:, 1], 1e-12, 1 - 1e-12)
         loss = float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
@@ -156,5 +180,7 @@ class PatchLAARunner:
     def describe(self) -> str:
         names = {"laa950": f"LAA{self.threshold_hu:g}", "perc15": "Perc15"}
         where = "lung voxels" if self.within_lung else "voxels"
-        return (f"Patch LAA: logistic regression on {' + '.join(names[f] for f in self.features)} of the box's "
-                f"{where}, positive when p > 0.5")
+        return (
+            f"Patch LAA: logistic regression on {' + '.join(names[f] for f in self.features)} of the box's "
+            f"{where}, positive when p > 0.5"
+        )

@@ -12,13 +12,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import numpy as np
-from matplotlib.colors import ListedColormap
-from matplotlib.patches import Patch
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
-from custom.figures import save_figure
-from custom.emphysema.network import EMPHYSEMA_CLASSES
+from custom.emphysema.network import EMPHYSEMA_CLASSES  # noqa: E402
+from custom.figures import save_figure  # noqa: E402
 
 WINDOW_HU = (-1060.0, -825.0)
 LUNG_BLUE = "#3b6fd8"
@@ -36,8 +36,9 @@ def _colours() -> ListedColormap:
 
 
 def _legend():
-    return [Patch(color=LUNG_BLUE, label="lung")] + [Patch(color=c, label=n) for c, n in
-                                                      zip(SUBTYPE_REDS, EMPHYSEMA_CLASSES[1:])]
+    return [Patch(color=LUNG_BLUE, label="lung")] + [
+        Patch(color=c, label=n) for c, n in zip(SUBTYPE_REDS, EMPHYSEMA_CLASSES[1:])
+    ]
 
 
 def _titles(fig, title: str, warning: str | None) -> None:
@@ -52,8 +53,16 @@ def _save(fig, path: Path) -> Path:
     return save_figure(fig, path, dpi=110, tight=True)
 
 
-def coronal_slices(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "",
-                   num_slices: int = 4, alpha: float = 0.45, warning: str | None = None) -> Path:
+def coronal_slices(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    labels: np.ndarray,
+    path: str | Path,
+    title: str = "",
+    num_slices: int = 4,
+    alpha: float = 0.45,
+    warning: str | None = None,
+) -> Path:
     """Coronal slices (fixed y) of a (x, y, z) LAS-grid scan; patient right on the viewer's left, head up."""
     lung = np.asarray(lung, dtype=bool)
     ys = np.nonzero(lung.any(axis=(0, 2)))[0]
@@ -61,8 +70,15 @@ def coronal_slices(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray, path: s
     fig, axes = plt.subplots(1, len(picks), figsize=(3.2 * len(picks), 3.6))
     for ax, y in zip(np.atleast_1d(axes), picks):
         ax.imshow(hu[:, y, :].T, cmap="gray", vmin=WINDOW_HU[0], vmax=WINDOW_HU[1], origin="lower")
-        ax.imshow(_overlay_image(lung[:, y, :], labels[:, y, :]).T, cmap=_colours(), vmin=0, vmax=3,
-                  alpha=alpha, origin="lower", interpolation="nearest")
+        ax.imshow(
+            _overlay_image(lung[:, y, :], labels[:, y, :]).T,
+            cmap=_colours(),
+            vmin=0,
+            vmax=3,
+            alpha=alpha,
+            origin="lower",
+            interpolation="nearest",
+        )
         ax.set_title(f"coronal y={y}", fontsize=9)
         ax.axis("off")
     fig.legend(handles=_legend(), loc="lower center", ncol=3, fontsize=8, frameon=False)
@@ -70,8 +86,9 @@ def coronal_slices(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray, path: s
     return _save(fig, Path(path))
 
 
-def coronal_projection(lung: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "",
-                       warning: str | None = None) -> Path:
+def coronal_projection(
+    lung: np.ndarray, labels: np.ndarray, path: str | Path, title: str = "", warning: str | None = None
+) -> Path:
     """Coronal projection: lung depth in blue, per subtype the share of that depth that is emphysema in red."""
     lung = np.asarray(lung, dtype=bool)
     depth = lung.sum(axis=1).astype(np.float64)
@@ -80,8 +97,9 @@ def coronal_projection(lung: np.ndarray, labels: np.ndarray, path: str | Path, t
         share = np.divide((labels == code).sum(axis=1), depth, out=np.zeros_like(depth), where=depth > 0)
         ax.imshow(np.where(depth > 0, 1.0, np.nan).T, cmap=ListedColormap([LUNG_BLUE]), origin="lower", alpha=0.35)
         red = ListedColormap([colour])
-        ax.imshow(np.where(share > 0, 1.0, np.nan).T, cmap=red, origin="lower",
-                  alpha=np.clip(0.25 + 3.0 * share, 0, 1).T)
+        ax.imshow(
+            np.where(share > 0, 1.0, np.nan).T, cmap=red, origin="lower", alpha=np.clip(0.25 + 3.0 * share, 0, 1).T
+        )
         ax.set_title(f"{EMPHYSEMA_CLASSES[code]}: {100.0 * (labels == code)[lung].mean():.2f} % of lung", fontsize=9)
         ax.axis("off")
     fig.legend(handles=_legend(), loc="lower center", ncol=3, fontsize=8, frameon=False)

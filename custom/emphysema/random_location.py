@@ -45,8 +45,9 @@ def random_landmark_voxels(count: int, seed: int = 0, atlas_dir=None) -> np.ndar
     return centres[np.random.default_rng(seed).integers(len(centres), size=count)]
 
 
-def with_random_locations(patches: LabelledPatches, seed: int = 0, atlas_dir=None,
-                          source: str = "lung") -> LabelledPatches:
+def with_random_locations(
+    patches: LabelledPatches, seed: int = 0, atlas_dir=None, source: str = "lung"
+) -> LabelledPatches:
     """A copy of ``patches`` whose box centres map to random atlas points of ``source`` (same draw for the same
     seed)."""
     if source not in SOURCES:
@@ -74,8 +75,11 @@ class RandomLocations:
 
 def _table7_runs(fold_metrics: pd.DataFrame) -> pd.DataFrame:
     """The linear readout rows (pre-trained, all annotations; the subtype's binary detector when the frame says)."""
-    runs = fold_metrics[(fold_metrics["scheme"] == "linear_readout") & (fold_metrics["init"] == "pretrained")
-                        & (fold_metrics["fraction"] == 1.0)]
+    runs = fold_metrics[
+        (fold_metrics["scheme"] == "linear_readout")
+        & (fold_metrics["init"] == "pretrained")
+        & (fold_metrics["fraction"] == 1.0)
+    ]
     return runs[runs["task"] == "binary"] if "task" in runs else runs
 
 
@@ -94,8 +98,9 @@ def location_folds(fold_metrics: pd.DataFrame, metric: str = "accuracy") -> pd.D
         rows.append(row)
     frame = pd.DataFrame(rows, columns=["subtype", "fold", PATCH_LOCATION, RANDOM_LOCATION, "difference"])
     order = {s: k for k, s in enumerate(dict.fromkeys(frame["subtype"]))}  # subtypes in their first-seen order
-    return frame.sort_values(["subtype", "fold"], key=lambda c: c.map(order) if c.name == "subtype" else c,
-                             kind="stable").reset_index(drop=True)
+    return frame.sort_values(
+        ["subtype", "fold"], key=lambda c: c.map(order) if c.name == "subtype" else c, kind="stable"
+    ).reset_index(drop=True)
 
 
 def paired_location_test(patch, random) -> dict:
@@ -109,8 +114,12 @@ def paired_location_test(patch, random) -> dict:
     both = np.isfinite(patch) & np.isfinite(random)
     patch, random = patch[both], random[both]
     difference = patch - random
-    out = {"n_pairs": int(both.sum()), "mean_difference": float(difference.mean()) if both.any() else np.nan,
-           "t": np.nan, "p": np.nan}
+    out = {
+        "n_pairs": int(both.sum()),
+        "mean_difference": float(difference.mean()) if both.any() else np.nan,
+        "t": np.nan,
+        "p": np.nan,
+    }
     if out["n_pairs"] < 2 or np.ptp(np.round(difference, 12)) == 0:
         return out
     test = stats.ttest_rel(patch, random, alternative="greater")
@@ -131,8 +140,9 @@ def location_table(fold_metrics: pd.DataFrame, metric: str = "accuracy") -> pd.D
             mean = float(v.mean()) if len(v) else np.nan
             sd = float(v.std(ddof=1)) if len(v) > 1 else np.nan
             row[f"{label} mean"], row[f"{label} sd"], row[f"{label} folds"] = round(mean, 4), round(sd, 4), len(v)
-            row[label] = "n/a" if not np.isfinite(mean) else (f"{mean:.2f} ± {sd:.2f}" if np.isfinite(sd)
-                                                               else f"{mean:.2f}")
+            row[label] = (
+                "n/a" if not np.isfinite(mean) else (f"{mean:.2f} ± {sd:.2f}" if np.isfinite(sd) else f"{mean:.2f}")
+            )
         test = paired_location_test(group[PATCH_LOCATION], group[RANDOM_LOCATION])
         row["paired folds"], row["mean difference"] = test["n_pairs"], round(test["mean_difference"], 4)
         row["t (paired)"] = round(test["t"], 4)

@@ -39,8 +39,9 @@ def atlas_midline(atlas_dir: str | None = None) -> tuple:
     return float(lo + np.argmin(profile[lo:hi])), atlas.axcodes[0] == "L"
 
 
-def region_masks(lung: np.ndarray, atlas_x: np.ndarray, superior_is_high_z: bool = True,
-                 atlas_dir: str | None = None) -> dict:
+def region_masks(
+    lung: np.ndarray, atlas_x: np.ndarray, superior_is_high_z: bool = True, atlas_dir: str | None = None
+) -> dict:
     """Boolean masks (X, Y, Z) of every reported region: ``lung``, ``right``, ``left`` and ``<lung>_<zone>``.
 
     ``atlas_x``: atlas x coordinate of every voxel (same shape). Zones are thirds of each lung's z extent.
@@ -82,8 +83,15 @@ def region_numbers(hu: np.ndarray, labels: np.ndarray, mask: np.ndarray, voxel_m
     return out
 
 
-def emphysema_report(hu: np.ndarray, lung: np.ndarray, labels: np.ndarray, atlas_x: np.ndarray,
-                     voxel_ml: float = 0.001, superior_is_high_z: bool = True, **info) -> dict:
+def emphysema_report(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    labels: np.ndarray,
+    atlas_x: np.ndarray,
+    voxel_ml: float = 0.001,
+    superior_is_high_z: bool = True,
+    **info,
+) -> dict:
     """The report of one scan (a JSON-ready dict); ``info`` (subject id, source, settings) is stored as given."""
     regions = region_masks(lung, atlas_x, superior_is_high_z)
     report = dict(info)

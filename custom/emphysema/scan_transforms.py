@@ -62,8 +62,7 @@ class ScanChannelsd(MapTransform):
         return d
 
 
-def preprocessing_chain(atlas_dir: str | None = None, registration: str = "fast",
-                        min_dice: float = DEFAULT_MIN_DICE):
+def preprocessing_chain(atlas_dir: str | None = None, registration: str = "fast", min_dice: float = DEFAULT_MIN_DICE):
     """The ``preprocessing`` of ``configs/inference.yaml`` (keys ``image`` and ``lung_mask``), read from it."""
     from custom.prepare.pipeline import chain_from_config
 
@@ -90,9 +89,17 @@ class EmphysemaReportd(MapTransform):
     card, ``custom.emphysema.model_card``), and a model trained on SYNTHETIC data that maps a scan which is not
     synthetic puts its warning in the report, the CSV row and the picture titles."""
 
-    def __init__(self, keys: KeysCollection = "pred", image_key: str = "image", threshold: float = 0.5,
-                 output_dir: str | None = None, pictures: bool = True, report_key: str = "report",
-                 model_path: str | None = None, allow_missing_keys=False):
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        image_key: str = "image",
+        threshold: float = 0.5,
+        output_dir: str | None = None,
+        pictures: bool = True,
+        report_key: str = "report",
+        model_path: str | None = None,
+        allow_missing_keys=False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.model_path = model_path
         self._provenance: dict | None = None
@@ -112,13 +119,19 @@ class EmphysemaReportd(MapTransform):
             subject = str(d.get("subject_id") or meta.get("subject_id") or "scan")
             arrays = prepared_arrays(image, d[key], self.threshold)
             voxel_ml = float(np.prod(np.linalg.norm(np.asarray(image.affine)[:3, :3], axis=0))) / 1000.0
-            info = {"subject_id": subject, "source": str(meta.get("filename_or_obj", "")),
-                    "threshold": self.threshold, "registration_dice": meta.get("registration_dice"),
-                    "qc_status": meta.get("qc_status"), "qc_reasons": meta.get("qc_reasons")}
+            info = {
+                "subject_id": subject,
+                "source": str(meta.get("filename_or_obj", "")),
+                "threshold": self.threshold,
+                "registration_dice": meta.get("registration_dice"),
+                "qc_status": meta.get("qc_status"),
+                "qc_reasons": meta.get("qc_reasons"),
+            }
             info = {k: (v.item() if hasattr(v, "item") else v) for k, v in info.items()}
             info.update(self._model_info(info["source"]))
-            d[self.report_key] = report.emphysema_report(arrays["hu"], arrays["lung"], arrays["labels"],
-                                                         arrays["atlas_x"], voxel_ml=voxel_ml, **info)
+            d[self.report_key] = report.emphysema_report(
+                arrays["hu"], arrays["lung"], arrays["labels"], arrays["atlas_x"], voxel_ml=voxel_ml, **info
+            )
             if self.output_dir:
                 folder = Path(self.output_dir) / subject
                 report.write_report_json(d[self.report_key], folder / "report.json")
@@ -127,10 +140,17 @@ class EmphysemaReportd(MapTransform):
                     if info.get("model_trained_on"):
                         title += f"; model trained on {info['model_trained_on']}"
                     warning = info.get("warning")
-                    pictures.coronal_slices(arrays["hu"], arrays["lung"], arrays["labels"],
-                                            folder / "emphysema_coronal.png", title, warning=warning)
-                    pictures.coronal_projection(arrays["lung"], arrays["labels"], folder / "emphysema_projection.png",
-                                                title, warning=warning)
+                    pictures.coronal_slices(
+                        arrays["hu"],
+                        arrays["lung"],
+                        arrays["labels"],
+                        folder / "emphysema_coronal.png",
+                        title,
+                        warning=warning,
+                    )
+                    pictures.coronal_projection(
+                        arrays["lung"], arrays["labels"], folder / "emphysema_projection.png", title, warning=warning
+                    )
         return d
 
     def _model_info(self, source: str) -> dict:
@@ -141,9 +161,12 @@ class EmphysemaReportd(MapTransform):
 
         if self._provenance is None:
             self._provenance = model_provenance(self.model_path)
-        return {"model_file": self._provenance["file"], "model_sha1": self._provenance["sha1"],
-                "model_trained_on": self._provenance["trained_on"],
-                "warning": map_warning(self._provenance, source)}
+        return {
+            "model_file": self._provenance["file"],
+            "model_sha1": self._provenance["sha1"],
+            "model_trained_on": self._provenance["trained_on"],
+            "warning": map_warning(self._provenance, source),
+        }
 
 
 class ResampleToInputd(MapTransform):
@@ -151,8 +174,14 @@ class ResampleToInputd(MapTransform):
     ``spatial_shape`` of the image meta) with MONAI ``SpatialResample`` (bilinear), and ``keys`` replaced by the
     label mask there (1, ...): 0 healthy or outside the lung, 1 centrilobular, 2 paraseptal."""
 
-    def __init__(self, keys: KeysCollection = "pred", image_key: str = "image", threshold: float = 0.5,
-                 probabilities_key: str = "probabilities", allow_missing_keys=False):
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        image_key: str = "image",
+        threshold: float = 0.5,
+        probabilities_key: str = "probabilities",
+        allow_missing_keys=False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.image_key = image_key
         self.threshold = float(threshold)
@@ -171,8 +200,11 @@ class ResampleToInputd(MapTransform):
             out = self.resample(subtypes, dst_affine=dst_affine, spatial_size=shape).as_tensor().clamp_(0.0, 1.0)
             probabilities = torch.cat([(1.0 - out.sum(0, keepdim=True)).clamp_(0.0, 1.0), out])
             labels = decide_labels(probabilities, self.threshold).to(torch.uint8)[None]
-            out_meta = {"filename_or_obj": meta.get("filename_or_obj"), "original_affine": dst_affine,
-                        "spatial_shape": np.asarray(shape)}
+            out_meta = {
+                "filename_or_obj": meta.get("filename_or_obj"),
+                "original_affine": dst_affine,
+                "spatial_shape": np.asarray(shape),
+            }
             d[self.probabilities_key] = MetaTensor(probabilities, affine=dst_affine, meta=out_meta)
             d[key] = MetaTensor(labels, affine=dst_affine, meta=dict(out_meta))
         return d
@@ -182,8 +214,13 @@ class SaveEmphysemaMapsd(MapTransform):
     """Write ``<output_dir>/<subject_id>/emphysema_probabilities.nii.gz`` (x, y, z, class in ``EMPHYSEMA_CLASSES``
     order, float32) and ``emphysema_mask.nii.gz`` (uint8 labels) with MONAI's NibabelWriter, atomically."""
 
-    def __init__(self, keys: KeysCollection = "pred", output_dir: str = "emphysema_maps",
-                 probabilities_key: str = "probabilities", allow_missing_keys=False):
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        output_dir: str = "emphysema_maps",
+        probabilities_key: str = "probabilities",
+        allow_missing_keys=False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.output_dir = output_dir
         self.probabilities_key = probabilities_key
@@ -208,8 +245,9 @@ class SaveEmphysemaMapsd(MapTransform):
             folder = Path(self.output_dir) / subject
             outputs = {"mask": str(self._write(d[key], folder / "emphysema_mask.nii.gz", np.uint8))}
             if self.probabilities_key in d:
-                outputs["probabilities"] = str(self._write(d[self.probabilities_key],
-                                                           folder / "emphysema_probabilities.nii.gz", np.float32))
+                outputs["probabilities"] = str(
+                    self._write(d[self.probabilities_key], folder / "emphysema_probabilities.nii.gz", np.float32)
+                )
             d["outputs"] = outputs
         return d
 

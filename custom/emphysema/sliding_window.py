@@ -147,8 +147,15 @@ class EmphysemaInferer(Inferer):
         progress: show a tqdm progress bar over the evaluated patches.
     """
 
-    def __init__(self, stride: int = 32, min_stride: int | None = 8, threshold: float = 0.5,
-                 batch_size: int = 8, progress: bool = False, folded: bool = True):
+    def __init__(
+        self,
+        stride: int = 32,
+        min_stride: int | None = 8,
+        threshold: float = 0.5,
+        batch_size: int = 8,
+        progress: bool = False,
+        folded: bool = True,
+    ):
         super().__init__()
         if int(stride) < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
@@ -171,8 +178,10 @@ class EmphysemaInferer(Inferer):
 
     def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
         if inputs.dim() != 5 or inputs.shape[1] != LUNG_CHANNEL + 1:
-            raise ValueError(f"EmphysemaInferer expects (B, {LUNG_CHANNEL + 1}, X, Y, Z) scan channels "
-                             f"(intensity, location x3, lung mask), got {tuple(inputs.shape)}")
+            raise ValueError(
+                f"EmphysemaInferer expects (B, {LUNG_CHANNEL + 1}, X, Y, Z) scan channels "
+                f"(intensity, location x3, lung mask), got {tuple(inputs.shape)}"
+            )
         plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         with torch.inference_mode():
             out = torch.stack([self.probability_map(x, network) for x in plain.detach().cpu()])

@@ -34,8 +34,9 @@ from pathlib import Path
 import custom
 from custom.atomic_io import atomic_path
 from custom.embed.cohort import embed_cohort
-from custom.model.network import DrasCLRNetwork
 from custom.flags import as_bool
+from custom.model.network import DrasCLRNetwork
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -49,16 +50,37 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        Variant("plain_moco", "MoCo on patches: no location, one global queue, local loss only (Tables 2-5 'MoCo', "
-                "adapted to patches)", conditioning="none", global_queue=True, num_neighbours=0),
-        Variant("conditioning_none", "Table 6 'No conditioning': standard CNN, per-landmark queues, local loss only",
-                conditioning="none", num_neighbours=0),
-        Variant("conditioning_concatenation", "Table 6 'Concatenation': last-layer feature + p fused by a fully "
-                "connected layer, local loss only", conditioning="concatenation", num_neighbours=0),
-        Variant("conditioning_hypernetwork", "Table 6 'HyperNetwork': an MLP of p generates every kernel, local "
-                "loss only", conditioning="hypernetwork", num_neighbours=0),
-        Variant("neighbours_0", "Table 6 'Loc-CondConv' and Table 8 'no neighbouring contrast': local loss only",
-                num_neighbours=0),
+        Variant(
+            "plain_moco",
+            "MoCo on patches: no location, one global queue, local loss only (Tables 2-5 'MoCo', "
+            "adapted to patches)",
+            conditioning="none",
+            global_queue=True,
+            num_neighbours=0,
+        ),
+        Variant(
+            "conditioning_none",
+            "Table 6 'No conditioning': standard CNN, per-landmark queues, local loss only",
+            conditioning="none",
+            num_neighbours=0,
+        ),
+        Variant(
+            "conditioning_concatenation",
+            "Table 6 'Concatenation': last-layer feature + p fused by a fully " "connected layer, local loss only",
+            conditioning="concatenation",
+            num_neighbours=0,
+        ),
+        Variant(
+            "conditioning_hypernetwork",
+            "Table 6 'HyperNetwork': an MLP of p generates every kernel, local " "loss only",
+            conditioning="hypernetwork",
+            num_neighbours=0,
+        ),
+        Variant(
+            "neighbours_0",
+            "Table 6 'Loc-CondConv' and Table 8 'no neighbouring contrast': local loss only",
+            num_neighbours=0,
+        ),
         Variant("neighbours_1", "Table 8: neighbour loss with 1 neighbour", num_neighbours=1),
         Variant("neighbours_2", "Table 8 / the method (DrasCLR): neighbour loss with 2 neighbours", num_neighbours=2),
         Variant("neighbours_3", "Table 8: neighbour loss with 3 neighbours", num_neighbours=3),
@@ -66,9 +88,11 @@ VARIANTS: dict[str, Variant] = {
 }
 ALIASES = {"drasclr": "neighbours_2", "conditioning_loc_condconv": "neighbours_0"}
 # Former variants and where their experiment lives now.
-MOVED = {"random_location": "Table 7 (random vs patch locations) is the emphysema detection run's: "
-                            "python -m monai.bundle run detection --config_file bundle/configs/emphysema_finetune.yaml "
-                            "(random_location: true)"}
+MOVED = {
+    "random_location": "Table 7 (random vs patch locations) is the emphysema detection run's: "
+    "python -m monai.bundle run detection --config_file bundle/configs/emphysema_finetune.yaml "
+    "(random_location: true)"
+}
 
 
 def get_variant(name: str) -> Variant:
@@ -96,11 +120,29 @@ def ablation_config_files(paper: bool = False, variant: bool = True) -> list[str
 
 # What ablation.yaml may set differently from the DrasCLR run: the variant's switches, where its outputs go and
 # how it is recorded. Anything else of train.yaml (+ paper.yaml) is inherited (checked by inherited_differences).
-VARIANT_IDS = ("num_neighbours", "encoder_def#conditioning", "pretraining_def#global_queue", "output_dir", "model_path",
-               "experiment_name", "run_name", "hyper_parameters")
+VARIANT_IDS = (
+    "num_neighbours",
+    "encoder_def#conditioning",
+    "pretraining_def#global_queue",
+    "output_dir",
+    "model_path",
+    "experiment_name",
+    "run_name",
+    "hyper_parameters",
+)
 # Settings that say how a run executes, not what it trains: a finished variant is reused whatever they were.
-RUN_KEYS = ("resume", "num_workers", "checkpoint_every", "mlflow", "tracking_uri", "output_dir", "ckpt_dir",
-            "model_path", "experiment_name", "run_name")
+RUN_KEYS = (
+    "resume",
+    "num_workers",
+    "checkpoint_every",
+    "mlflow",
+    "tracking_uri",
+    "output_dir",
+    "ckpt_dir",
+    "model_path",
+    "experiment_name",
+    "run_name",
+)
 
 
 def training_configs(name: str, paper: bool = False, **overrides):
@@ -109,8 +151,10 @@ def training_configs(name: str, paper: bool = False, **overrides):
     from monai.bundle import ConfigParser
 
     parsers = []
-    for files, extra in ((ablation_config_files(paper, variant=False), {}),
-                         (ablation_config_files(paper), {"variant": trainable_variant(name).name})):
+    for files, extra in (
+        (ablation_config_files(paper, variant=False), {}),
+        (ablation_config_files(paper), {"variant": trainable_variant(name).name}),
+    ):
         parser = ConfigParser()
         parser.read_config(files)
         parser.update({**overrides, **extra})
@@ -141,14 +185,20 @@ def inherited_differences(drasclr, variant) -> dict:
     missing = "<not set>"
     ours = _leaves({k: drasclr.get(k) for k in drasclr.get()})
     theirs = _leaves({k: variant.get(k, missing) for k in drasclr.get()})
-    return {i: (ours.get(i, missing), theirs.get(i, missing)) for i in sorted(set(ours) | set(theirs))
-            if not _allowed(i) and ours.get(i, missing) != theirs.get(i, missing)}
+    return {
+        i: (ours.get(i, missing), theirs.get(i, missing))
+        for i in sorted(set(ours) | set(theirs))
+        if not _allowed(i) and ours.get(i, missing) != theirs.get(i, missing)
+    }
 
 
 def _plain(value) -> bool:
     """A literal setting: not an expression, reference, macro or component."""
-    return value is None or isinstance(value, (bool, int, float)) or (
-        isinstance(value, str) and not value.startswith(("$", "@", "%")))
+    return (
+        value is None
+        or isinstance(value, (bool, int, float))
+        or (isinstance(value, str) and not value.startswith(("$", "@", "%")))
+    )
 
 
 def training_settings(drasclr, variant) -> dict:
@@ -161,11 +211,19 @@ def planned_budget(variant) -> dict:
     """The budget a variant config plans: batch, epochs, iterations per epoch (None: a full pass), iterations
     (None until the data fixes a full pass), and the queue (length K, number of queues)."""
     epochs, length = variant.get_parsed_content("max_epochs"), variant.get_parsed_content("epoch_length")
-    return {"iterations": epochs * length if length else None, "batch_size": variant.get_parsed_content("batch_size"),
-            "max_epochs": epochs, "epoch_length": length, "order": variant.get_parsed_content("order"),
-            "queue_size": variant.get_parsed_content("pretraining_def#queue_size"),
-            "num_queues": 1 if as_bool(variant.get_parsed_content("pretraining_def#global_queue"))
-            else variant.get_parsed_content("pretraining_def#num_landmarks")}
+    return {
+        "iterations": epochs * length if length else None,
+        "batch_size": variant.get_parsed_content("batch_size"),
+        "max_epochs": epochs,
+        "epoch_length": length,
+        "order": variant.get_parsed_content("order"),
+        "queue_size": variant.get_parsed_content("pretraining_def#queue_size"),
+        "num_queues": (
+            1
+            if as_bool(variant.get_parsed_content("pretraining_def#global_queue"))
+            else variant.get_parsed_content("pretraining_def#num_landmarks")
+        ),
+    }
 
 
 def check_inherited(drasclr, variant, name: str) -> None:
@@ -173,8 +231,10 @@ def check_inherited(drasclr, variant, name: str) -> None:
     differences = inherited_differences(drasclr, variant)
     if differences:
         lines = "; ".join(f"{i}: DrasCLR {a!r}, variant {b!r}" for i, (a, b) in differences.items())
-        raise ValueError(f"variant {name!r} would not train like DrasCLR (ablation.yaml may only set "
-                         f"{', '.join(VARIANT_IDS)}): {lines}")
+        raise ValueError(
+            f"variant {name!r} would not train like DrasCLR (ablation.yaml may only set "
+            f"{', '.join(VARIANT_IDS)}): {lines}"
+        )
 
 
 def _comparable(settings: dict) -> dict:
@@ -192,12 +252,15 @@ def check_reusable(out_dir: str | Path, settings: dict) -> None:
             if recorded is None or _comparable(recorded) != _comparable(settings):
                 old, new = _comparable(recorded or {}), _comparable(settings)
                 changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)) if recorded else []
-                raise ValueError(f"{out_dir} was trained with other settings ({', '.join(changed) or 'not recorded'}"
-                                 "): delete it or use another out_dir")
+                raise ValueError(
+                    f"{out_dir} was trained with other settings ({', '.join(changed) or 'not recorded'}"
+                    "): delete it or use another out_dir"
+                )
 
 
-def pretrain_variant(name: str, dataset_dir: str | Path, out_dir: str | Path, paper: bool = False,
-                     **overrides) -> tuple[Path, dict]:
+def pretrain_variant(
+    name: str, dataset_dir: str | Path, out_dir: str | Path, paper: bool = False, **overrides
+) -> tuple[Path, dict]:
     """Pre-train variant ``name`` with the bundle's training workflow (train.yaml [+ paper.yaml] + ablation.yaml).
 
     Checkpoints go under ``out_dir/checkpoints``, the query encoder to ``out_dir/pretrained.pt``. A run stopped
@@ -213,7 +276,9 @@ def pretrain_variant(name: str, dataset_dir: str | Path, out_dir: str | Path, pa
     variant = trainable_variant(name)
     out_dir = Path(out_dir)
     settings = {
-        "dataset_dir": str(dataset_dir), "output_dir": str(out_dir), "model_path": str(out_dir / "pretrained.pt"),
+        "dataset_dir": str(dataset_dir),
+        "output_dir": str(out_dir),
+        "model_path": str(out_dir / "pretrained.pt"),
         "resume": latest_checkpoint(out_dir / "checkpoints") is not None,
     }
     settings.update(overrides)
@@ -226,8 +291,14 @@ def pretrain_variant(name: str, dataset_dir: str | Path, out_dir: str | Path, pa
         Path(tmp).write_text(json.dumps(inherited, indent=2, default=str))
     logged = parser.get("hyper_parameters") or {}
     mlflow_params = {f"hyper_parameters#{k}": v for k, v in inherited.items() if k not in logged}
-    workflow = ConfigWorkflow(config_file=ablation_config_files(paper), workflow_type="train", run_id="training",
-                              variant=variant.name, **settings, **mlflow_params)
+    workflow = ConfigWorkflow(
+        config_file=ablation_config_files(paper),
+        workflow_type="train",
+        run_id="training",
+        variant=variant.name,
+        **settings,
+        **mlflow_params,
+    )
     workflow.initialize()
     workflow.run()
     budget = planned_budget(workflow.parser)
@@ -250,8 +321,15 @@ def variant_done(out_dir: str | Path) -> bool:
     return (out_dir / "variant.json").is_file() and (out_dir / "subject_embeddings.csv").is_file()
 
 
-def run_variant(name: str, dataset_dir: str | Path, out_root: str | Path, seed: int = 0, paper: bool = False,
-                progress: bool = True, **train_overrides) -> dict:
+def run_variant(
+    name: str,
+    dataset_dir: str | Path,
+    out_root: str | Path,
+    seed: int = 0,
+    paper: bool = False,
+    progress: bool = True,
+    **train_overrides,
+) -> dict:
     """Pre-train and embed one variant into ``out_root/<name>``.
 
     Returns the record also written to ``out_root/<name>/variant.json``: the variant's settings, the training
@@ -260,8 +338,15 @@ def run_variant(name: str, dataset_dir: str | Path, out_root: str | Path, seed: 
     """
     variant = get_variant(name)
     out_dir = Path(out_root) / variant.name
-    record = {"variant": asdict(variant), "dataset_dir": str(dataset_dir), "paper_schedule": as_bool(paper),
-              "seed": seed, "train_settings": train_overrides, "budget": None, "settings": None}
+    record = {
+        "variant": asdict(variant),
+        "dataset_dir": str(dataset_dir),
+        "paper_schedule": as_bool(paper),
+        "seed": seed,
+        "train_settings": train_overrides,
+        "budget": None,
+        "settings": None,
+    }
     start, cpu = time.perf_counter(), _cpu_seconds()
     weights, trained = pretrain_variant(variant.name, dataset_dir, out_dir, paper, seed=seed, **train_overrides)
     record.update(trained)

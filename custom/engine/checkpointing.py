@@ -53,8 +53,12 @@ def resume_path(checkpoint_dir: str | Path, resume: bool) -> Optional[str]:
         return None
     path = latest_checkpoint(checkpoint_dir)
     if path is None:
-        raise MissingInputError(checkpoint_dir, "checkpoint to resume from", "training",
-                                "resume requested but the folder holds no checkpoint")
+        raise MissingInputError(
+            checkpoint_dir,
+            "checkpoint to resume from",
+            "training",
+            "resume requested but the folder holds no checkpoint",
+        )
     return path
 
 

@@ -35,8 +35,8 @@ def shuffle_batch(*tensors: torch.Tensor, local: bool = False) -> Tuple[List[tor
     as the reference does. In one process with ``local=True`` (split BatchNorm, ``custom.model.split_batchnorm``):
     the batch is permuted in place, so the contiguous sub-batches that BatchNorm normalises together are the
     slices R ranks would hold. Otherwise the identity. Returns the shuffled tensors and the index that undoes
-    the shuffle (``unshuffle_batch``; None when nothing was shuffled). Both paths draw one ``torch.randperm`` of the global batch size from the
-    default generator, so one process and R ranks seeded alike use the same permutation.
+    the shuffle (``unshuffle_batch``; None when nothing was shuffled). Both paths draw one ``torch.randperm`` of
+    the global batch size from the default generator, so one process and R ranks seeded alike use the same permutation.
     """
     if is_distributed():
         gathered = [concat_all_gather(t) for t in tensors]

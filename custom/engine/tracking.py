@@ -43,10 +43,15 @@ def git_commit() -> str | None:
     """The commit of the code when it runs from a git checkout (with ``+dirty`` for uncommitted changes)."""
     root = Path(custom.__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{commit}+dirty" if dirty else commit
@@ -62,7 +67,9 @@ def invoked_config_files(default=None) -> list[str]:
         elif arg.startswith("--config_file="):
             value = arg.split("=", 1)[1]
     if value is None:
-        return [str(p) for p in ([] if default is None else default if isinstance(default, (list, tuple)) else [default])]
+        return [
+            str(p) for p in ([] if default is None else default if isinstance(default, (list, tuple)) else [default])
+        ]
     value = value.strip()
     if value.startswith("["):
         import ast
@@ -82,8 +89,15 @@ class PretrainingRun(MLFlowHandler):
     ``weights`` / ``curves_file`` (logged at completion). Attach it after the handler that loads a checkpoint,
     so it sees the resumed iteration."""
 
-    def __init__(self, run_dir: str | Path, dataset_dir: str | Path | None = None, config_files=None,
-                 weights: str | Path | None = None, curves_file: str | Path | None = None, **kwargs):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        dataset_dir: str | Path | None = None,
+        config_files=None,
+        weights: str | Path | None = None,
+        curves_file: str | Path | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.run_dir = Path(run_dir)
         self.dataset_dir = None if dataset_dir is None else Path(dataset_dir)
@@ -131,8 +145,12 @@ class PretrainingRun(MLFlowHandler):
         return max(m.step for m in self.client.get_metric_history(self.cur_run.info.run_id, keys[0]))
 
     def _log_tags(self, run_id: str) -> None:
-        tags = {"bundle_version": bundle_version(), "host": platform.node(), "world_size": str(_world_size()),
-                "command": shlex.join(sys.argv)[:4000]}
+        tags = {
+            "bundle_version": bundle_version(),
+            "host": platform.node(),
+            "world_size": str(_world_size()),
+            "command": shlex.join(sys.argv)[:4000],
+        }
         commit = git_commit()
         if commit:
             tags["git_commit"] = commit

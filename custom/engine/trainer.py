@@ -15,8 +15,8 @@ import torch
 from ignite.engine import Events
 from monai.engines import Trainer
 
-from custom.engine.distributed import is_distributed
 from custom.data.patch_dataset import PassSampler
+from custom.engine.distributed import is_distributed
 
 BATCH_KEYS = ("query", "key", "location", "landmark_ids", "neighbours", "neighbour_locations")
 LOGGED = ("loss", "loss_local", "loss_neighbour", "acc_local", "acc_neighbour")
@@ -102,4 +102,6 @@ class TrainingProgressBar:
 
         if is_distributed() and torch.distributed.get_rank() > 0:
             return
-        ProgressBar(persist=self.persist).attach(engine, output_transform=lambda out: {k: round(v, 3) for k, v in out.items()})
+        ProgressBar(persist=self.persist).attach(
+            engine, output_transform=lambda out: {k: round(v, 3) for k, v in out.items()}
+        )

@@ -19,8 +19,13 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
-def plot_training_curves(tracking_uri: str, out_file: str | Path, experiment_name: str = "drasclr_pretraining",
-                         title: str = "DrasCLR pre-training", run_id: str | None = None) -> Path:
+def plot_training_curves(
+    tracking_uri: str,
+    out_file: str | Path,
+    experiment_name: str = "drasclr_pretraining",
+    title: str = "DrasCLR pre-training",
+    run_id: str | None = None,
+) -> Path:
     """Plot a run's loss terms and top-1 accuracies per iteration (raw and moving average): ``run_id``, or the
     latest run of ``experiment_name``."""
     from mlflow.tracking import MlflowClient
@@ -35,8 +40,10 @@ def plot_training_curves(tracking_uri: str, out_file: str | Path, experiment_nam
             raise ValueError(f"experiment {experiment_name!r} has no runs")
         run_id = runs[0].info.run_id
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, names, label in ((axes[0], ("loss", "loss_local", "loss_neighbour"), "loss"),
-                             (axes[1], ("acc_local", "acc_neighbour"), "contrastive top-1 accuracy")):
+    for ax, names, label in (
+        (axes[0], ("loss", "loss_local", "loss_neighbour"), "loss"),
+        (axes[1], ("acc_local", "acc_neighbour"), "contrastive top-1 accuracy"),
+    ):
         for name in names:
             history = sorted(client.get_metric_history(run_id, name), key=lambda m: m.step)
             if not history:
@@ -44,8 +51,8 @@ def plot_training_curves(tracking_uri: str, out_file: str | Path, experiment_nam
             steps = np.array([m.step for m in history])
             values = np.array([m.value for m in history])
             window = max(1, len(values) // 20)
-            line, = ax.plot(steps, values, alpha=0.25)
-            ax.plot(steps[window - 1:], _smooth(values, window), color=line.get_color(), label=name)
+            (line,) = ax.plot(steps, values, alpha=0.25)
+            ax.plot(steps[window - 1 :], _smooth(values, window), color=line.get_color(), label=name)
         ax.set_xlabel("iteration")
         ax.set_ylabel(label)
         ax.legend()

@@ -33,10 +33,10 @@ from custom.data.atlas import atlas_mask_path, landmark_corners, landmark_locati
 from custom.data.intensity import hu_to_network
 from custom.data.patch_dataset import prepared_patch_files
 from custom.embed.cohort import embed_patches
-from custom.subject_table import EMBEDDING_FILE, embedding_table, read_embedding_table, write_embedding_table
 from custom.evaluation.notes import Notes
 from custom.flags import as_bool
 from custom.model.network import DrasCLRNetwork, network_input
+from custom.subject_table import EMBEDDING_FILE, embedding_table, read_embedding_table, write_embedding_table
 
 logger = logging.getLogger(__name__)
 
@@ -84,8 +84,9 @@ def laa_features(
         ids.append(subject_id)
     index = pd.Index(ids, name="subject_id")
     subject = pd.DataFrame({name: subject_rows}, index=index)
-    patch = pd.DataFrame(np.array(patch_rows), index=index,
-                         columns=[f"{name}_{j:03d}" for j in range(lung_region.shape[0])])
+    patch = pd.DataFrame(
+        np.array(patch_rows), index=index, columns=[f"{name}_{j:03d}" for j in range(lung_region.shape[0])]
+    )
     return subject, patch
 
 
@@ -127,7 +128,11 @@ def landmark_major_means(
 
 
 def random_init_embeddings(
-    cache_dir: str | Path, out_dir: str | Path, seed: int = 0, batch_size: int = 64, atlas_dir=None,
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    seed: int = 0,
+    batch_size: int = 64,
+    atlas_dir=None,
     architecture: dict | None = None,
 ) -> pd.DataFrame:
     """Subject embeddings (mean over landmarks) of a seeded random-init encoder, cached in ``out_dir``."""
@@ -153,7 +158,9 @@ def random_init_embeddings(
     if len(todo) == 1:  # nothing to batch across: the per-subject path
         means = [embed_patches(random_init_network(seed, architecture), todo[0][1], locations, batch_size).mean(axis=0)]
     elif todo:
-        means = landmark_major_means(random_init_network(seed, architecture), [p for _, p in todo], locations, batch_size)
+        means = landmark_major_means(
+            random_init_network(seed, architecture), [p for _, p in todo], locations, batch_size
+        )
     if todo:
         rows.update({subject_id: mean for (subject_id, _), mean in zip(todo, means)})
     subject_ids = sorted(rows)
@@ -161,7 +168,9 @@ def random_init_embeddings(
     if todo:
         write_embedding_table(table, table_path)
         with atomic_path(stamp_path) as tmp:
-            tmp.write_text(json.dumps({"seed": seed, "architecture": architecture or {}, "subjects": new_stamps}, indent=1))
+            tmp.write_text(
+                json.dumps({"seed": seed, "architecture": architecture or {}, "subjects": new_stamps}, indent=1)
+            )
     logger.info("random-init embeddings: %d computed, %d reused from %s", len(todo), len(rows) - len(todo), out_dir)
     return table.astype(np.float64)
 
@@ -173,9 +182,17 @@ class Baselines:
 
     A cache that is not given or not there skips them with a note (so a run with embedding tables only works)."""
 
-    def __init__(self, prepared_cache: str | Path | None = None, cache_dir: str | Path | None = None,
-                 atlas_dir: str | Path | None = None, laa950: bool = True, laa950_patch: bool = True,
-                 random_init: bool = True, random_init_seed: int = 0, architecture: dict | None = None):
+    def __init__(
+        self,
+        prepared_cache: str | Path | None = None,
+        cache_dir: str | Path | None = None,
+        atlas_dir: str | Path | None = None,
+        laa950: bool = True,
+        laa950_patch: bool = True,
+        random_init: bool = True,
+        random_init_seed: int = 0,
+        architecture: dict | None = None,
+    ):
         self.prepared_cache = prepared_cache
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.atlas_dir = atlas_dir
@@ -198,8 +215,9 @@ class Baselines:
             notes.add(f"[{cohort}] LAA-950 and random-init baselines skipped: no prepared cache given")
             return sets
         if not (Path(self.prepared_cache) / "manifest.csv").is_file():
-            notes.add(f"[{cohort}] LAA-950 and random-init baselines skipped: no prepared cache at "
-                      f"{self.prepared_cache}")
+            notes.add(
+                f"[{cohort}] LAA-950 and random-init baselines skipped: no prepared cache at " f"{self.prepared_cache}"
+            )
             return sets
         if self.laa950 or self.laa950_patch:
             subject, patch = laa_features(self.prepared_cache, atlas_dir=self.atlas_dir)
@@ -211,7 +229,11 @@ class Baselines:
             start = time.perf_counter()
             seed = self.random_init_seed
             sets[RANDOM_INIT] = random_init_embeddings(
-                self.prepared_cache, self.cache_dir / f"{cohort}_random_init_seed{seed}", seed,
-                atlas_dir=self.atlas_dir, architecture=self.architecture)
+                self.prepared_cache,
+                self.cache_dir / f"{cohort}_random_init_seed{seed}",
+                seed,
+                atlas_dir=self.atlas_dir,
+                architecture=self.architecture,
+            )
             notes.add(f"[{cohort}] random-init embeddings ready in {time.perf_counter() - start:.1f} s")
         return sets

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from custom.errors import MissingInputError
 from custom.evaluation.baselines import Baselines
 from custom.evaluation.feature_sets import EmbeddingSets
-from custom.subject_table import read_subject_table
 from custom.evaluation.notes import Notes
-from custom.errors import MissingInputError
 from custom.flags import as_bool
+from custom.subject_table import read_subject_table
 
 
 @dataclass
@@ -43,8 +43,11 @@ def shared_subjects(clinical: pd.DataFrame, sets: dict, common: bool, notes: Not
         keep = sorted(ids & set(table.index))
         left_out = len(table) - len(keep)
         if left_out:
-            notes.add(f"[{cohort}] {name}: {left_out} subject(s) not shared with the clinical table"
-                      + (" and the other sets" if common else "") + " left out")
+            notes.add(
+                f"[{cohort}] {name}: {left_out} subject(s) not shared with the clinical table"
+                + (" and the other sets" if common else "")
+                + " left out"
+            )
         restricted[name] = table.loc[keep]
     return restricted
 
@@ -56,8 +59,15 @@ class Cohort:
     ``required``: a cohort the run cannot do without (the COPD-like one) raises when its table or every feature set
     is missing; an optional one (the COVID-like one) is skipped with a note instead."""
 
-    def __init__(self, name: str, clinical: str | Path | None, embeddings: EmbeddingSets | None = None,
-                 baselines: Baselines | None = None, common_subjects: bool = True, required: bool = True):
+    def __init__(
+        self,
+        name: str,
+        clinical: str | Path | None,
+        embeddings: EmbeddingSets | None = None,
+        baselines: Baselines | None = None,
+        common_subjects: bool = True,
+        required: bool = True,
+    ):
         self.name, self.clinical = str(name), clinical
         self.embeddings, self.baselines = embeddings, baselines
         self.common_subjects, self.required = as_bool(common_subjects), as_bool(required)
@@ -73,10 +83,15 @@ class Cohort:
         if not sets and self.required:
             paths = list(self.embeddings.paths.values()) if self.embeddings is not None else []
             cache = self.baselines.prepared_cache if self.baselines is not None else None
-            raise MissingInputError(paths[0] if paths else cache, "feature sets (subject embeddings)", "embed",
-                                    f"none of {paths} exists and no prepared cache for the baselines ({cache})")
-        sets = {k: v for k, v in shared_subjects(clinical, sets, self.common_subjects, notes, self.name).items()
-                if len(v)}
+            raise MissingInputError(
+                paths[0] if paths else cache,
+                "feature sets (subject embeddings)",
+                "embed",
+                f"none of {paths} exists and no prepared cache for the baselines ({cache})",
+            )
+        sets = {
+            k: v for k, v in shared_subjects(clinical, sets, self.common_subjects, notes, self.name).items() if len(v)
+        }
         if not sets:
             if self.required:
                 raise ValueError(f"{self.clinical}: no feature set shares subjects with the clinical table")

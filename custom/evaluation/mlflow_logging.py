@@ -26,8 +26,7 @@ def metric_name(*parts) -> str:
     return "/".join(re.sub(r"[^0-9A-Za-z_\-. :]", "_", str(p)) for p in parts)
 
 
-def result_metrics(readouts: pd.DataFrame | None, survival: pd.DataFrame | None,
-                   severity: pd.DataFrame | None) -> dict:
+def result_metrics(readouts: pd.DataFrame | None, survival: pd.DataFrame | None, severity: pd.DataFrame | None) -> dict:
     """{name: value}: phenotype/<set>/<target>/<metric>/mean|sd, covid/..., survival/<row>/c_td_p<percentile>[_se]."""
     metrics = {}
     for frame, prefix in ((readouts, "phenotype"), (severity, "covid")):
@@ -51,8 +50,13 @@ class MlflowLogger:
     """One MLflow run per evaluation in ``tracking_uri`` (a local sqlite store by default; artifacts beside it),
     experiment ``experiment_name``, run ``run_name``. ``enabled: false`` (or no URI) logs nothing."""
 
-    def __init__(self, tracking_uri: str | None = None, experiment_name: str = "drasclr_evaluation",
-                 run_name: str | None = None, enabled: bool = True):
+    def __init__(
+        self,
+        tracking_uri: str | None = None,
+        experiment_name: str = "drasclr_evaluation",
+        run_name: str | None = None,
+        enabled: bool = True,
+    ):
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
         self.enabled = as_bool(enabled) and bool(tracking_uri)
 
@@ -62,7 +66,7 @@ class MlflowLogger:
             return experiment.experiment_id
         artifacts = None
         if self.tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, as MONAI's MLFlowHandler does
-            artifacts = Path(self.tracking_uri[len("sqlite:///"):]).parent.joinpath("mlruns").resolve().as_uri()
+            artifacts = Path(self.tracking_uri[len("sqlite:///") :]).parent.joinpath("mlruns").resolve().as_uri()
         return client.create_experiment(self.experiment_name, artifact_location=artifacts)
 
     def log(self, params: dict, metrics: dict, out_dir: str | Path) -> str | None:

@@ -13,13 +13,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
-from custom.evaluation.baselines import LAA
-from custom.subject_table import read_subject_table, require_columns
-from custom.figures import save_figure
+from custom.evaluation.baselines import LAA  # noqa: E402
+from custom.figures import save_figure  # noqa: E402
+from custom.subject_table import read_subject_table, require_columns  # noqa: E402
 
 
 def gold_stage_name(gold) -> str:
@@ -31,7 +31,11 @@ def _save(figure, path: Path) -> Path:
 
 
 def fraction_by_gold(
-    table: pd.DataFrame, columns: Sequence[str], titles: Sequence[str], path: str | Path, gold_column: str = "gold",
+    table: pd.DataFrame,
+    columns: Sequence[str],
+    titles: Sequence[str],
+    path: str | Path,
+    gold_column: str = "gold",
     suptitle: str = "",
 ) -> Path:
     """One box plot per column of ``table`` (per-subject fractions in %), subjects grouped by GOLD stage."""
@@ -42,8 +46,14 @@ def fraction_by_gold(
         ax.boxplot(groups, showfliers=False)
         ax.set_xticks(range(1, len(stages) + 1), [gold_stage_name(g) for g in stages])
         for i, values in enumerate(groups, start=1):  # every subject as a dot: demo cohorts are small
-            ax.plot(np.full(len(values), i) + np.linspace(-0.08, 0.08, max(len(values), 1))[: len(values)], values,
-                    "o", ms=3, alpha=0.7, color="tab:blue")
+            ax.plot(
+                np.full(len(values), i) + np.linspace(-0.08, 0.08, max(len(values), 1))[: len(values)],
+                values,
+                "o",
+                ms=3,
+                alpha=0.7,
+                color="tab:blue",
+            )
         ax.set_title(title)
         ax.set_ylabel("% of lung")
         ax.tick_params(axis="x", rotation=30)
@@ -53,8 +63,14 @@ def fraction_by_gold(
 
 
 def label_efficiency(
-    table: pd.DataFrame, path: str | Path, x: str, y: str, hue: str, yerr: str | None = None,
-    panel: str | None = None, ylabel: str = "F1",
+    table: pd.DataFrame,
+    path: str | Path,
+    x: str,
+    y: str,
+    hue: str,
+    yerr: str | None = None,
+    panel: str | None = None,
+    ylabel: str = "F1",
 ) -> Path:
     """Metric against the share of annotations used, one line per ``hue`` value (e.g. pre-trained vs random
     initialisation), one panel per ``panel`` value (e.g. emphysema subtype)."""
@@ -82,8 +98,14 @@ class FractionByGold:
     per subject: subject_id + ``columns``, in ``unit`` percent or fraction; the emphysema maps' report) when it
     exists, and always the LAA-950 baseline when the cohort has it (labelled as the density threshold)."""
 
-    def __init__(self, path: str | Path | None = None, columns: Sequence[str] | None = None, unit: str = "percent",
-                 gold_column: str = "gold", file_name: str = "fraction_by_gold.png"):
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        columns: Sequence[str] | None = None,
+        unit: str = "percent",
+        gold_column: str = "gold",
+        file_name: str = "fraction_by_gold.png",
+    ):
         if unit not in ("percent", "fraction"):
             raise ValueError(f"unit must be 'percent' or 'fraction', got {unit!r}")
         self.path, self.columns, self.unit = path, None if columns is None else list(columns), unit
@@ -111,26 +133,43 @@ class FractionByGold:
             titles.append("LAA-950 (density threshold, not the detector)")
         if not panels:
             return None
-        return fraction_by_gold(table, panels, titles, Path(out_dir) / self.file_name, gold_column=self.gold_column,
-                                suptitle="Emphysema by GOLD stage")
+        return fraction_by_gold(
+            table,
+            panels,
+            titles,
+            Path(out_dir) / self.file_name,
+            gold_column=self.gold_column,
+            suptitle="Emphysema by GOLD stage",
+        )
 
 
 class LabelEfficiencyPlot:
     """Paper Fig. 5 from the detection run's ``label_efficiency.csv`` (``path``): ``y`` (± ``yerr``) against
     ``x``, one line per ``hue``, one panel per ``panel``. Skipped with a note until that file exists."""
 
-    def __init__(self, path: str | Path | None = None, x: str = "fraction", y: str = "f1_mean",
-                 hue: str = "init", yerr: str | None = None, panel: str | None = None, ylabel: str = "F1",
-                 file_name: str = "label_efficiency.png"):
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        x: str = "fraction",
+        y: str = "f1_mean",
+        hue: str = "init",
+        yerr: str | None = None,
+        panel: str | None = None,
+        ylabel: str = "F1",
+        file_name: str = "label_efficiency.png",
+    ):
         self.path, self.x, self.y, self.hue, self.yerr, self.panel = path, x, y, hue, yerr, panel
         self.ylabel, self.file_name = ylabel, file_name
 
     def draw(self, out_dir: Path, cohort, notes) -> Path | None:
         if not (self.path and Path(self.path).is_file()):
-            notes.add(f"label-efficiency curve not drawn: no results file ({self.path}); "
-                      "the emphysema detection workflow writes it")
+            notes.add(
+                f"label-efficiency curve not drawn: no results file ({self.path}); "
+                "the emphysema detection workflow writes it"
+            )
             return None
         curve = pd.read_csv(self.path)
         require_columns(curve, [k for k in (self.x, self.y, self.hue, self.yerr, self.panel) if k], self.path)
-        return label_efficiency(curve, Path(out_dir) / self.file_name, self.x, self.y, self.hue, self.yerr,
-                                self.panel, self.ylabel)
+        return label_efficiency(
+            curve, Path(out_dir) / self.file_name, self.x, self.y, self.hue, self.yerr, self.panel, self.ylabel
+        )

@@ -39,27 +39,51 @@ class LinearReadout:
         y = values[values.index.isin(table.index)]
         x = table.loc[y.index].to_numpy()
         result = cross_validated_readout(
-            x, y.to_numpy(), target.kind, folds=self.folds, seed=self.seed, order=target.order,
-            pca_components=self.pca_components, inner_folds=int(self.inner_folds),
+            x,
+            y.to_numpy(),
+            target.kind,
+            folds=self.folds,
+            seed=self.seed,
+            order=target.order,
+            pca_components=self.pca_components,
+            inner_folds=int(self.inner_folds),
         )
         min_fold = int(self.min_fold_size_for_r2)
         pooled_r2 = target.kind == "continuous" and 0 < result.smallest_test_fold < min_fold
-        pooled_note = (f"R² of the pooled out-of-fold predictions (test folds of {result.smallest_test_fold} "
-                       f"subjects, under {min_fold}), no s.d.") if pooled_r2 else ""
+        pooled_note = (
+            (
+                f"R² of the pooled out-of-fold predictions (test folds of {result.smallest_test_fold} "
+                f"subjects, under {min_fold}), no s.d."
+            )
+            if pooled_r2
+            else ""
+        )
         note = "; ".join(n for n in [target_note, *result.notes, result.reason, pooled_note] if n)
         rows = []
         for metric in METRICS[target.kind]:
             pooled = result.pooled(metric, target.order)
-            rows.append({
-                "feature_set": name, "target": target.name, "column": target.source_column,
-                "label": target.shown, "metric": metric,
-                "mean": pooled if pooled_r2 else result.mean(metric),
-                "sd": float("nan") if pooled_r2 else result.sd(metric), "fold_mean": result.mean(metric),
-                "fold_sd": result.sd(metric), "pooled": pooled, "summary": "pooled" if pooled_r2 else "folds",
-                "n_subjects": result.n_subjects, "n_features": x.shape[1],
-                "n_folds": result.n_folds, "requested_folds": self.folds, "status": result.status, "note": note,
-                "fold_values": " ".join(f"{v:.4f}" for v in result.fold_values(metric)) if result.folds else "",
-            })
+            rows.append(
+                {
+                    "feature_set": name,
+                    "target": target.name,
+                    "column": target.source_column,
+                    "label": target.shown,
+                    "metric": metric,
+                    "mean": pooled if pooled_r2 else result.mean(metric),
+                    "sd": float("nan") if pooled_r2 else result.sd(metric),
+                    "fold_mean": result.mean(metric),
+                    "fold_sd": result.sd(metric),
+                    "pooled": pooled,
+                    "summary": "pooled" if pooled_r2 else "folds",
+                    "n_subjects": result.n_subjects,
+                    "n_features": x.shape[1],
+                    "n_folds": result.n_folds,
+                    "requested_folds": self.folds,
+                    "status": result.status,
+                    "note": note,
+                    "fold_values": " ".join(f"{v:.4f}" for v in result.fold_values(metric)) if result.folds else "",
+                }
+            )
         return rows
 
 

@@ -33,15 +33,22 @@ from threadpoolctl import threadpool_limits
 from custom.evaluation.ordinal_metrics import accuracy, one_off_accuracy
 
 KINDS = ("continuous", "ordinal", "binary", "categorical")
-METRICS = {"continuous": ("r2",), "ordinal": ("accuracy", "one_off"), "binary": ("accuracy",),
-           "categorical": ("accuracy",)}
+METRICS = {
+    "continuous": ("r2",),
+    "ordinal": ("accuracy", "one_off"),
+    "binary": ("accuracy",),
+    "categorical": ("accuracy",),
+}
 DEFAULT_ALPHAS = tuple(np.logspace(-2, 6, 17).tolist())
 DEFAULT_CS = tuple(np.logspace(-4, 4, 9).tolist())
 FIXED_C = 1.0  # when a training fold is too small for an inner split
 # scikit-learn >= 1.8 spells "plain L2" as l1_ratios=(0,) and is moving LogisticRegressionCV's attributes;
 # older releases (the project allows >= 1.5) have neither argument and default to L2.
-_L2_ONLY = {k: v for k, v in {"l1_ratios": (0.0,), "use_legacy_attributes": False}.items()
-            if k in inspect.signature(LogisticRegressionCV).parameters}
+_L2_ONLY = {
+    k: v
+    for k, v in {"l1_ratios": (0.0,), "use_legacy_attributes": False}.items()
+    if k in inspect.signature(LogisticRegressionCV).parameters
+}
 
 
 class NotEvaluable(ValueError):
@@ -139,7 +146,7 @@ def readout_pipeline(
     n_features: int,
     pca_components=None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    Cs: Sequence[float] = DEFAULT_CS,
+    Cs: Sequence[float] = DEFAULT_CS,  # noqa: N803 - scikit-learn's name (LogisticRegressionCV)
     inner_folds: int = 3,
     seed: int = 0,
 ) -> tuple[Pipeline, str]:
@@ -160,8 +167,11 @@ def readout_pipeline(
     inner = min(inner_folds, int(counts.max()))
     if inner >= 2 and n_train >= 2 * inner:
         model = LogisticRegressionCV(
-            Cs=list(Cs), cv=StratifiedKFold(inner, shuffle=True, random_state=seed), scoring="neg_log_loss",
-            max_iter=1000, **_L2_ONLY,
+            Cs=list(Cs),
+            cv=StratifiedKFold(inner, shuffle=True, random_state=seed),
+            scoring="neg_log_loss",
+            max_iter=1000,
+            **_L2_ONLY,
         )
     else:
         model = LogisticRegression(C=FIXED_C, max_iter=1000)
@@ -187,7 +197,7 @@ def cross_validated_readout(
     seed: int = 0,
     pca_components=None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
-    Cs: Sequence[float] = DEFAULT_CS,
+    Cs: Sequence[float] = DEFAULT_CS,  # noqa: N803 - scikit-learn's name (LogisticRegressionCV)
     inner_folds: int = 3,
     order: Sequence | None = None,
     keep_models: bool = False,
@@ -221,8 +231,16 @@ def cross_validated_readout(
             pipeline.fit(x[train], y[train])
         unconverged += any(issubclass(w.category, ConvergenceWarning) for w in caught)
         prediction = pipeline.predict(x[test])
-        result.folds.append(Fold(train, test, y[test], prediction, fold_scores(kind, y[test], prediction, order),
-                                 pipeline if keep_models else None))
+        result.folds.append(
+            Fold(
+                train,
+                test,
+                y[test],
+                prediction,
+                fold_scores(kind, y[test], prediction, order),
+                pipeline if keep_models else None,
+            )
+        )
     result.notes.extend(sorted(fixed))
     if unconverged:
         result.notes.append(f"optimiser did not converge in {unconverged} fold(s)")

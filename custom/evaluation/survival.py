@@ -79,8 +79,15 @@ def bootstrap_standard_errors(time, event, risk, horizons, n_bootstrap: int = 20
     rng = np.random.default_rng(seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # percentile interval of a horizon with NaN draws
-        result = stats.bootstrap((time, event, risk), statistic, n_resamples=n_bootstrap, paired=True,
-                                 vectorized=False, method="percentile", **{_BOOTSTRAP_RNG: rng})
+        result = stats.bootstrap(
+            (time, event, risk),
+            statistic,
+            n_resamples=n_bootstrap,
+            paired=True,
+            vectorized=False,
+            method="percentile",
+            **{_BOOTSTRAP_RNG: rng},
+        )
     draws = np.asarray(result.bootstrap_distribution).reshape(len(horizons), -1)
     finite = np.isfinite(draws)
     return np.array([np.std(col[ok], ddof=1) if ok.sum() > 1 else np.nan for col, ok in zip(draws, finite)])
@@ -93,8 +100,13 @@ def encode_covariates(table: pd.DataFrame, numeric: Sequence[str], categorical: 
     numeric_part = table[list(numeric)].astype(np.float64)
     if not categorical:
         return numeric_part
-    dummies = pd.get_dummies(table[list(categorical)].astype(str), prefix=list(categorical), prefix_sep="=",
-                             drop_first=True, dtype=np.float64)
+    dummies = pd.get_dummies(
+        table[list(categorical)].astype(str),
+        prefix=list(categorical),
+        prefix_sep="=",
+        drop_first=True,
+        dtype=np.float64,
+    )
     return pd.concat([numeric_part, dummies], axis=1)
 
 

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 
 from custom.evaluation.cohort import CohortData
-from custom.subject_table import require_columns
 from custom.evaluation.notes import Notes
 from custom.evaluation.survival import (
     BODE_PARTS,
@@ -24,6 +23,7 @@ from custom.evaluation.survival import (
     encode_covariates,
 )
 from custom.flags import as_bool
+from custom.subject_table import require_columns
 
 
 class SurvivalAnalysis:
@@ -33,12 +33,25 @@ class SurvivalAnalysis:
     (None keeps all), ``repeats`` of the cross-validation, ``bootstrap`` resamples for the standard error;
     ``imaging`` sets (None: all) and ``combined`` sets (each also + spirometry and + BODE)."""
 
-    def __init__(self, enabled: bool = True, folds: int = 5, seed: int = 0, time: str = "survival_years",
-                 event: str = "death_event", confounders: Sequence[str] = (), categorical: Sequence[str] = (),
-                 spirometry: Sequence[str] = ("fev1pp", "fev1_fvc"), bode: dict | None = None,
-                 percentiles: Sequence[float] = DEFAULT_PERCENTILES, penalizer: float = 0.5,
-                 pca_components: int | None = None, repeats: int = 1, bootstrap: int = 200,
-                 imaging: Sequence[str] | None = None, combined: Sequence[str] = ()):
+    def __init__(
+        self,
+        enabled: bool = True,
+        folds: int = 5,
+        seed: int = 0,
+        time: str = "survival_years",
+        event: str = "death_event",
+        confounders: Sequence[str] = (),
+        categorical: Sequence[str] = (),
+        spirometry: Sequence[str] = ("fev1pp", "fev1_fvc"),
+        bode: dict | None = None,
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+        penalizer: float = 0.5,
+        pca_components: int | None = None,
+        repeats: int = 1,
+        bootstrap: int = 200,
+        imaging: Sequence[str] | None = None,
+        combined: Sequence[str] = (),
+    ):
         self.enabled = as_bool(enabled)
         self.folds, self.seed = int(folds), int(seed)
         self.time, self.event = time, event
@@ -60,8 +73,11 @@ class SurvivalAnalysis:
 
     def rows(self, sets: dict) -> list[dict]:
         """Table 3 rows: imaging sets, clinical references, and imaging + clinical combinations."""
-        rows = [{"group": "Imaging", "feature_row": s, "imaging": s, "clinical": []}
-                for s in (self.imaging or list(sets)) if s in sets]
+        rows = [
+            {"group": "Imaging", "feature_row": s, "imaging": s, "clinical": []}
+            for s in (self.imaging or list(sets))
+            if s in sets
+        ]
         rows += [
             {"group": "Clinical", "feature_row": "Confounders only", "imaging": None, "clinical": []},
             {"group": "Clinical", "feature_row": "Spirometry", "imaging": None, "clinical": self.spirometry},
@@ -70,10 +86,18 @@ class SurvivalAnalysis:
         for s in self.combined:
             if s in sets:
                 rows += [
-                    {"group": "Imaging + Clinical", "feature_row": f"{s} + Spirometry", "imaging": s,
-                     "clinical": self.spirometry},
-                    {"group": "Imaging + Clinical", "feature_row": f"{s} + BODE", "imaging": s,
-                     "clinical": ["bode_index"]},
+                    {
+                        "group": "Imaging + Clinical",
+                        "feature_row": f"{s} + Spirometry",
+                        "imaging": s,
+                        "clinical": self.spirometry,
+                    },
+                    {
+                        "group": "Imaging + Clinical",
+                        "feature_row": f"{s} + BODE",
+                        "imaging": s,
+                        "clinical": ["bode_index"],
+                    },
                 ]
         return rows
 
@@ -104,23 +128,41 @@ class SurvivalAnalysis:
                 covariates = encode_covariates(frame, numeric + row["clinical"], self.categorical)
                 image = sets[row["imaging"]].loc[frame.index].to_numpy() if row["imaging"] else None
                 result = cross_validated_cox(
-                    image, covariates, frame[self.time].to_numpy(), frame[self.event].to_numpy(), folds=self.folds,
-                    seed=self.seed, repeats=self.repeats, penalizer=self.penalizer,
-                    pca_components=self.pca_components, percentiles=self.percentiles, n_bootstrap=self.bootstrap,
+                    image,
+                    covariates,
+                    frame[self.time].to_numpy(),
+                    frame[self.event].to_numpy(),
+                    folds=self.folds,
+                    seed=self.seed,
+                    repeats=self.repeats,
+                    penalizer=self.penalizer,
+                    pca_components=self.pca_components,
+                    percentiles=self.percentiles,
+                    n_bootstrap=self.bootstrap,
                 )
                 reason = result.reason
-            horizons = (result.horizons if result is not None else
-                        np.percentile(table[self.time].dropna().astype(float), list(self.percentiles)))
+            horizons = (
+                result.horizons
+                if result is not None
+                else np.percentile(table[self.time].dropna().astype(float), list(self.percentiles))
+            )
             note = "; ".join(n for n in [*(result.notes if result else []), reason] if n)
             ok = result is not None and result.status == "ok"
             for p, (percentile, horizon) in enumerate(zip(self.percentiles, horizons)):
-                out.append({
-                    "group": row["group"], "feature_row": row["feature_row"], "percentile": percentile,
-                    "horizon_years": float(horizon),
-                    "concordance": float(result.concordance[p]) if ok else float("nan"),
-                    "standard_error": float(result.standard_error[p]) if ok else float("nan"),
-                    "n_subjects": len(frame), "n_events": int(frame[self.event].sum()),
-                    "n_folds": result.n_folds if result else 0, "repeats": result.repeats if result else 0,
-                    "status": "ok" if ok else "n/a", "note": note,
-                })
+                out.append(
+                    {
+                        "group": row["group"],
+                        "feature_row": row["feature_row"],
+                        "percentile": percentile,
+                        "horizon_years": float(horizon),
+                        "concordance": float(result.concordance[p]) if ok else float("nan"),
+                        "standard_error": float(result.standard_error[p]) if ok else float("nan"),
+                        "n_subjects": len(frame),
+                        "n_events": int(frame[self.event].sum()),
+                        "n_folds": result.n_folds if result else 0,
+                        "repeats": result.repeats if result else 0,
+                        "status": "ok" if ok else "n/a",
+                        "note": note,
+                    }
+                )
         return pd.DataFrame(out)

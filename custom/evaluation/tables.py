@@ -49,7 +49,10 @@ class Footnotes:
 
 
 def readout_table(
-    results: pd.DataFrame, rows: Sequence[str], columns: Sequence[tuple[str, str]], labels: dict,
+    results: pd.DataFrame,
+    rows: Sequence[str],
+    columns: Sequence[tuple[str, str]],
+    labels: dict,
     shown_names: dict | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Rows = feature sets (shown as ``shown_names[set]`` when given), columns = (target, metric) pairs, from the
@@ -79,9 +82,9 @@ def survival_table(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
         cells = {"Feature": group, "Method": name}
         for _, r in block.sort_values("percentile").iterrows():
             note = r["note"] if isinstance(r["note"], str) else ""
-            cells[f"t = {int(r['percentile'])}th ({r['horizon_years']:.1f} y)"] = (
-                format_value(r["concordance"], r["standard_error"], "concordance") + notes.mark(note)
-            )
+            cells[f"t = {int(r['percentile'])}th ({r['horizon_years']:.1f} y)"] = format_value(
+                r["concordance"], r["standard_error"], "concordance"
+            ) + notes.mark(note)
         body.append(cells)
     return pd.DataFrame(body), notes.lines()
 
@@ -100,8 +103,9 @@ def markdown(table: pd.DataFrame, title: str, footnotes: Sequence[str] = (), cap
     return "\n".join(lines) + "\n"
 
 
-def write_table(table: pd.DataFrame, stem: str | Path, title: str, footnotes: Sequence[str] = (),
-                caption: str = "") -> tuple[Path, Path]:
+def write_table(
+    table: pd.DataFrame, stem: str | Path, title: str, footnotes: Sequence[str] = (), caption: str = ""
+) -> tuple[Path, Path]:
     """``<stem>.csv`` (the cells as shown) and ``<stem>.md`` (with title and footnotes), written atomically.
     The full notes and unrounded numbers are in the workflow's long-format result files."""
     stem = Path(stem)
@@ -127,9 +131,13 @@ def _strict(spec, allowed: set, required: set, what: str) -> dict:
     spec = dict(spec or {})
     unknown, missing = sorted(set(spec) - allowed), sorted(required - set(spec))
     if unknown or missing:
-        raise ValueError(f"{what}: " + "; ".join(
-            ([f"unknown setting(s) {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else []))
-            + f" (it takes {sorted(allowed)})")
+        raise ValueError(
+            f"{what}: "
+            + "; ".join(
+                ([f"unknown setting(s) {unknown}"] if unknown else []) + ([f"missing {missing}"] if missing else [])
+            )
+            + f" (it takes {sorted(allowed)})"
+        )
     return spec
 
 
@@ -145,21 +153,33 @@ class TableWriter:
     ``external``: tables another workflow wrote (the emphysema detection's Tables 5 and 7), stem -> {path, title},
     shown when their file exists. ``caption`` goes above every computed table (the synthetic-data warning)."""
 
-    def __init__(self, out_dir: str | Path, layouts: dict | None = None, external: dict | None = None,
-                 caption: str = ""):
+    def __init__(
+        self, out_dir: str | Path, layouts: dict | None = None, external: dict | None = None, caption: str = ""
+    ):
         self.out_dir = Path(out_dir)
-        self.layouts = {stem: _strict(spec, {"title", "rows", "columns"}, {"columns"}, f"table {stem!r}")
-                        for stem, spec in (layouts or {}).items()}
-        self.external = {stem: _strict(spec, {"path", "title"}, {"path"}, f"table {stem!r}")
-                         for stem, spec in (external or {}).items()}
+        self.layouts = {
+            stem: _strict(spec, {"title", "rows", "columns"}, {"columns"}, f"table {stem!r}")
+            for stem, spec in (layouts or {}).items()
+        }
+        self.external = {
+            stem: _strict(spec, {"path", "title"}, {"path"}, f"table {stem!r}")
+            for stem, spec in (external or {}).items()
+        }
         self.caption = caption or ""
 
     def _emit(self, blocks: list, display: pd.DataFrame, stem: str, title: str, footnotes, caption: str) -> None:
         write_table(display, self.out_dir / stem, title, footnotes, caption)
         blocks.append(markdown(display, title, footnotes, caption))
 
-    def write(self, readouts: pd.DataFrame, labels: dict, survival: pd.DataFrame | None = None,
-              severity: pd.DataFrame | None = None, severity_labels: dict | None = None, notes=None) -> list[str]:
+    def write(
+        self,
+        readouts: pd.DataFrame,
+        labels: dict,
+        survival: pd.DataFrame | None = None,
+        severity: pd.DataFrame | None = None,
+        severity_labels: dict | None = None,
+        notes=None,
+    ) -> list[str]:
         """Write the tables the results allow; returns their Markdown blocks in table order (and writes them all
         to ``all_tables.md``)."""
         blocks: list[str] = []
@@ -179,14 +199,16 @@ class TableWriter:
         if severity is not None and len(severity):
             rows = list(dict.fromkeys(severity["feature_set"]))
             name = next(iter(severity["target"]))
-            display, footnotes = readout_table(severity, rows, [(name, "accuracy"), (name, "one_off")],
-                                               severity_labels or {})
+            display, footnotes = readout_table(
+                severity, rows, [(name, "accuracy"), (name, "one_off")], severity_labels or {}
+            )
             self._emit(blocks, display, "table4_covid_severity", SEVERITY_TITLE, footnotes, self.caption)
         for stem, spec in self.external.items():
             path, title = spec["path"], spec.get("title", stem)
             if not path or not Path(path).is_file():
-                notes.add(f"{stem} not written: no results file ({path}); it comes from the emphysema detection "
-                          "workflow")
+                notes.add(
+                    f"{stem} not written: no results file ({path}); it comes from the emphysema detection " "workflow"
+                )
                 continue
             self._emit(blocks, pd.read_csv(path), stem, title, [f"source: {path}"], "")
         with atomic_path(self.out_dir / "all_tables.md") as tmp:

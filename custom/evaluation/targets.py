@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from custom.subject_table import require_columns
 from custom.evaluation.readouts import KINDS
+from custom.subject_table import require_columns
 
 TRANSFORMS = (None, "none", "log")
 

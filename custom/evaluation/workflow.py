@@ -28,8 +28,10 @@ from custom.evaluation.survival_analysis import SurvivalAnalysis
 from custom.evaluation.tables import TableWriter
 from custom.flags import as_bool
 
-SYNTHETIC_NOTE = ("Computed on the SYNTHETIC demo cohort: numbers about synthetic data, not about patients, and too "
-                  "few subjects to rank methods.")
+SYNTHETIC_NOTE = (
+    "Computed on the SYNTHETIC demo cohort: numbers about synthetic data, not about patients, and too "
+    "few subjects to rank methods."
+)
 
 
 def synthetic_caption(synthetic: bool) -> str:
@@ -50,10 +52,18 @@ class Evaluation:
     ``severity_cohort`` (optional, skipped with a note when absent) is read out with ``severity``; ``figures``
     draw into ``plots/``; ``tracker`` logs the run (None: no MLflow)."""
 
-    def __init__(self, output_dir: str | Path, cohort: Cohort, phenotypes: ReadoutAnalysis, tables: TableWriter,
-                 survival: SurvivalAnalysis | None = None, severity_cohort: Cohort | None = None,
-                 severity: ReadoutAnalysis | None = None, figures: Sequence = (),
-                 tracker: MlflowLogger | None = None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        cohort: Cohort,
+        phenotypes: ReadoutAnalysis,
+        tables: TableWriter,
+        survival: SurvivalAnalysis | None = None,
+        severity_cohort: Cohort | None = None,
+        severity: ReadoutAnalysis | None = None,
+        figures: Sequence = (),
+        tracker: MlflowLogger | None = None,
+    ):
         self.output_dir = Path(output_dir)
         self.cohort, self.phenotypes, self.survival = cohort, phenotypes, survival
         self.severity_cohort, self.severity = severity_cohort, severity
@@ -83,8 +93,9 @@ class Evaluation:
         elif self.severity is not None:
             notes.add("Table 4 (severity grading) skipped: no COVID-like cohort to read out")
 
-        self.tables.write(readouts, self.phenotypes.labels, survival, severity,
-                          self.severity.labels if self.severity else {}, notes)
+        self.tables.write(
+            readouts, self.phenotypes.labels, survival, severity, self.severity.labels if self.severity else {}, notes
+        )
         for figure in self.figures:
             figure.draw(out / "plots", copd, notes)
         notes.add(f"evaluation finished in {time.perf_counter() - start:.1f} s; feature sets: {list(copd.sets)}")
@@ -93,11 +104,22 @@ class Evaluation:
 
         run_id = None
         if self.tracker is not None:
-            params = {"folds": self.phenotypes.readout.folds, "seed": self.phenotypes.readout.seed,
-                      "feature_sets": list(copd.sets), "n_subjects": len(copd.clinical),
-                      "targets": list(self.phenotypes.targets), **self.cohort.params(),
-                      "readout": self.phenotypes.readout.params(),
-                      **(self.survival.params() if self.survival is not None else {})}
+            params = {
+                "folds": self.phenotypes.readout.folds,
+                "seed": self.phenotypes.readout.seed,
+                "feature_sets": list(copd.sets),
+                "n_subjects": len(copd.clinical),
+                "targets": list(self.phenotypes.targets),
+                **self.cohort.params(),
+                "readout": self.phenotypes.readout.params(),
+                **(self.survival.params() if self.survival is not None else {}),
+            }
             run_id = self.tracker.log(params, result_metrics(readouts, survival, severity), out)
-        return {"readouts": readouts, "survival": survival, "covid": severity, "notes": notes.lines,
-                "mlflow_run_id": run_id, "output_dir": str(out)}
+        return {
+            "readouts": readouts,
+            "survival": survival,
+            "covid": severity,
+            "notes": notes.lines,
+            "mlflow_run_id": run_id,
+            "output_dir": str(out),
+        }

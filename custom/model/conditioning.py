@@ -78,7 +78,9 @@ class HyperConv3d(nn.Module):
     def kernels(self, location: torch.Tensor) -> torch.Tensor:
         """Per-sample kernels (B, out, in, k, k, k)."""
         k = self.kernel_size
-        return self.generator(self.embed(location)).view(location.shape[0], self.out_channels, self.in_channels, k, k, k)
+        return self.generator(self.embed(location)).view(
+            location.shape[0], self.out_channels, self.in_channels, k, k, k
+        )
 
     def forward(self, x: torch.Tensor, location: torch.Tensor) -> torch.Tensor:
         location = location.to(x.dtype)

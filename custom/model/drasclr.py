@@ -55,7 +55,9 @@ class DrasCLR(nn.Module):
         for parameter in self.encoder_k.parameters():
             parameter.requires_grad_(False)
         self.global_queue = global_queue
-        self.queue = LandmarkQueue(1 if global_queue else num_landmarks, queue_size, projection_dim, half_precision_queue)
+        self.queue = LandmarkQueue(
+            1 if global_queue else num_landmarks, queue_size, projection_dim, half_precision_queue
+        )
 
     def queue_ids(self, landmark_ids: torch.Tensor) -> torch.Tensor:
         """The dictionary each landmark reads and writes: its own, or the single shared one (plain MoCo)."""
@@ -117,7 +119,12 @@ class DrasCLR(nn.Module):
 
 
 def check_settings(
-    momentum: float, temperature: float, queue_size: int, num_landmarks: int, neighbour_loss: str, init: str,
+    momentum: float,
+    temperature: float,
+    queue_size: int,
+    num_landmarks: int,
+    neighbour_loss: str,
+    init: str,
     bn_splits: int,
 ) -> None:
     """Refuse settings that would train something else silently (one message per problem, naming the key)."""

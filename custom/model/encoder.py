@@ -21,10 +21,16 @@ class DownsampleBlock(nn.Module):
     """[conv, conv, conv stride 2], each followed by BN and ELU."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, num_experts: int, mode: str, conditioning: str = "loc_condconv",
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_experts: int,
+        mode: str,
+        conditioning: str = "loc_condconv",
         init: str = "reference",
     ):
         super().__init__()
+
         def conv(i: int, o: int, stride: int = 1) -> nn.Module:
             return conditioned_conv3d(conditioning, i, o, stride, num_experts, mode, init)
 
@@ -60,6 +66,7 @@ class DrasCLREncoder(nn.Module):
         self.projection_dim = projection_dim
         self.num_experts = num_experts
         self.conditioning = check_conditioning(conditioning)
+
         def conv(i: int, o: int, stride: int = 1) -> nn.Module:
             return conditioned_conv3d(conditioning, i, o, stride, num_experts, mode, init)
 

@@ -77,7 +77,9 @@ class LocCondConv3d(nn.Module):
         self.padding = padding
         self.num_experts = num_experts
         self.mode = mode
-        self.weight = nn.Parameter(torch.empty(num_experts, out_channels, in_channels, kernel_size, kernel_size, kernel_size))
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, out_channels, in_channels, kernel_size, kernel_size, kernel_size)
+        )
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels))
         else:

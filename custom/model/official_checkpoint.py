@@ -55,7 +55,9 @@ def convert_encoder_state(official: Mapping[str, torch.Tensor], which: str = "en
     return converted
 
 
-def load_official_encoder(source: Union[str, Path, Mapping], which: str = "encoder_q", **encoder_kwargs) -> DrasCLREncoder:
+def load_official_encoder(
+    source: Union[str, Path, Mapping], which: str = "encoder_q", **encoder_kwargs
+) -> DrasCLREncoder:
     """A ``DrasCLREncoder`` carrying the released query (or key) encoder weights."""
     state = convert_encoder_state(_load(source), which)
     encoder = DrasCLREncoder(**encoder_kwargs)

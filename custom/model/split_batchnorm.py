@@ -62,7 +62,11 @@ def use_split_batchnorm(module: nn.Module, num_splits: int) -> nn.Module:
             child.num_splits = int(num_splits)
         elif isinstance(child, nn.BatchNorm3d):
             split = SplitBatchNorm3d(
-                child.num_features, num_splits, eps=child.eps, momentum=child.momentum, affine=child.affine,
+                child.num_features,
+                num_splits,
+                eps=child.eps,
+                momentum=child.momentum,
+                affine=child.affine,
                 track_running_stats=child.track_running_stats,
             ).to(device=child.weight.device if child.affine else None)
             split.load_state_dict(child.state_dict())

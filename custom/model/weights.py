@@ -23,8 +23,11 @@ MADE_BY = {"pretrained.pt": "training", "model.pt": "finetune"}  # file name -> 
 
 
 def _made_by(path: Path) -> str:
-    return MADE_BY.get(path.name, "made by the training workflow (configs/train.yaml) or the finetune workflow "
-                                  "(configs/emphysema_finetune.yaml), or imported (embed --official_checkpoint)")
+    return MADE_BY.get(
+        path.name,
+        "made by the training workflow (configs/train.yaml) or the finetune workflow "
+        "(configs/emphysema_finetune.yaml), or imported (embed --official_checkpoint)",
+    )
 
 
 def require_weights(path: str | Path, made_by: str | None = None) -> Path:
@@ -51,9 +54,11 @@ def encoder_state(path: str | Path, strip_prefix: bool = False) -> dict:
     state = read_state(path)
     picked = {k: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     if not picked:
-        raise ValueError(f"{path} holds no 'encoder.*' weights (its keys start {next(iter(state), None)!r}): "
-                         "not a DrasCLR bundle weights file")
-    return {k[len(ENCODER_PREFIX):]: v for k, v in picked.items()} if strip_prefix else picked
+        raise ValueError(
+            f"{path} holds no 'encoder.*' weights (its keys start {next(iter(state), None)!r}): "
+            "not a DrasCLR bundle weights file"
+        )
+    return {k[len(ENCODER_PREFIX) :]: v for k, v in picked.items()} if strip_prefix else picked
 
 
 def load_into(module: nn.Module, state: dict, path: str | Path, what: str = "network") -> nn.Module:

@@ -57,8 +57,14 @@ STATUS_ORDER = {FAILED: 0, WARNING: 1, OK: 2}  # flagged first
 
 FACE_NAMES = {"L": "left", "R": "right", "A": "anterior", "P": "posterior", "S": "superior", "I": "inferior"}
 OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
-AXIS_NAMES = {"L": "left-right", "R": "left-right", "A": "anterior-posterior", "P": "anterior-posterior",
-              "S": "head-feet", "I": "head-feet"}
+AXIS_NAMES = {
+    "L": "left-right",
+    "R": "left-right",
+    "A": "anterior-posterior",
+    "P": "anterior-posterior",
+    "S": "head-feet",
+    "I": "head-feet",
+}
 
 
 @dataclass(frozen=True)
@@ -76,10 +82,13 @@ class QCLimits:
     orientation_mm: float = 6.0
 
 
+DEFAULT_LIMITS = QCLimits()
+
+
 class AnatomyQCError(RegistrationQCError):
     """A scan that failed the anatomy QC; ``qc`` holds the numbers and reasons (what qc.json would hold)."""
 
-    def __init__(self, message: str, qc: dict | None = None):
+    def __init__(self, message: str, qc: dict | None = None):  # noqa: B042 - __reduce__ below pickles both
         super().__init__(message)
         self.qc = qc or {}
 
@@ -159,8 +168,9 @@ def _atlas_working(atlas_mask: np.ndarray, atlas_affine: np.ndarray, working_mm:
         from custom.prepare.registration import ras_to_ants
 
         soft, affine = _soft_working(atlas_mask, atlas_affine, working_mm)
-        grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in soft.shape], indexing="ij"),
-                        axis=0).reshape(3, -1)
+        grid = np.stack(
+            np.meshgrid(*[np.arange(n, dtype=np.float64) for n in soft.shape], indexing="ij"), axis=0
+        ).reshape(3, -1)
         _ATLAS_WORKING.clear()  # one atlas per process
         _ATLAS_WORKING[key] = (soft, affine, ras_to_ants(soft, affine), grid)
     return _ATLAS_WORKING[key]
@@ -171,9 +181,16 @@ def _centroid_world(soft: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return affine[:3, :3] @ centre + affine[:3, 3]
 
 
-def orientation_dice(lung: np.ndarray, affine: np.ndarray, atlas_mask: np.ndarray, atlas_affine: np.ndarray,
-                     axcodes: str, working_mm: float = 6.0, seed: int = 2024,
-                     given_atlas_to_subject_world: np.ndarray | None = None) -> dict:
+def orientation_dice(
+    lung: np.ndarray,
+    affine: np.ndarray,
+    atlas_mask: np.ndarray,
+    atlas_affine: np.ndarray,
+    axcodes: str,
+    working_mm: float = 6.0,
+    seed: int = 2024,
+    given_atlas_to_subject_world: np.ndarray | None = None,
+) -> dict:
     """Soft Dice with the atlas lung after a coarse affine registration (ANTs, Mattes MI, 30x15 iterations at
     ``working_mm``) of the lung mask as it is (``"none"``) and mirrored along each axis (keyed by the axis name
     of ``axcodes``: "left-right", "anterior-posterior", "head-feet").
@@ -191,8 +208,9 @@ def orientation_dice(lung: np.ndarray, affine: np.ndarray, atlas_mask: np.ndarra
     given = None
     if given_atlas_to_subject_world is not None:
         to_soft = np.linalg.solve(soft_aff, np.asarray(given_atlas_to_subject_world, dtype=np.float64) @ atlas_aff)
-        warped = ndimage.map_coordinates(soft, to_soft[:3, :3] @ grid + to_soft[:3, 3:4], order=1,
-                                         cval=0.0).reshape(atlas_soft.shape)
+        warped = ndimage.map_coordinates(soft, to_soft[:3, :3] @ grid + to_soft[:3, 3:4], order=1, cval=0.0).reshape(
+            atlas_soft.shape
+        )
         total = float(warped.sum()) + atlas_total
         given = 2.0 * float(np.minimum(warped, atlas_soft).sum()) / total if total else 0.0
     # Start every registration with the lung's centre of mass on the atlas lung's (a scan's world origin can be
@@ -206,9 +224,17 @@ def orientation_dice(lung: np.ndarray, affine: np.ndarray, atlas_mask: np.ndarra
         try:
             with _seeded_ants(seed):
                 result = ants.registration(
-                    fixed=fixed, moving=ras_to_ants(moving, soft_aff), type_of_transform="Affine",
-                    aff_metric="mattes", aff_sampling=32, aff_random_sampling_rate=0.1, aff_iterations=(30, 15),
-                    aff_shrink_factors=(2, 1), aff_smoothing_sigmas=(1, 0), outprefix=os.path.join(folder, "o_"))
+                    fixed=fixed,
+                    moving=ras_to_ants(moving, soft_aff),
+                    type_of_transform="Affine",
+                    aff_metric="mattes",
+                    aff_sampling=32,
+                    aff_random_sampling_rate=0.1,
+                    aff_iterations=(30, 15),
+                    aff_shrink_factors=(2, 1),
+                    aff_smoothing_sigmas=(1, 0),
+                    outprefix=os.path.join(folder, "o_"),
+                )
             atlas_lps_to_subject_lps = ants_affine_to_matrix(result["fwdtransforms"][0])
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -258,11 +284,15 @@ class QCResult:
 
     def as_qc(self) -> dict:
         """The QC fields of qc.json / image meta: status, reasons, checks and numbers."""
-        return {"qc_status": self.status, "qc_reasons": self.reasons,
-                "qc_checks": sorted({f.check for f in self.findings}), **self.measures}
+        return {
+            "qc_status": self.status,
+            "qc_reasons": self.reasons,
+            "qc_checks": sorted({f.check for f in self.findings}),
+            **self.measures,
+        }
 
 
-def assess(measures: dict, limits: QCLimits = QCLimits(), accept=()) -> QCResult:
+def assess(measures: dict, limits: QCLimits = DEFAULT_LIMITS, accept=()) -> QCResult:
     """Decide ok / warning / failed from the numbers (``measures``: ``dice``, ``share_inside_lung``,
     ``atlas_share_inside_lung``, ``edge_share`` {face: share}, ``orientation_dice`` {"none" / axis: Dice} or
     None, ``slice_mm``)."""
@@ -271,43 +301,71 @@ def assess(measures: dict, limits: QCLimits = QCLimits(), accept=()) -> QCResult
 
     for face, share in sorted((measures.get("edge_share") or {}).items(), key=lambda kv: -kv[1]):
         if share > limits.max_edge_share:
-            findings.append(Finding(CUT_OFF, FAILED,
-                                    f"lungs cut off at the {face} edge ({share:.0%} of the largest lung "
-                                    f"cross-section lies in the outer {limits.edge_mm:g} mm; limit "
-                                    f"{limits.max_edge_share:.0%})"))
+            findings.append(
+                Finding(
+                    CUT_OFF,
+                    FAILED,
+                    f"lungs cut off at the {face} edge ({share:.0%} of the largest lung "
+                    f"cross-section lies in the outer {limits.edge_mm:g} mm; limit "
+                    f"{limits.max_edge_share:.0%})",
+                )
+            )
 
     orientation = measures.get("orientation_dice") or {}
     if orientation and "none" in orientation:
         gains = {axis: dice - orientation["none"] for axis, dice in orientation.items() if axis != "none"}
         axis, gain = max(gains.items(), key=lambda kv: kv[1])
         if gain > limits.flip_margin and orientation[axis] >= limits.warn_dice:
-            findings.append(Finding(FLIPPED, FAILED,
-                                    f"{axis} axis looks flipped (mirrored {axis} the lungs match the atlas with "
-                                    f"Dice {orientation[axis]:.2f}, as given {orientation['none']:.2f}); check the "
-                                    "image header / slice order"))
+            findings.append(
+                Finding(
+                    FLIPPED,
+                    FAILED,
+                    f"{axis} axis looks flipped (mirrored {axis} the lungs match the atlas with "
+                    f"Dice {orientation[axis]:.2f}, as given {orientation['none']:.2f}); check the "
+                    "image header / slice order",
+                )
+            )
 
     slice_mm = measures.get("slice_mm")
     if slice_mm is not None and np.isfinite(slice_mm) and slice_mm > limits.max_slice_mm + 1e-6:
-        findings.append(Finding(THICK_SLICES, WARNING,
-                                f"slices {slice_mm:g} mm apart (> {limits.max_slice_mm:g} mm): thick slices blur "
-                                "the lung texture the method reads and lower LAA-950"))
+        findings.append(
+            Finding(
+                THICK_SLICES,
+                WARNING,
+                f"slices {slice_mm:g} mm apart (> {limits.max_slice_mm:g} mm): thick slices blur "
+                "the lung texture the method reads and lower LAA-950",
+            )
+        )
 
     dice = measures.get("dice")
     if dice is not None:
         if dice < limits.min_dice:
-            findings.append(Finding(REGISTRATION, FAILED,
-                                    f"registration to the atlas failed: lung overlap (Dice) {dice:.2f} < "
-                                    f"{limits.min_dice:.2f}; check the lung mask and the image orientation"))
+            findings.append(
+                Finding(
+                    REGISTRATION,
+                    FAILED,
+                    f"registration to the atlas failed: lung overlap (Dice) {dice:.2f} < "
+                    f"{limits.min_dice:.2f}; check the lung mask and the image orientation",
+                )
+            )
         elif dice < limits.warn_dice:
-            findings.append(Finding(REGISTRATION, WARNING,
-                                    f"poor registration: lung overlap (Dice) {dice:.2f} < {limits.warn_dice:.2f}"))
+            findings.append(
+                Finding(
+                    REGISTRATION, WARNING, f"poor registration: lung overlap (Dice) {dice:.2f} < {limits.warn_dice:.2f}"
+                )
+            )
     share, atlas_share = measures.get("share_inside_lung"), measures.get("atlas_share_inside_lung")
     if share is not None and atlas_share:
         ratio = share / atlas_share
         if ratio < limits.warn_share_ratio:
-            findings.append(Finding(REGISTRATION, WARNING,
-                                    f"only {share:.0%} of the landmarks fall inside the lung ({ratio:.0%} of the "
-                                    f"atlas's own {atlas_share:.0%}; limit {limits.warn_share_ratio:.0%})"))
+            findings.append(
+                Finding(
+                    REGISTRATION,
+                    WARNING,
+                    f"only {share:.0%} of the landmarks fall inside the lung ({ratio:.0%} of the "
+                    f"atlas's own {atlas_share:.0%}; limit {limits.warn_share_ratio:.0%})",
+                )
+            )
 
     for finding in findings:
         if finding.level == FAILED and finding.check in accept:
@@ -333,9 +391,9 @@ def reason_of_error(error: str, source: str | None = None) -> str:
     hint on ``accept`` (what the manifest's ``qc_reason`` and the QC sheet show)."""
     text = str(error or "")
     if source and text.startswith(f"{source}: "):
-        text = text[len(source) + 2:]
+        text = text[len(source) + 2 :]
     if text.startswith("failed QC: "):
-        text = text[len("failed QC: "):]
+        text = text[len("failed QC: ") :]
     hint = text.rfind(" (to prepare it anyway:")
     return text[:hint] if hint >= 0 else text
 
@@ -346,6 +404,22 @@ def reason_text(qc: dict) -> str:
     return "; ".join(reasons) if isinstance(reasons, (list, tuple)) else str(reasons)
 
 
-__all__ = ["ACCEPTABLE", "AnatomyQCError", "CHECKS", "CUT_OFF", "FLIPPED", "Finding", "QCLimits", "QCResult",
-           "REGISTRATION", "THICK_SLICES", "assess", "edge_shares", "orientation_dice", "parse_accept",
-           "reason_of_error", "reason_text", "slice_spacing"]
+__all__ = [
+    "ACCEPTABLE",
+    "AnatomyQCError",
+    "CHECKS",
+    "CUT_OFF",
+    "FLIPPED",
+    "Finding",
+    "QCLimits",
+    "QCResult",
+    "REGISTRATION",
+    "THICK_SLICES",
+    "assess",
+    "edge_shares",
+    "orientation_dice",
+    "parse_accept",
+    "reason_of_error",
+    "reason_text",
+    "slice_spacing",
+]

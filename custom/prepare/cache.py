@@ -66,8 +66,21 @@ QC_PICTURE = "qc.png"  # optional file of an entry: its QC picture
 QC_FAILED_DIR = ".qc_failed"  # <cache_dir>/.qc_failed/<subject_id>.png / .json: subjects that failed the QC
 MANIFEST = "manifest.csv"
 FAILURES = "failures.csv"
-MANIFEST_COLUMNS = ["subject_id", "status", "error", "error_type", "dice", "share_inside_lung", "seconds",
-                    "registration_seconds", "source", "lung_mask", "path", "qc_status", "qc_reason"]
+MANIFEST_COLUMNS = [
+    "subject_id",
+    "status",
+    "error",
+    "error_type",
+    "dice",
+    "share_inside_lung",
+    "seconds",
+    "registration_seconds",
+    "source",
+    "lung_mask",
+    "path",
+    "qc_status",
+    "qc_reason",
+]
 FAILURE_COLUMNS = ["subject_id", "source", "error_type", "error"]
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -104,9 +117,16 @@ def _json_default(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_subject_entry(cache_dir: str | Path, subject_id: str, patches: np.ndarray, landmarks_vox: np.ndarray,
-                        transform_mat: str | Path | bytes, transform: dict, qc: dict,
-                        extra_files: dict | None = None) -> Path:
+def write_subject_entry(
+    cache_dir: str | Path,
+    subject_id: str,
+    patches: np.ndarray,
+    landmarks_vox: np.ndarray,
+    transform_mat: str | Path | bytes,
+    transform: dict,
+    qc: dict,
+    extra_files: dict | None = None,
+) -> Path:
     """Write one subject's entry into a temporary folder, then move it into place in one rename.
     ``transform_mat``: the ANTs transform file, or its bytes. ``extra_files``: {file name: bytes} written too
     (the QC picture); ``None`` values are skipped."""
@@ -160,9 +180,13 @@ def is_complete(cache_dir: str | Path, subject_id: str, num_landmarks: int | Non
         patches = np.load(entry / PATCHES, mmap_mode="r")
         landmarks = np.load(entry / LANDMARKS, mmap_mode="r")
         transform = json.loads((entry / TRANSFORM_JSON).read_text())
-        return (patches.dtype == np.int16 and patches.shape == (expected, 32, 32, 32)
-                and landmarks.shape == (expected, 3) and len(transform["atlas_to_subject_vox"]) == 4
-                and (entry / TRANSFORM_MAT).stat().st_size > 0)
+        return (
+            patches.dtype == np.int16
+            and patches.shape == (expected, 32, 32, 32)
+            and landmarks.shape == (expected, 3)
+            and len(transform["atlas_to_subject_vox"]) == 4
+            and (entry / TRANSFORM_MAT).stat().st_size > 0
+        )
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
         return False
 
@@ -197,8 +221,10 @@ def qc_fields(cache_dir: str | Path | None, row: dict) -> dict:
         except (OSError, ValueError):
             qc = {}
     reasons = qc.get("qc_reasons") or []
-    return {"qc_status": qc.get("qc_status", "ok"),
-            "qc_reason": "; ".join(reasons) if isinstance(reasons, (list, tuple)) else str(reasons)}
+    return {
+        "qc_status": qc.get("qc_status", "ok"),
+        "qc_reason": "; ".join(reasons) if isinstance(reasons, (list, tuple)) else str(reasons),
+    }
 
 
 def manifest_table(rows: list, cache_dir: str | Path | None = None) -> pd.DataFrame:

@@ -61,8 +61,7 @@ def is_nifti(path: Path) -> bool:
 
 def is_dicom_series_dir(path: Path) -> bool:
     """A folder with at least one DICOM file (by magic bytes or a .dcm name, so a corrupt slice still counts)."""
-    return path.is_dir() and any(p.suffix.lower() == ".dcm" or is_dicom_file(p) for p in path.iterdir()
-                                 if p.is_file())
+    return path.is_dir() and any(p.suffix.lower() == ".dcm" or is_dicom_file(p) for p in path.iterdir() if p.is_file())
 
 
 def _reader_for(path: Path) -> str:
@@ -209,16 +208,22 @@ def validate_hu(array: np.ndarray, source: str) -> None:
     if lo >= -10.0 and hi <= 10.0:
         raise NotHounsfieldError(
             f"{source}: intensities span [{lo:g}, {hi:g}], which looks normalised, not Hounsfield units (HU); "
-            "give the original CT in HU (air about -1000, soft tissue about 40)")
+            "give the original CT in HU (air about -1000, soft tissue about 40)"
+        )
     if lo > HU_AIR_MAX:
-        hint = (" If these are raw stored values, HU = stored * RescaleSlope + RescaleIntercept (often -1024)."
-                if lo >= -100.0 else "")
+        hint = (
+            " If these are raw stored values, HU = stored * RescaleSlope + RescaleIntercept (often -1024)."
+            if lo >= -100.0
+            else ""
+        )
         raise NotHounsfieldError(
             f"{source}: darkest intensity is {lo:g}, but a CT in Hounsfield units (HU) has air at about -1000; "
-            f"this is not HU (intensities span [{lo:g}, {hi:g}]).{hint}")
+            f"this is not HU (intensities span [{lo:g}, {hi:g}]).{hint}"
+        )
     if lo < HU_PLAUSIBLE[0] or hi > HU_PLAUSIBLE[1]:
         raise NotHounsfieldError(
-            f"{source}: intensities span [{lo:g}, {hi:g}], outside any plausible Hounsfield unit range")
+            f"{source}: intensities span [{lo:g}, {hi:g}], outside any plausible Hounsfield unit range"
+        )
 
 
 def load_ct(path: str | Path, axcodes: str = "LAS", spacing: float = 1.0) -> CTVolume:
@@ -230,8 +235,9 @@ def load_ct(path: str | Path, axcodes: str = "LAS", spacing: float = 1.0) -> CTV
     hu, new_affine = resample_isotropic(array, affine, spacing)
     # values below -1024 are padding outside the reconstruction circle (-2048, -3024): call them air
     np.maximum(hu, -1024.0, out=hu)
-    return CTVolume(hu=hu, affine=new_affine, source=str(path), original_spacing=original_spacing,
-                    original_shape=original_shape)
+    return CTVolume(
+        hu=hu, affine=new_affine, source=str(path), original_spacing=original_spacing, original_shape=original_shape
+    )
 
 
 def load_mask_like(path: str | Path, ct: CTVolume, axcodes: str = "LAS") -> np.ndarray:

@@ -20,20 +20,30 @@ STEP = 26
 MIN_LUNG_FRACTION = 0.10
 
 
-def generate_landmark_corners(lung_mask: np.ndarray, patch_size: int = PATCH_SIZE, step: int = STEP,
-                              min_lung_fraction: float = MIN_LUNG_FRACTION) -> np.ndarray:
+def generate_landmark_corners(
+    lung_mask: np.ndarray, patch_size: int = PATCH_SIZE, step: int = STEP, min_lung_fraction: float = MIN_LUNG_FRACTION
+) -> np.ndarray:
     """(J, 3) int64 patch-corner voxel indices (x, y, z), in x-major then y then z order."""
     lung = np.asarray(lung_mask) > 0
     starts = [range(0, n - patch_size + 1, step) for n in lung.shape]
-    threshold = min_lung_fraction * patch_size ** 3
-    corners = [(x, y, z) for x in starts[0] for y in starts[1] for z in starts[2]
-               if np.count_nonzero(lung[x:x + patch_size, y:y + patch_size, z:z + patch_size]) > threshold]
+    threshold = min_lung_fraction * patch_size**3
+    corners = [
+        (x, y, z)
+        for x in starts[0]
+        for y in starts[1]
+        for z in starts[2]
+        if np.count_nonzero(lung[x : x + patch_size, y : y + patch_size, z : z + patch_size]) > threshold
+    ]
     return np.asarray(corners, dtype=np.int64).reshape(-1, 3)
 
 
-def generate_atlas_landmarks(atlas_mask_file: str | Path, out_file: str | Path | None = None,
-                             patch_size: int = PATCH_SIZE, step: int = STEP,
-                             min_lung_fraction: float = MIN_LUNG_FRACTION) -> np.ndarray:
+def generate_atlas_landmarks(
+    atlas_mask_file: str | Path,
+    out_file: str | Path | None = None,
+    patch_size: int = PATCH_SIZE,
+    step: int = STEP,
+    min_lung_fraction: float = MIN_LUNG_FRACTION,
+) -> np.ndarray:
     """Landmarks of an atlas lung mask file; with ``out_file`` also saved as ``atlas_patch_loc.npy`` format."""
     mask = np.asarray(nib.load(str(atlas_mask_file)).dataobj)
     corners = generate_landmark_corners(mask, patch_size, step, min_lung_fraction)

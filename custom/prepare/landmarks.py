@@ -35,12 +35,14 @@ def share_inside(points_vox: np.ndarray, mask: np.ndarray) -> float:
     return float(inside.mean())
 
 
-def registration_dice(subject_mask: np.ndarray, subject_to_atlas_vox: np.ndarray, atlas_mask: np.ndarray,
-                      stride: int = 2) -> float:
+def registration_dice(
+    subject_mask: np.ndarray, subject_to_atlas_vox: np.ndarray, atlas_mask: np.ndarray, stride: int = 2
+) -> float:
     """Dice of the atlas lung and the subject lung carried into atlas space (every ``stride``-th atlas voxel)."""
     atlas = np.asarray(atlas_mask)[::stride, ::stride, ::stride] > 0
-    grid = np.stack(np.meshgrid(*[np.arange(0, n, stride, dtype=np.float32) for n in atlas_mask.shape],
-                                indexing="ij"), axis=0).reshape(3, -1)
+    grid = np.stack(
+        np.meshgrid(*[np.arange(0, n, stride, dtype=np.float32) for n in atlas_mask.shape], indexing="ij"), axis=0
+    ).reshape(3, -1)
     atlas_to_subject = np.linalg.inv(subject_to_atlas_vox).astype(np.float32)
     coords = atlas_to_subject[:3, :3] @ grid + atlas_to_subject[:3, 3:4]
     warped = ndimage.map_coordinates(np.asarray(subject_mask, dtype=np.uint8), coords, order=0, cval=0)

@@ -43,8 +43,9 @@ def fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(mask, structure=_IN_PLANE)
 
 
-def segment_lungs(hu: np.ndarray, spacing_mm: float = 1.0, source: str = "",
-                  min_volume_ml: float = MIN_LUNG_ML) -> np.ndarray:
+def segment_lungs(
+    hu: np.ndarray, spacing_mm: float = 1.0, source: str = "", min_volume_ml: float = MIN_LUNG_ML
+) -> np.ndarray:
     """Boolean lung mask of an (x, y, z) HU volume on an isotropic grid (z = axial axis)."""
     step = max(1, int(round(2.0 / spacing_mm)))
     coarse = hu[::step, ::step, ::step]
@@ -67,7 +68,8 @@ def segment_lungs(hu: np.ndarray, spacing_mm: float = 1.0, source: str = "",
         where = f"{source}: " if source else ""
         raise NoLungError(
             f"{where}no lungs found: the largest air region inside the body is {volume_ml:.0f} ml "
-            f"(a lung needs at least {min_volume_ml:.0f} ml); is this a chest CT?")
+            f"(a lung needs at least {min_volume_ml:.0f} ml); is this a chest CT?"
+        )
     coarse_lung = fill_holes_per_slice(np.isin(labels, keep))
     coarse_lung = ndimage.binary_closing(coarse_lung, iterations=1)
 

@@ -21,8 +21,9 @@ def patch_corners(landmarks_vox: np.ndarray, patch_size: int = PATCH_SIZE) -> np
     return np.floor(np.asarray(landmarks_vox, dtype=np.float64) + 0.5).astype(np.int64) - patch_size // 2
 
 
-def extract_patches(hu: np.ndarray, landmarks_vox: np.ndarray, patch_size: int = PATCH_SIZE,
-                    pad_value: int = PAD_HU) -> np.ndarray:
+def extract_patches(
+    hu: np.ndarray, landmarks_vox: np.ndarray, patch_size: int = PATCH_SIZE, pad_value: int = PAD_HU
+) -> np.ndarray:
     """(J, s, s, s) int16 patches in the (x, y, z) axis order of ``hu``, padded with ``pad_value`` outside."""
     volume = np.clip(np.rint(hu), *HU_STORE_RANGE).astype(np.int16) if hu.dtype != np.int16 else hu
     corners = patch_corners(landmarks_vox, patch_size)
@@ -35,7 +36,7 @@ def extract_patches(hu: np.ndarray, landmarks_vox: np.ndarray, patch_size: int =
             continue  # wholly outside the scan: all air
         dst_lo = lo - corner
         dst_hi = dst_lo + (hi - lo)
-        out[j, dst_lo[0]:dst_hi[0], dst_lo[1]:dst_hi[1], dst_lo[2]:dst_hi[2]] = \
-            volume[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        out[j, dst_lo[0] : dst_hi[0], dst_lo[1] : dst_hi[1], dst_lo[2] : dst_hi[2]] = volume[
+            lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]
+        ]
     return out
-

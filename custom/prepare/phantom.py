@@ -31,15 +31,22 @@ class Phantom:
         return (atlas_world @ np.linalg.inv(self.subject_to_atlas_world).T)[:, :3]
 
 
-def random_subject_to_atlas(rng: np.random.Generator, atlas_lung_centre_world: np.ndarray,
-                            max_rotation_deg: float = 8.0, scale_range=(0.9, 1.1),
-                            max_shift_mm: float = 15.0) -> np.ndarray:
+def random_subject_to_atlas(
+    rng: np.random.Generator,
+    atlas_lung_centre_world: np.ndarray,
+    max_rotation_deg: float = 8.0,
+    scale_range=(0.9, 1.1),
+    max_shift_mm: float = 15.0,
+) -> np.ndarray:
     """A plausible patient pose: small rotations, anisotropic scale, a shift, and its own world origin."""
     angles = np.deg2rad(rng.uniform(-max_rotation_deg, max_rotation_deg, 3))
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
-    rot = (np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]]) @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-           @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]]))
+    rot = (
+        np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        @ np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        @ np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    )
     linear = rot @ np.diag(rng.uniform(*scale_range, 3))
     subject_centre = np.array([rng.uniform(-20, 20), rng.uniform(-180, -120), rng.uniform(-250, -150)])
     out = np.eye(4)
@@ -48,9 +55,17 @@ def random_subject_to_atlas(rng: np.random.Generator, atlas_lung_centre_world: n
     return out
 
 
-def make_phantom(path: str | Path, subject_to_atlas_world: np.ndarray | None = None, seed: int = 0,
-                 spacing_mm: float = 2.0, lungs: bool = True, axcodes: str = "RAS",
-                 scale_range=(0.9, 1.1), lung_mask_path: str | Path | None = None, atlas_dir=None) -> Phantom:
+def make_phantom(
+    path: str | Path,
+    subject_to_atlas_world: np.ndarray | None = None,
+    seed: int = 0,
+    spacing_mm: float = 2.0,
+    lungs: bool = True,
+    axcodes: str = "RAS",
+    scale_range=(0.9, 1.1),
+    lung_mask_path: str | Path | None = None,
+    atlas_dir=None,
+) -> Phantom:
     """Write a NIfTI HU phantom; ``lungs=False`` gives a body with no lungs (must be refused).
 
     ``scale_range`` bounds the per-axis scale of subject -> atlas: above 1 the subject is smaller than the atlas

@@ -93,7 +93,7 @@ def thicken(array: np.ndarray, affine: np.ndarray, slice_mm: float, mask: bool =
     count = fine.shape[axis] // width
     fine = np.take(fine, np.arange(count * width), axis=axis)
     shape = list(fine.shape)
-    shape[axis:axis + 1] = [count, width]
+    shape[axis : axis + 1] = [count, width]
     thick = fine.reshape(shape).mean(axis=axis + 1)
     if mask:
         thick = (thick >= 0.5).astype(np.uint8)

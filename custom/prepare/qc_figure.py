@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from custom.figures import save_figure
 from custom.data.intensity import HU_MAX, HU_MIN
-
+from custom.figures import save_figure
 
 STATUS_COLOURS = {"ok": "#1a7f37", "warning": "#b35900", "failed": "#c0001a"}
 
@@ -43,14 +42,29 @@ def qc_title(title: str, qc: dict | None) -> tuple:
     return text, STATUS_COLOURS.get(status, "black")
 
 
-def plot_subject(hu: np.ndarray, lung: np.ndarray, landmarks_vox: np.ndarray, title: str, out_file: str | Path,
-                 slab_mm: float = 6.0, qc: dict | None = None, dpi: int = 90) -> Path:
+def plot_subject(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    landmarks_vox: np.ndarray,
+    title: str,
+    out_file: str | Path,
+    slab_mm: float = 6.0,
+    qc: dict | None = None,
+    dpi: int = 90,
+) -> Path:
     """Write a two-panel PNG (coronal, axial) of an (x, y, z) LAS 1 mm volume."""
     return save_figure(_subject_figure(hu, lung, landmarks_vox, title, slab_mm, qc, (11, 5.4)), out_file, dpi=dpi)
 
 
-def subject_png(hu: np.ndarray, lung: np.ndarray, landmarks_vox: np.ndarray, title: str, qc: dict | None = None,
-                slab_mm: float = 6.0, dpi: int = 64) -> bytes:
+def subject_png(
+    hu: np.ndarray,
+    lung: np.ndarray,
+    landmarks_vox: np.ndarray,
+    title: str,
+    qc: dict | None = None,
+    slab_mm: float = 6.0,
+    dpi: int = 64,
+) -> bytes:
     """The picture of ``plot_subject`` as PNG bytes, small (about 576 x 320 pixels): each cache entry's qc.png."""
     import matplotlib.pyplot as plt
 
@@ -69,8 +83,9 @@ def _small_png(png: bytes, colours: int = 128) -> bytes:
 
     with Image.open(io.BytesIO(png)) as image:
         out = io.BytesIO()
-        image.convert("RGB").quantize(colors=colours, method=Image.Quantize.FASTOCTREE).save(out, format="PNG",
-                                                                                            optimize=True)
+        image.convert("RGB").quantize(colors=colours, method=Image.Quantize.FASTOCTREE).save(
+            out, format="PNG", optimize=True
+        )
     return out.getvalue()
 
 
@@ -85,16 +100,32 @@ def _subject_figure(hu, lung, landmarks_vox, title, slab_mm, qc, figsize):
     z_cut = int(np.median(inside_lm[:, 2])) if len(inside_lm) else hu.shape[2] // 2
     inside = _inside(landmarks_vox, lung)
     fig, axes = plt.subplots(1, 2, figsize=figsize, layout="constrained")
-    views = [("coronal", hu[:, y_cut, :], lung[:, y_cut, :], 1, y_cut, (0, 2), "z (superior)"),
-             ("axial", hu[:, :, z_cut], lung[:, :, z_cut], 2, z_cut, (0, 1), "y (anterior)")]
+    views = [
+        ("coronal", hu[:, y_cut, :], lung[:, y_cut, :], 1, y_cut, (0, 2), "z (superior)"),
+        ("axial", hu[:, :, z_cut], lung[:, :, z_cut], 2, z_cut, (0, 1), "y (anterior)"),
+    ]
     for ax, (name, image, mask, axis, cut, (u, v), ylabel) in zip(axes, views):
         ax.imshow(image.T, cmap="gray", vmin=HU_MIN, vmax=HU_MAX, origin="lower", interpolation="nearest")
         ax.contour(mask.T.astype(float), levels=[0.5], colors=["#00c8ff"], linewidths=1.0, origin="lower")
         near = np.abs(landmarks_vox[:, axis] - cut) <= slab_mm
-        ax.scatter(landmarks_vox[near & inside, u], landmarks_vox[near & inside, v], s=14, c="#ffb000",
-                   edgecolors="k", linewidths=0.3, label="landmark in lung")
-        ax.scatter(landmarks_vox[near & ~inside, u], landmarks_vox[near & ~inside, v], s=14, facecolors="none",
-                   edgecolors="#ff3060", linewidths=0.8, label="landmark outside lung")
+        ax.scatter(
+            landmarks_vox[near & inside, u],
+            landmarks_vox[near & inside, v],
+            s=14,
+            c="#ffb000",
+            edgecolors="k",
+            linewidths=0.3,
+            label="landmark in lung",
+        )
+        ax.scatter(
+            landmarks_vox[near & ~inside, u],
+            landmarks_vox[near & ~inside, v],
+            s=14,
+            facecolors="none",
+            edgecolors="#ff3060",
+            linewidths=0.8,
+            label="landmark outside lung",
+        )
         ax.set_title(f"{name} slice {cut} (landmarks within {slab_mm:g} mm)", fontsize=10)
         ax.set_xlabel("x (patient left)")
         ax.set_ylabel(ylabel)

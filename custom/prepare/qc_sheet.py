@@ -39,9 +39,26 @@ SHEET_HTML = "qc_sheet.html"
 SHEET_PNG = "qc_sheet.png"
 QC_PICTURE = cache.QC_PICTURE
 FAILED_DIR = cache.QC_FAILED_DIR
-QC_COLUMNS = ["subject_id", "qc_status", "qc_reason", "dice", "share_inside_lung", "atlas_share_inside_lung",
-              "share_ratio", "edge_inferior", "edge_superior", "edge_max", "flip_axis", "flip_gain", "slice_mm",
-              "lung_volume_ml", "registration_seconds", "seconds", "source", "picture"]
+QC_COLUMNS = [
+    "subject_id",
+    "qc_status",
+    "qc_reason",
+    "dice",
+    "share_inside_lung",
+    "atlas_share_inside_lung",
+    "share_ratio",
+    "edge_inferior",
+    "edge_superior",
+    "edge_max",
+    "flip_axis",
+    "flip_gain",
+    "slice_mm",
+    "lung_volume_ml",
+    "registration_seconds",
+    "seconds",
+    "source",
+    "picture",
+]
 
 
 def _read_json(path: Path) -> dict:
@@ -72,14 +89,20 @@ def _row(cache_dir: Path, manifest_row: dict) -> dict:
     flip_axis = max(flips, key=flips.get) if flips else ""
     share, atlas_share = qc.get("share_inside_lung"), qc.get("atlas_share_inside_lung")
     return {
-        "subject_id": subject_id, "qc_status": status, "qc_reason": reason,
-        "dice": qc.get("dice", manifest_row.get("dice")), "share_inside_lung": share,
+        "subject_id": subject_id,
+        "qc_status": status,
+        "qc_reason": reason,
+        "dice": qc.get("dice", manifest_row.get("dice")),
+        "share_inside_lung": share,
         "atlas_share_inside_lung": atlas_share,
         "share_ratio": round(share / atlas_share, 4) if share is not None and atlas_share else None,
-        "edge_inferior": edges.get("inferior"), "edge_superior": edges.get("superior"),
+        "edge_inferior": edges.get("inferior"),
+        "edge_superior": edges.get("superior"),
         "edge_max": max(edges.values()) if edges else None,
-        "flip_axis": flip_axis, "flip_gain": round(flips[flip_axis], 4) if flip_axis else None,
-        "slice_mm": qc.get("slice_mm"), "lung_volume_ml": qc.get("lung_volume_ml"),
+        "flip_axis": flip_axis,
+        "flip_gain": round(flips[flip_axis], 4) if flip_axis else None,
+        "slice_mm": qc.get("slice_mm"),
+        "lung_volume_ml": qc.get("lung_volume_ml"),
         "registration_seconds": qc.get("registration_seconds", manifest_row.get("registration_seconds")),
         "seconds": qc.get("seconds", manifest_row.get("seconds")),
         "source": qc.get("source", manifest_row.get("source")),
@@ -109,32 +132,45 @@ def _fmt(value, pattern: str) -> str:
 
 
 def _numbers(row) -> str:
-    parts = [f"Dice {_fmt(row.dice, '{:.2f}')}",
-             f"landmarks in lung {_fmt(row.share_inside_lung, '{:.0%}')} ({_fmt(row.share_ratio, '{:.0%}')} of atlas)",
-             f"edge inf/sup {_fmt(row.edge_inferior, '{:.1%}')}/{_fmt(row.edge_superior, '{:.1%}')}",
-             f"flip gain {_fmt(row.flip_gain, '{:+.3f}')} ({row.flip_axis or '-'})",
-             f"slices {_fmt(row.slice_mm, '{:g}')} mm", f"lung {_fmt(row.lung_volume_ml, '{:.0f}')} ml"]
+    parts = [
+        f"Dice {_fmt(row.dice, '{:.2f}')}",
+        f"landmarks in lung {_fmt(row.share_inside_lung, '{:.0%}')} ({_fmt(row.share_ratio, '{:.0%}')} of atlas)",
+        f"edge inf/sup {_fmt(row.edge_inferior, '{:.1%}')}/{_fmt(row.edge_superior, '{:.1%}')}",
+        f"flip gain {_fmt(row.flip_gain, '{:+.3f}')} ({row.flip_axis or '-'})",
+        f"slices {_fmt(row.slice_mm, '{:g}')} mm",
+        f"lung {_fmt(row.lung_volume_ml, '{:.0f}')} ml",
+    ]
     return ", ".join(parts)
 
 
 def _write_html(table: pd.DataFrame, path: Path, title: str) -> None:
     counts = table.qc_status.value_counts().to_dict()
     summary = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("failed", "warning", "ok"))
-    lines = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;margin:1em} table{border-collapse:collapse} "
-             "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px} "
-             ".badge{color:white;padding:2px 6px;border-radius:3px;font-weight:bold}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>", f"<p>{len(table)} subjects: {summary}. Flagged subjects first. "
-             "Thresholds and what each check means: docs/prepare.md, section Quality control.</p>",
-             "<table><tr><th>subject</th><th>QC</th><th>reason</th><th>numbers</th><th>picture</th></tr>"]
+    lines = [
+        "<!DOCTYPE html>",
+        "<html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:1em} table{border-collapse:collapse} "
+        "td,th{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px} "
+        ".badge{color:white;padding:2px 6px;border-radius:3px;font-weight:bold}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f"<p>{len(table)} subjects: {summary}. Flagged subjects first. "
+        "Thresholds and what each check means: docs/prepare.md, section Quality control.</p>",
+        "<table><tr><th>subject</th><th>QC</th><th>reason</th><th>numbers</th><th>picture</th></tr>",
+    ]
     for row in table.itertuples():
         colour = STATUS_COLOURS.get(row.qc_status, "#555")
-        picture = (f"<a href='{html.escape(row.picture)}'><img src='{html.escape(row.picture)}' width='480'></a>"
-                   if row.picture else "(no picture)")
-        lines.append(f"<tr><td>{html.escape(row.subject_id)}<br><small>{html.escape(str(row.source or ''))}</small>"
-                     f"</td><td><span class='badge' style='background:{colour}'>{html.escape(row.qc_status)}</span>"
-                     f"</td><td>{html.escape(row.qc_reason or '')}</td><td>{html.escape(_numbers(row))}</td>"
-                     f"<td>{picture}</td></tr>")
+        picture = (
+            f"<a href='{html.escape(row.picture)}'><img src='{html.escape(row.picture)}' width='480'></a>"
+            if row.picture
+            else "(no picture)"
+        )
+        lines.append(
+            f"<tr><td>{html.escape(row.subject_id)}<br><small>{html.escape(str(row.source or ''))}</small>"
+            f"</td><td><span class='badge' style='background:{colour}'>{html.escape(row.qc_status)}</span>"
+            f"</td><td>{html.escape(row.qc_reason or '')}</td><td>{html.escape(_numbers(row))}</td>"
+            f"<td>{picture}</td></tr>"
+        )
     lines += ["</table>", "</body></html>"]
     with atomic_path(path) as tmp:
         Path(tmp).write_text("\n".join(lines), encoding="utf-8")
@@ -161,8 +197,15 @@ def _write_png(table: pd.DataFrame, cache_dir: Path, path: Path, title: str, max
             with Image.open(cache_dir / row.picture) as picture:
                 ax.imshow(np.asarray(picture.convert("RGB")))
         else:
-            ax.text(0.5, 0.5, "no picture\n(failed before registration)", ha="center", va="center", fontsize=9,
-                    transform=ax.transAxes)
+            ax.text(
+                0.5,
+                0.5,
+                "no picture\n(failed before registration)",
+                ha="center",
+                va="center",
+                fontsize=9,
+                transform=ax.transAxes,
+            )
         ax.axis("on")
         ax.set_xticks([])
         ax.set_yticks([])
@@ -174,12 +217,16 @@ def _write_png(table: pd.DataFrame, cache_dir: Path, path: Path, title: str, max
             caption += "\n" + "\n".join(textwrap.wrap(textwrap.shorten(row.qc_reason, 130, placeholder=" ..."), 66))
         ax.set_title(caption, fontsize=8, color=colour)
     if rest:
-        axes.ravel()[len(shown)].text(0.5, 0.5, f"... and {rest} more subjects\n(see {SHEET_HTML})", ha="center",
-                                      va="center", fontsize=10)
+        axes.ravel()[len(shown)].text(
+            0.5, 0.5, f"... and {rest} more subjects\n(see {SHEET_HTML})", ha="center", va="center", fontsize=10
+        )
     counts = table.qc_status.value_counts().to_dict()
-    fig.suptitle(f"{title}: {len(table)} subjects, " + ", ".join(f"{counts.get(s, 0)} {s}"
-                                                                  for s in ("failed", "warning", "ok"))
-                 + " (flagged first)", fontsize=11)
+    fig.suptitle(
+        f"{title}: {len(table)} subjects, "
+        + ", ".join(f"{counts.get(s, 0)} {s}" for s in ("failed", "warning", "ok"))
+        + " (flagged first)",
+        fontsize=11,
+    )
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.1 * rows + 0.5)))
     buffer = io.BytesIO()
     try:
@@ -190,8 +237,14 @@ def _write_png(table: pd.DataFrame, cache_dir: Path, path: Path, title: str, max
         Path(tmp).write_bytes(_small_png(buffer.getvalue(), colours=192))
 
 
-def write_qc_sheet(cache_dir: str | Path, manifest: pd.DataFrame | None = None, out_dir: str | Path | None = None,
-                   title: str | None = None, max_tiles: int = 48, columns: int = 4) -> dict:
+def write_qc_sheet(
+    cache_dir: str | Path,
+    manifest: pd.DataFrame | None = None,
+    out_dir: str | Path | None = None,
+    title: str | None = None,
+    max_tiles: int = 48,
+    columns: int = 4,
+) -> dict:
     """Write qc.csv, qc_sheet.html and qc_sheet.png for the subjects of ``cache_dir``'s manifest into
     ``out_dir`` (default ``cache_dir``; the HTML links the pictures where they are, relative to ``out_dir``).
     Returns {"csv", "html", "png": paths, "table": the qc.csv table}."""

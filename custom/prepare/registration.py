@@ -10,8 +10,8 @@ Two recipes:
   2x1x0 voxels); about 6-7 minutes per subject on one CPU.
 - ``FAST`` (default): masks cropped to the lung with a 20 mm margin and block-averaged to 3 mm (the border
   stays a soft fraction, so sub-voxel position survives), shrink 2x1 (6 mm then 3 mm), 40x20 iterations, 10 %
-  random sampling (seeded, one ITK thread: reproducible), centre-of-mass start. A smooth lung outline needs no finer grid, so the result is as
-  accurate at a small fraction of the time;
+  random sampling (seeded, one ITK thread: reproducible), centre-of-mass start. A smooth lung outline needs no
+  finer grid, so the result is as accurate at a small fraction of the time;
   ``bundle/scripts/benchmark_registration.py`` measures both side by side.
 
 World coordinates: MONAI affines are RAS; ANTs/ITK physical space is LPS. ``ras_to_ants`` converts headers so
@@ -54,11 +54,16 @@ class RegistrationRecipe:
     extra: dict = field(default_factory=dict)
 
 
-FAST = RegistrationRecipe(name="fast", working_mm=3.0, crop_margin_mm=20.0, iterations=(40, 20),
-                          sampling_rate=0.1)
-REFERENCE = RegistrationRecipe(name="reference", working_mm=1.0, crop_margin_mm=None,
-                               iterations=(500, 250, 100), shrink_factors=(4, 2, 1), smoothing_sigmas=(2, 1, 0),
-                               sampling_rate=0.2)
+FAST = RegistrationRecipe(name="fast", working_mm=3.0, crop_margin_mm=20.0, iterations=(40, 20), sampling_rate=0.1)
+REFERENCE = RegistrationRecipe(
+    name="reference",
+    working_mm=1.0,
+    crop_margin_mm=None,
+    iterations=(500, 250, 100),
+    shrink_factors=(4, 2, 1),
+    smoothing_sigmas=(2, 1, 0),
+    sampling_rate=0.2,
+)
 RECIPES = {r.name: r for r in (FAST, REFERENCE)}
 
 
@@ -90,8 +95,12 @@ def ras_to_ants(array: np.ndarray, affine_ras: np.ndarray):
 
     lps = RAS_TO_LPS @ affine_ras
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    return ants.from_numpy(np.asarray(array, dtype=np.float32), origin=[float(v) for v in lps[:3, 3]],
-                           spacing=[float(v) for v in spacing], direction=lps[:3, :3] / spacing)
+    return ants.from_numpy(
+        np.asarray(array, dtype=np.float32),
+        origin=[float(v) for v in lps[:3, 3]],
+        spacing=[float(v) for v in spacing],
+        direction=lps[:3, :3] / spacing,
+    )
 
 
 def ants_affine_to_matrix(path: str) -> np.ndarray:
@@ -111,16 +120,18 @@ def ants_affine_to_matrix(path: str) -> np.ndarray:
 def crop_to_mask(mask: np.ndarray, affine: np.ndarray, margin_mm: float):
     """Crop to the mask's bounding box plus a margin; returns (cropped mask, its affine)."""
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    nonzero = np.nonzero(mask.any(axis=(1, 2)))[0], np.nonzero(mask.any(axis=(0, 2)))[0], \
-        np.nonzero(mask.any(axis=(0, 1)))[0]
+    nonzero = (
+        np.nonzero(mask.any(axis=(1, 2)))[0],
+        np.nonzero(mask.any(axis=(0, 2)))[0],
+        np.nonzero(mask.any(axis=(0, 1)))[0],
+    )
     if any(len(n) == 0 for n in nonzero):
         raise ValueError("empty lung mask: nothing to register")
     lo = [max(0, int(n[0] - np.ceil(margin_mm / s))) for n, s in zip(nonzero, spacing)]
-    hi = [min(mask.shape[a], int(n[-1] + 1 + np.ceil(margin_mm / s))) for a, (n, s) in enumerate(zip(nonzero,
-                                                                                                     spacing))]
+    hi = [min(mask.shape[a], int(n[-1] + 1 + np.ceil(margin_mm / s))) for a, (n, s) in enumerate(zip(nonzero, spacing))]
     shift = np.eye(4)
     shift[:3, 3] = lo
-    return mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]], affine @ shift
+    return mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]], affine @ shift
 
 
 def average_down(mask: np.ndarray, affine: np.ndarray, factor: int):
@@ -174,9 +185,15 @@ def _seeded_ants(seed: int | None):
         ants.config._random_seed = saved
 
 
-def register_to_atlas(subject_mask: np.ndarray, subject_affine: np.ndarray, atlas_mask: np.ndarray,
-                      atlas_affine: np.ndarray, recipe: str | RegistrationRecipe = "fast",
-                      atlas_image=None, seed: int | None = REGISTRATION_SEED) -> AffineRegistration:
+def register_to_atlas(
+    subject_mask: np.ndarray,
+    subject_affine: np.ndarray,
+    atlas_mask: np.ndarray,
+    atlas_affine: np.ndarray,
+    recipe: str | RegistrationRecipe = "fast",
+    atlas_image=None,
+    seed: int | None = REGISTRATION_SEED,
+) -> AffineRegistration:
     """Affine-register the subject lung mask (moving) to the atlas lung mask (fixed); RAS affines in.
     Seeded by default, so the result is reproducible (see ``_deterministic_ants``)."""
     import ants
@@ -188,17 +205,27 @@ def register_to_atlas(subject_mask: np.ndarray, subject_affine: np.ndarray, atla
     out_dir = tempfile.mkdtemp(prefix="drasclr_reg_")
     with _seeded_ants(seed):
         result = ants.registration(
-            fixed=fixed, moving=moving, type_of_transform="Affine", aff_metric=recipe.metric,
-            aff_sampling=recipe.histogram_bins, aff_random_sampling_rate=recipe.sampling_rate,
-            aff_iterations=tuple(recipe.iterations), aff_shrink_factors=tuple(recipe.shrink_factors),
-            aff_smoothing_sigmas=tuple(recipe.smoothing_sigmas), outprefix=os.path.join(out_dir, "reg_"),
-            **recipe.extra)
+            fixed=fixed,
+            moving=moving,
+            type_of_transform="Affine",
+            aff_metric=recipe.metric,
+            aff_sampling=recipe.histogram_bins,
+            aff_random_sampling_rate=recipe.sampling_rate,
+            aff_iterations=tuple(recipe.iterations),
+            aff_shrink_factors=tuple(recipe.shrink_factors),
+            aff_smoothing_sigmas=tuple(recipe.smoothing_sigmas),
+            outprefix=os.path.join(out_dir, "reg_"),
+            **recipe.extra,
+        )
     transform_path = result["fwdtransforms"][0]
     atlas_lps_to_subject_lps = ants_affine_to_matrix(transform_path)
     atlas_vox_to_lps = RAS_TO_LPS @ atlas_affine
     subject_vox_to_lps = RAS_TO_LPS @ subject_affine
     atlas_to_subject = np.linalg.solve(subject_vox_to_lps, atlas_lps_to_subject_lps @ atlas_vox_to_lps)
-    return AffineRegistration(atlas_to_subject_vox=atlas_to_subject,
-                              subject_to_atlas_vox=np.linalg.inv(atlas_to_subject),
-                              ants_transform_path=transform_path, seconds=time.perf_counter() - start,
-                              recipe=recipe.name)
+    return AffineRegistration(
+        atlas_to_subject_vox=atlas_to_subject,
+        subject_to_atlas_vox=np.linalg.inv(atlas_to_subject),
+        ants_transform_path=transform_path,
+        seconds=time.perf_counter() - start,
+        recipe=recipe.name,
+    )

@@ -39,8 +39,13 @@ from monai.transforms import MapTransform
 from custom.data.atlas import atlas_mask_path, landmark_centres
 from custom.prepare import anatomy_qc, cache
 from custom.prepare.io import CTVolume, InputError, is_nifti, load_ct, load_mask_like
-from custom.prepare.landmarks import (RegistrationQCError, atlas_share_inside_lung, map_landmarks,
-                                     registration_dice, share_inside)
+from custom.prepare.landmarks import (
+    RegistrationQCError,
+    atlas_share_inside_lung,
+    map_landmarks,
+    registration_dice,
+    share_inside,
+)
 from custom.prepare.lung_mask import MIN_LUNG_ML, segment_lungs
 from custom.prepare.patches import extract_patches
 from custom.prepare.registration import get_recipe, register_to_atlas, working_image
@@ -48,8 +53,14 @@ from custom.prepare.registration import get_recipe, register_to_atlas, working_i
 DEFAULT_MIN_DICE = 0.5
 logger = logging.getLogger("drasclr.prepare")
 AUTO_MASK = "auto"  # ``lung_mask`` of qc.json when the built-in segmentation was used
-TRANSFORM_KEYS = ("atlas_to_subject_vox", "subject_to_atlas_vox", "subject_affine_ras", "atlas_affine_ras",
-                  "subject_shape", "atlas_shape")  # what transform.json holds
+TRANSFORM_KEYS = (
+    "atlas_to_subject_vox",
+    "subject_to_atlas_vox",
+    "subject_affine_ras",
+    "atlas_affine_ras",
+    "subject_shape",
+    "atlas_shape",
+)  # what transform.json holds
 
 
 # ----------------------------------------------------------------------------------------------- atlas
@@ -75,8 +86,14 @@ def load_atlas(atlas_dir: str | None = None) -> AtlasContext:
     image = nib.load(str(atlas_mask_path(atlas_dir)))
     mask = np.asarray(image.dataobj) > 0
     centres = landmark_centres(atlas_dir)
-    return AtlasContext(mask=mask, affine=image.affine, axcodes="".join(nib.aff2axcodes(image.affine)),
-                        centres=centres, share_inside_lung=atlas_share_inside_lung(mask, centres), fixed_images={})
+    return AtlasContext(
+        mask=mask,
+        affine=image.affine,
+        axcodes="".join(nib.aff2axcodes(image.affine)),
+        centres=centres,
+        share_inside_lung=atlas_share_inside_lung(mask, centres),
+        fixed_images={},
+    )
 
 
 def _atlas_dir(atlas_dir) -> str | None:
@@ -118,8 +135,13 @@ def _affine(image: MetaTensor) -> np.ndarray:
 
 def _as_ct(image: MetaTensor) -> CTVolume:
     meta = image.meta
-    return CTVolume(hu=image[0].numpy(), affine=_affine(image), source=str(meta.get("filename_or_obj", "")),
-                    original_spacing=(), original_shape=())
+    return CTVolume(
+        hu=image[0].numpy(),
+        affine=_affine(image),
+        source=str(meta.get("filename_or_obj", "")),
+        original_spacing=(),
+        original_shape=(),
+    )
 
 
 def _lung_of(mask) -> np.ndarray:
@@ -135,8 +157,7 @@ def _axcodes(image: MetaTensor, atlas_dir: str | None) -> str:
 def transform_error(err: BaseException) -> BaseException:
     """The error a transform raised, below MONAI's ``RuntimeError("applying transform ...")`` wrappers (one per
     ``Compose`` / ``Dataset`` level), whose message would hide the one that names the file."""
-    while (isinstance(err, RuntimeError) and str(err).startswith("applying transform")
-           and err.__cause__ is not None):
+    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
         err = err.__cause__
     return err
 
@@ -159,8 +180,13 @@ class LoadCTd(MapTransform):
     grid (``original_affine``, ``spatial_shape``) and the oriented input's ``original_spacing`` / ``original_shape``.
     """
 
-    def __init__(self, keys: KeysCollection = "image", atlas_dir: str | None = None, axcodes: str | None = None,
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        atlas_dir: str | None = None,
+        axcodes: str | None = None,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.atlas_dir = _atlas_dir(atlas_dir)
         self.axcodes = axcodes
@@ -176,11 +202,15 @@ class LoadCTd(MapTransform):
                 raise InputError(f"subject {d.get('subject_id', '?')}: no image path given")
             ct = load_ct(path, axcodes=axcodes)
             original_affine, original_shape = input_grid(path, ct)
-            meta = {"filename_or_obj": str(path), "original_affine": original_affine,
-                    "spatial_shape": np.asarray(original_shape),
-                    "subject_id": str(d.get("subject_id") or subject_id_of(path)), "axcodes": axcodes,
-                    "original_spacing": np.asarray(ct.original_spacing, dtype=np.float64),
-                    "original_shape": np.asarray(ct.original_shape, dtype=np.int64)}
+            meta = {
+                "filename_or_obj": str(path),
+                "original_affine": original_affine,
+                "spatial_shape": np.asarray(original_shape),
+                "subject_id": str(d.get("subject_id") or subject_id_of(path)),
+                "axcodes": axcodes,
+                "original_spacing": np.asarray(ct.original_spacing, dtype=np.float64),
+                "original_shape": np.asarray(ct.original_shape, dtype=np.int64),
+            }
             d[key] = MetaTensor(torch.from_numpy(ct.hu)[None], affine=torch.as_tensor(ct.affine), meta=meta)
             d.setdefault("subject_id", meta["subject_id"])
         return d
@@ -192,8 +222,14 @@ class LungMaskd(MapTransform):
     Less than ``min_lung_ml`` of lung is an error naming the file. The mask's meta ``lung_mask_source`` is the
     user's file or ``"auto"``."""
 
-    def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask", min_lung_ml: float = MIN_LUNG_ML,
-                 atlas_dir: str | None = None, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str = "lung_mask",
+        min_lung_ml: float = MIN_LUNG_ML,
+        atlas_dir: str | None = None,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
         self.min_lung_ml = float(min_lung_ml)
@@ -212,12 +248,14 @@ class LungMaskd(MapTransform):
                     raise InputError(f"{user_mask}: lung mask holds only {lung.sum() * voxel_ml:.0f} ml")
                 source = str(user_mask)
             else:
-                lung = segment_lungs(ct.hu, spacing_mm=float(np.mean(ct.spacing)), source=ct.source,
-                                     min_volume_ml=self.min_lung_ml)
+                lung = segment_lungs(
+                    ct.hu, spacing_mm=float(np.mean(ct.spacing)), source=ct.source, min_volume_ml=self.min_lung_ml
+                )
                 source = AUTO_MASK
             meta = {**meta_of(image), "lung_mask_source": source}
-            d[self.mask_key] = MetaTensor(torch.from_numpy(np.asarray(lung, dtype=np.uint8))[None],
-                                          affine=image.affine, meta=meta)
+            d[self.mask_key] = MetaTensor(
+                torch.from_numpy(np.asarray(lung, dtype=np.uint8))[None], affine=image.affine, meta=meta
+            )
         return d
 
 
@@ -237,15 +275,24 @@ class RegisterToAtlasd(MapTransform):
     QC fields of ``qc.json``). With ``failure_pictures`` and an item ``cache_dir`` (prepare, embed), a subject
     that fails QC leaves its picture in ``<cache_dir>/.qc_failed/<subject_id>.png`` for the cohort QC sheet."""
 
-    def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask", registration: str = "fast",
-                 min_dice: float = DEFAULT_MIN_DICE, atlas_dir: str | None = None,
-                 registration_key: str = "registration", accept=(), check_orientation: bool = True,
-                 max_edge_share: float = anatomy_qc.QCLimits.max_edge_share,
-                 flip_margin: float = anatomy_qc.QCLimits.flip_margin,
-                 max_slice_mm: float = anatomy_qc.QCLimits.max_slice_mm,
-                 warn_dice: float = anatomy_qc.QCLimits.warn_dice,
-                 warn_share_ratio: float = anatomy_qc.QCLimits.warn_share_ratio,
-                 failure_pictures: bool = True, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str = "lung_mask",
+        registration: str = "fast",
+        min_dice: float = DEFAULT_MIN_DICE,
+        atlas_dir: str | None = None,
+        registration_key: str = "registration",
+        accept=(),
+        check_orientation: bool = True,
+        max_edge_share: float = anatomy_qc.QCLimits.max_edge_share,
+        flip_margin: float = anatomy_qc.QCLimits.flip_margin,
+        max_slice_mm: float = anatomy_qc.QCLimits.max_slice_mm,
+        warn_dice: float = anatomy_qc.QCLimits.warn_dice,
+        warn_share_ratio: float = anatomy_qc.QCLimits.warn_share_ratio,
+        failure_pictures: bool = True,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
         self.recipe = get_recipe(registration)
@@ -254,9 +301,14 @@ class RegisterToAtlasd(MapTransform):
         self.registration_key = registration_key
         self.accept = anatomy_qc.parse_accept(accept)
         self.check_orientation = bool(check_orientation)
-        self.limits = anatomy_qc.QCLimits(max_edge_share=float(max_edge_share), flip_margin=float(flip_margin),
-                                          max_slice_mm=float(max_slice_mm), min_dice=self.min_dice,
-                                          warn_dice=float(warn_dice), warn_share_ratio=float(warn_share_ratio))
+        self.limits = anatomy_qc.QCLimits(
+            max_edge_share=float(max_edge_share),
+            flip_margin=float(flip_margin),
+            max_slice_mm=float(max_slice_mm),
+            min_dice=self.min_dice,
+            warn_dice=float(warn_dice),
+            warn_share_ratio=float(warn_share_ratio),
+        )
         self.failure_pictures = bool(failure_pictures)
 
     def __call__(self, data):
@@ -268,8 +320,9 @@ class RegisterToAtlasd(MapTransform):
             lung = _lung_of(d[self.mask_key])
             affine = _affine(image)
             try:
-                result = register_to_atlas(lung, affine, atlas.mask, atlas.affine, self.recipe,
-                                           atlas_image=atlas.fixed_image(self.recipe))
+                result = register_to_atlas(
+                    lung, affine, atlas.mask, atlas.affine, self.recipe, atlas_image=atlas.fixed_image(self.recipe)
+                )
             except Exception as err:
                 raise RegistrationQCError(f"{source}: affine registration to the atlas failed: {err}") from err
             try:
@@ -282,14 +335,25 @@ class RegisterToAtlasd(MapTransform):
             landmarks = map_landmarks(result.atlas_to_subject_vox, atlas.centres)
             spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
             measures = {
-                "dice": round(float(dice), 4), "share_inside_lung": round(share_inside(landmarks, lung), 4),
+                "dice": round(float(dice), 4),
+                "share_inside_lung": round(share_inside(landmarks, lung), 4),
                 "atlas_share_inside_lung": round(atlas.share_inside_lung, 4),
-                "edge_share": anatomy_qc.edge_shares(lung, spacing, axcodes, self.limits.edge_mm,
-                                                     self.limits.airway_mm2),
-                "orientation_dice": (anatomy_qc.orientation_dice(
-                    lung, affine, atlas.mask, atlas.affine, axcodes, self.limits.orientation_mm,
-                    given_atlas_to_subject_world=affine @ result.atlas_to_subject_vox @ np.linalg.inv(atlas.affine))
-                                     if self.check_orientation else None),
+                "edge_share": anatomy_qc.edge_shares(
+                    lung, spacing, axcodes, self.limits.edge_mm, self.limits.airway_mm2
+                ),
+                "orientation_dice": (
+                    anatomy_qc.orientation_dice(
+                        lung,
+                        affine,
+                        atlas.mask,
+                        atlas.affine,
+                        axcodes,
+                        self.limits.orientation_mm,
+                        given_atlas_to_subject_world=affine @ result.atlas_to_subject_vox @ np.linalg.inv(atlas.affine),
+                    )
+                    if self.check_orientation
+                    else None
+                ),
                 "slice_mm": anatomy_qc.slice_spacing(image.meta.get("original_spacing", ()), axcodes),
             }
             verdict = anatomy_qc.assess(measures, self.limits, self.accept)
@@ -300,10 +364,11 @@ class RegisterToAtlasd(MapTransform):
                 if self.failure_pictures and d.get("cache_dir"):
                     _failure_record(d["cache_dir"], subject_id, str(source), image, lung, landmarks, qc)
                 accept_hint = sorted({f.check for f in verdict.failures} & set(anatomy_qc.ACCEPTABLE))
-                hint = (f" (to prepare it anyway: register accept {accept_hint})" if accept_hint else "")
+                hint = f" (to prepare it anyway: register accept {accept_hint})" if accept_hint else ""
                 raise anatomy_qc.AnatomyQCError(
                     f"{source}: failed QC: " + "; ".join(f.text() for f in verdict.failures) + hint,
-                    qc={"subject_id": subject_id, "source": str(source), **qc})
+                    qc={"subject_id": subject_id, "source": str(source), **qc},
+                )
             if verdict.status == anatomy_qc.WARNING:
                 logger.warning("%s: QC warning: %s", source, anatomy_qc.reason_text(qc))
             image.meta["atlas_from_world"] = result.subject_to_atlas_vox @ np.linalg.inv(affine)
@@ -314,10 +379,15 @@ class RegisterToAtlasd(MapTransform):
             d[self.registration_key] = {
                 "atlas_to_subject_vox": result.atlas_to_subject_vox,
                 "subject_to_atlas_vox": result.subject_to_atlas_vox,
-                "subject_affine_ras": affine, "atlas_affine_ras": atlas.affine,
-                "subject_shape": [int(s) for s in image.shape[1:]], "atlas_shape": list(atlas.mask.shape),
-                "transform_mat": transform_mat, "dice": float(dice), "seconds": result.seconds,
-                "recipe": result.recipe, "qc": qc,
+                "subject_affine_ras": affine,
+                "atlas_affine_ras": atlas.affine,
+                "subject_shape": [int(s) for s in image.shape[1:]],
+                "atlas_shape": list(atlas.mask.shape),
+                "transform_mat": transform_mat,
+                "dice": float(dice),
+                "seconds": result.seconds,
+                "recipe": result.recipe,
+                "qc": qc,
             }
         return d
 
@@ -355,10 +425,17 @@ class LandmarkPatchesd(MapTransform):
     own share, lung volume, registration time and recipe, grid and input spacing / shape, axis codes, and the
     anatomy QC of ``RegisterToAtlasd`` (``qc_status``, ``qc_reasons``, its numbers)."""
 
-    def __init__(self, keys: KeysCollection = "image", mask_key: str = "lung_mask",
-                 registration_key: str = "registration", atlas_dir: str | None = None,
-                 patches_key: str = "patches", landmarks_key: str = "landmarks_vox", qc_key: str = "qc",
-                 allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str = "lung_mask",
+        registration_key: str = "registration",
+        atlas_dir: str | None = None,
+        patches_key: str = "patches",
+        landmarks_key: str = "landmarks_vox",
+        qc_key: str = "qc",
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
         self.registration_key = registration_key
@@ -386,13 +463,15 @@ class LandmarkPatchesd(MapTransform):
                 "subject_id": str(d.get("subject_id") or meta.get("subject_id")),
                 "source": str(meta.get("filename_or_obj", "")),
                 "lung_mask": str(getattr(mask, "meta", {}).get("lung_mask_source", AUTO_MASK)),
-                "num_landmarks": int(len(landmarks)), "dice": round(registration["dice"], 4),
+                "num_landmarks": int(len(landmarks)),
+                "dice": round(registration["dice"], 4),
                 "share_inside_lung": round(share_inside(landmarks, lung), 4),
                 "atlas_share_inside_lung": round(atlas.share_inside_lung, 4),
                 "lung_volume_ml": round(float(lung.sum()) * voxel_ml, 1),
                 "registration_seconds": round(registration["seconds"], 2),
                 "registration_recipe": registration["recipe"],
-                "spacing": list(spacing), "shape": [int(s) for s in hu.shape],
+                "spacing": list(spacing),
+                "shape": [int(s) for s in hu.shape],
                 "original_spacing": np.asarray(meta["original_spacing"], dtype=np.float64).tolist(),
                 "original_shape": np.asarray(meta["original_shape"], dtype=np.int64).tolist(),
                 "axcodes": _axcodes(image, self.atlas_dir),
@@ -410,10 +489,20 @@ class WritePreparedSubjectd(MapTransform):
     ``picture``: the entry also holds ``qc.png``, the subject's QC picture (``custom.prepare.qc_figure``; CT
     ``image_key``, lung ``mask_key``, landmarks; a small PNG, what the cohort QC sheet shows)."""
 
-    def __init__(self, keys: KeysCollection = "patches", cache_dir: str | None = None, cache_dir_key: str = "cache_dir",
-                 landmarks_key: str = "landmarks_vox", registration_key: str = "registration", qc_key: str = "qc",
-                 entry_key: str = "entry", picture: bool = True, image_key: str = "image",
-                 mask_key: str = "lung_mask", allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection = "patches",
+        cache_dir: str | None = None,
+        cache_dir_key: str = "cache_dir",
+        landmarks_key: str = "landmarks_vox",
+        registration_key: str = "registration",
+        qc_key: str = "qc",
+        entry_key: str = "entry",
+        picture: bool = True,
+        image_key: str = "image",
+        mask_key: str = "lung_mask",
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.picture = bool(picture)
         self.image_key = image_key
@@ -438,10 +527,19 @@ class WritePreparedSubjectd(MapTransform):
             transform = {k: registration[k] for k in TRANSFORM_KEYS}
             extra = {}
             if self.picture and self.image_key in d and self.mask_key in d:
-                extra[cache.QC_PICTURE] = _picture_bytes(d[self.image_key], _lung_of(d[self.mask_key]),
-                                                   d[self.landmarks_key], qc)
-            entry = cache.write_subject_entry(cache_dir, qc["subject_id"], d[key], d[self.landmarks_key],
-                                              registration["transform_mat"], transform, qc, extra_files=extra)
+                extra[cache.QC_PICTURE] = _picture_bytes(
+                    d[self.image_key], _lung_of(d[self.mask_key]), d[self.landmarks_key], qc
+                )
+            entry = cache.write_subject_entry(
+                cache_dir,
+                qc["subject_id"],
+                d[key],
+                d[self.landmarks_key],
+                registration["transform_mat"],
+                transform,
+                qc,
+                extra_files=extra,
+            )
             _forget_failure(cache_dir, qc["subject_id"])
             d[self.entry_key] = str(entry)
             d[self.qc_key] = qc
@@ -459,16 +557,21 @@ def _picture_bytes(image, lung: np.ndarray, landmarks: np.ndarray, qc: dict) -> 
         return None
 
 
-def load_scan(image: str | Path, lung_mask: str | Path | None = None, axcodes: str | None = None,
-              atlas_dir: str | None = None) -> tuple:
+def load_scan(
+    image: str | Path, lung_mask: str | Path | None = None, axcodes: str | None = None, atlas_dir: str | None = None
+) -> tuple:
     """``LoadCTd`` then ``LungMaskd`` on one scan (``lung_mask``: the user's mask, or None / "auto" for the
     built-in segmentation): (the (1, X, Y, Z) HU MetaTensor, the boolean (X, Y, Z) lung mask), as the scan
     pipeline makes them. Reloads a prepared subject with its ``qc.json`` ``source``, ``lung_mask``, ``axcodes``."""
     from monai.transforms import Compose
 
     user_mask = None if lung_mask in (None, "", AUTO_MASK) else str(lung_mask)
-    chain = Compose([LoadCTd("image", atlas_dir=atlas_dir, axcodes=axcodes),
-                     LungMaskd("image", mask_key="lung_mask", atlas_dir=atlas_dir)])
+    chain = Compose(
+        [
+            LoadCTd("image", atlas_dir=atlas_dir, axcodes=axcodes),
+            LungMaskd("image", mask_key="lung_mask", atlas_dir=atlas_dir),
+        ]
+    )
     out = run_transforms(chain, {"image": str(image), "lung_mask": user_mask})
     return out["image"], _lung_of(out["lung_mask"])
 

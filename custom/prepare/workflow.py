@@ -27,11 +27,11 @@ from custom.data.atlas import landmark_centres, resources_dir
 from custom.engine import subject_shards
 from custom.errors import MissingInputError, producer_of
 from custom.prepare import cache
-from custom.processes import die_with_parent
 from custom.prepare.io import is_dicom_file, is_nifti
 from custom.prepare.pipeline import _failed_row, _ok_row, prepare_subject
 from custom.prepare.registration import get_recipe
 from custom.prepare.transforms import DEFAULT_MIN_DICE, load_atlas  # noqa: F401 - load_atlas re-exported
+from custom.processes import die_with_parent
 
 logger = logging.getLogger("drasclr.prepare")
 MASK_SUFFIX = "_lung_mask"
@@ -84,11 +84,22 @@ def discover_inputs(source: str | Path) -> list:
             stem = _strip_nifti_suffix(name)
             if stem == name or stem.endswith(MASK_SUFFIX):
                 continue
-            mask = next((folder / f"{stem}{MASK_SUFFIX}{s}" for s in (".nii.gz", ".nii")
-                         if (folder / f"{stem}{MASK_SUFFIX}{s}").is_file()), None)
+            mask = next(
+                (
+                    folder / f"{stem}{MASK_SUFFIX}{s}"
+                    for s in (".nii.gz", ".nii")
+                    if (folder / f"{stem}{MASK_SUFFIX}{s}").is_file()
+                ),
+                None,
+            )
             subject_id = str(relative / stem) if str(relative) != "." else stem
-            items.append(SubjectInput(cache.safe_subject_id(subject_id.replace(os.sep, "_")), str(folder / name),
-                                      str(mask) if mask else None))
+            items.append(
+                SubjectInput(
+                    cache.safe_subject_id(subject_id.replace(os.sep, "_")),
+                    str(folder / name),
+                    str(mask) if mask else None,
+                )
+            )
     if not items:
         raise MissingInputError(source, "scans", producer_of(source), "no NIfTI files or DICOM series in the folder")
     return _check_unique(items, source)
@@ -106,8 +117,14 @@ def _inputs_from_csv(path: Path) -> list:
         candidate = Path(value.strip())
         return str(candidate if candidate.is_absolute() else path.parent / candidate)
 
-    items = [SubjectInput(cache.safe_subject_id(row["subject_id"]), resolve(row["image"]) or "",
-                          resolve(row.get("lung_mask", "") or "")) for _, row in table.iterrows()]
+    items = [
+        SubjectInput(
+            cache.safe_subject_id(row["subject_id"]),
+            resolve(row["image"]) or "",
+            resolve(row.get("lung_mask", "") or ""),
+        )
+        for _, row in table.iterrows()
+    ]
     return _check_unique(items, path)
 
 
@@ -139,10 +156,18 @@ def _init_worker(threads: int, parent_pid: int | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- cohort
-def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | None = None,
-                   registration: str = "fast", num_workers: int = 1, resume: bool = True,
-                   progress: bool = True, min_dice: float = DEFAULT_MIN_DICE, transforms=None,
-                   qc_sheet: bool = True) -> pd.DataFrame:
+def prepare_cohort(
+    source: str | Path,
+    cache_dir: str | Path,
+    atlas_dir: str | None = None,
+    registration: str = "fast",
+    num_workers: int = 1,
+    resume: bool = True,
+    progress: bool = True,
+    min_dice: float = DEFAULT_MIN_DICE,
+    transforms=None,
+    qc_sheet: bool = True,
+) -> pd.DataFrame:
     """Prepare every subject of ``source`` into ``cache_dir``; returns the manifest (also written to disk).
 
     Every subject passes the anatomy QC of the scan pipeline (``custom.prepare.anatomy_qc``): ``qc_status`` ok /
@@ -198,8 +223,12 @@ def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | N
     else:
         workers = min(num_workers, len(todo))
         threads = max(1, (os.cpu_count() or 1) // workers)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                                 initializer=_init_worker, initargs=(threads, os.getpid())) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(threads, os.getpid()),
+        ) as pool:
             futures = {pool.submit(_prepare_safely, item, str(cache_dir), options): item for item in todo}
             for future in as_completed(futures):
                 item = futures[future]
@@ -214,8 +243,11 @@ def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | N
         row["rank"] = subject_shards.rank()  # which process prepared (or found) the subject
     if several:
         merged = subject_shards.gather_in_order(zip(subject_shards.positions(len(order)), [rows[s] for s in order]))
-        manifest = (cache.write_manifest(cache_dir, merged) if subject_shards.is_main()
-                    else cache.manifest_table(merged, cache_dir))
+        manifest = (
+            cache.write_manifest(cache_dir, merged)
+            if subject_shards.is_main()
+            else cache.manifest_table(merged, cache_dir)
+        )
         subject_shards.barrier()  # every rank returns once the merged manifest is on disk
     else:
         manifest = flush()
@@ -226,9 +258,15 @@ def prepare_cohort(source: str | Path, cache_dir: str | Path, atlas_dir: str | N
         warned = manifest[manifest.qc_status == "warning"]
         for _, row in warned.iterrows():
             logger.warning("QC warning %s: %s", row.subject_id, row.qc_reason)
-        logger.info("prepared %d of %d subjects (%d with QC warnings, %d reused from the cache, %d failed) into %s",
-                    int((manifest.status == "ok").sum()), len(manifest), len(warned), int(manifest.reused.sum()),
-                    len(failed), cache_dir)
+        logger.info(
+            "prepared %d of %d subjects (%d with QC warnings, %d reused from the cache, %d failed) into %s",
+            int((manifest.status == "ok").sum()),
+            len(manifest),
+            len(warned),
+            int(manifest.reused.sum()),
+            len(failed),
+            cache_dir,
+        )
         if qc_sheet and len(manifest):
             _write_qc_sheet(cache_dir)
     return manifest
@@ -248,9 +286,13 @@ def _write_qc_sheet(cache_dir: Path) -> None:
 def summary(manifest: pd.DataFrame) -> dict:
     """Counts for a log line or a CLI exit code."""
     qc_status = manifest["qc_status"] if "qc_status" in manifest else pd.Series("ok", index=manifest.index)
-    return {"subjects": len(manifest), "ok": int((manifest.status == "ok").sum()),
-            "failed": int((manifest.status == "failed").sum()), "reused": int(manifest.reused.sum()),
-            "qc_warning": int((qc_status == "warning").sum())}
+    return {
+        "subjects": len(manifest),
+        "ok": int((manifest.status == "ok").sum()),
+        "failed": int((manifest.status == "failed").sum()),
+        "reused": int(manifest.reused.sum()),
+        "qc_warning": int((qc_status == "warning").sum()),
+    }
 
 
 __all__ = ["SubjectInput", "discover_inputs", "prepare_subject", "prepare_cohort", "summary", "load_atlas"]

@@ -13,8 +13,19 @@ from custom.synthetic import labels
 
 BOX_MM = 32.0
 ANNOTATION_COLUMNS = [
-    "subject_id", "label", "centre_x", "centre_y", "centre_z", "centre_x_mm", "centre_y_mm", "centre_z_mm",
-    "size_mm", "atlas_x", "atlas_y", "atlas_z", "share_in_box",
+    "subject_id",
+    "label",
+    "centre_x",
+    "centre_y",
+    "centre_z",
+    "centre_x_mm",
+    "centre_y_mm",
+    "centre_z_mm",
+    "size_mm",
+    "atlas_x",
+    "atlas_y",
+    "atlas_z",
+    "share_in_box",
 ]
 
 

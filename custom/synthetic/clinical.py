@@ -107,11 +107,24 @@ def draw_spirometry(rng: np.random.Generator, demo: dict, disease: dict) -> dict
     cle, pse, ple = disease["cle_fraction"], disease["paraseptal_fraction"], disease["panlobular_fraction"]
     airway, trap = disease["airway_disease"], disease["air_trapping_fraction"]
     fev1pp = (
-        102.0 - 0.15 * age - 190.0 * cle - 110.0 * ple - 60.0 * pse - 22.0 * airway - 140.0 * trap
-        - disease["restriction_fev1pp"] + 9.0 * rng.standard_normal()
+        102.0
+        - 0.15 * age
+        - 190.0 * cle
+        - 110.0 * ple
+        - 60.0 * pse
+        - 22.0 * airway
+        - 140.0 * trap
+        - disease["restriction_fev1pp"]
+        + 9.0 * rng.standard_normal()
     )
     ratio = (
-        0.79 - 0.0025 * age - 1.0 * cle - 0.8 * ple - 0.4 * pse - 0.08 * airway - 0.5 * trap
+        0.79
+        - 0.0025 * age
+        - 1.0 * cle
+        - 0.8 * ple
+        - 0.4 * pse
+        - 0.08 * airway
+        - 0.5 * trap
         + 0.035 * rng.standard_normal()
     )
     return {"fev1pp": float(np.clip(fev1pp, 12.0, 140.0)), "fev1_fvc": float(np.clip(ratio, 0.25, 0.92))}

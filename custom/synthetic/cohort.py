@@ -39,8 +39,16 @@ def generate_cohort(
     """Write the SYNTHETIC COPD-like cohort and return its manifest (absolute paths; ``cohort.csv`` holds
     the same with paths relative to ``out_dir``). ``dicom_every=k`` also writes subjects 0, k, 2k, ... as
     DICOM (0: none); ``deformation_mm=0`` makes every subject exactly an affine image of the atlas."""
-    generator = CopdLikeGenerator(num_subjects, seed, voxel_size, deformation_mm, dicom_every, include_panlobular,
-                                  annotation_fraction, fov_mm=fov_mm)
+    generator = CopdLikeGenerator(
+        num_subjects,
+        seed,
+        voxel_size,
+        deformation_mm,
+        dicom_every,
+        include_panlobular,
+        annotation_fraction,
+        fov_mm=fov_mm,
+    )
     return CohortWriter(out_dir, progress).write_cohort(generator)
 
 
@@ -57,6 +65,7 @@ def generate_covid_cohort(
 ) -> pd.DataFrame:
     """Write the SYNTHETIC COVID-like cohort (``covid_cohort.csv``, ``covid_clinical.csv`` with the CT grade)
     and return its manifest. Grades cycle CT-0..CT-4 with the subject index unless ``grade_probs`` is given."""
-    generator = CovidLikeGenerator(num_subjects, seed, voxel_size, deformation_mm, dicom_every, grade_probs,
-                                   fov_mm=fov_mm)
+    generator = CovidLikeGenerator(
+        num_subjects, seed, voxel_size, deformation_mm, dicom_every, grade_probs, fov_mm=fov_mm
+    )
     return CohortWriter(out_dir, progress).write_cohort(generator)

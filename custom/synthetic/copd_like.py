@@ -39,13 +39,21 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
     cohort = "copd"
     id_prefix = "SYN"
     file_prefix = ""
-    lesion_codes = (labels.CENTRILOBULAR, labels.PARASEPTAL, labels.PANLOBULAR, labels.AIRWAY_WALL,
-                    labels.AIR_TRAPPING)
+    lesion_codes = (labels.CENTRILOBULAR, labels.PARASEPTAL, labels.PANLOBULAR, labels.AIRWAY_WALL, labels.AIR_TRAPPING)
     annotation_columns = tuple(ANNOTATION_COLUMNS)
 
-    def __init__(self, num_subjects: int = 8, seed: int = 0, voxel_size: float | tuple = 2.0,
-                 deformation_mm: float = 4.0, dicom_every: int = 4, include_panlobular: bool = True,
-                 annotation_fraction: float = 1.0, max_boxes: dict | None = None, fov_mm=DEFAULT_FOV_MM):
+    def __init__(
+        self,
+        num_subjects: int = 8,
+        seed: int = 0,
+        voxel_size: float | tuple = 2.0,
+        deformation_mm: float = 4.0,
+        dicom_every: int = 4,
+        include_panlobular: bool = True,
+        annotation_fraction: float = 1.0,
+        max_boxes: dict | None = None,
+        fov_mm=DEFAULT_FOV_MM,
+    ):
         super().__init__(num_subjects, seed, voxel_size, deformation_mm, dicom_every, fov_mm)
         self.include_panlobular = as_bool(include_panlobular)
         self.annotation_fraction = float(annotation_fraction)
@@ -54,15 +62,20 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
     def draw_row(self, rng: np.random.Generator, subject_id: str, index: int) -> dict:
         return draw_clinical_row(rng, subject_id, index, self.include_panlobular)
 
-    def paint_lesions(self, rng: np.random.Generator, region: LungRegion, row: dict,
-                      lung_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    def paint_lesions(
+        self, rng: np.random.Generator, region: LungRegion, row: dict, lung_hu: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         """Centrilobular, paraseptal and panlobular emphysema, then air trapping; thickened airway walls."""
-        fractions = {"centrilobular": row["cle_fraction"], "paraseptal": row["paraseptal_fraction"],
-                     "panlobular": row["panlobular_fraction"]}
+        fractions = {
+            "centrilobular": row["cle_fraction"],
+            "paraseptal": row["paraseptal_fraction"],
+            "panlobular": row["panlobular_fraction"],
+        }
         lesion, spacing = region.lesion, region.spacing
         place_emphysema(rng, lesion, region.lung, region.height, region.depth, fractions, spacing)
-        place_air_trapping(rng, lesion, region.lung, region.height, region.posterior, row["air_trapping_fraction"],
-                           spacing)
+        place_air_trapping(
+            rng, lesion, region.lung, region.height, region.posterior, row["air_trapping_fraction"], spacing
+        )
         lung_hu[lesion == labels.AIR_TRAPPING] += AIR_TRAPPING_SHIFT_HU
         emphysema = np.isin(lesion, labels.EMPHYSEMA_CODES)
         target = np.full(lesion.shape, LESION_HU[labels.CENTRILOBULAR], dtype=np.float32)
@@ -87,8 +100,9 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
         return pd.DataFrame(rows)
 
 
-def annotation_rows(row: dict, volumes: dict, grid: SubjectGrid, reference: AtlasReference, rng, annotate: bool,
-                    max_boxes: dict) -> list[dict]:
+def annotation_rows(
+    row: dict, volumes: dict, grid: SubjectGrid, reference: AtlasReference, rng, annotate: bool, max_boxes: dict
+) -> list[dict]:
     """Box rows (``ANNOTATION_COLUMNS``): centre voxel, centre in mm, size, centre in the atlas, lesion share."""
     lung = volumes["lung"] > 0
     lesion = volumes["lesion"]
@@ -110,8 +124,15 @@ def annotation_rows(row: dict, volumes: dict, grid: SubjectGrid, reference: Atla
         atlas = subject_voxels_to_atlas_voxels(
             grid, np.asarray(transform["atlas_to_subject"]), reference.affine_1mm, transform["deformation"], centre
         )[0]
-        values = [row["subject_id"], name, *map(int, centre), *np.round(mm, 2), BOX_MM, *np.round(atlas, 1),
-                  round(share, 4)]
+        values = [
+            row["subject_id"],
+            name,
+            *map(int, centre),
+            *np.round(mm, 2),
+            BOX_MM,
+            *np.round(atlas, 1),
+            round(share, 4),
+        ]
         out.append(dict(zip(ANNOTATION_COLUMNS, values)))
     return out
 

@@ -26,23 +26,34 @@ class CovidLikeGenerator(SyntheticCohortGenerator):
     file_prefix = "covid_"
     lesion_codes = (labels.GROUND_GLASS, labels.CONSOLIDATION)
 
-    def __init__(self, num_subjects: int = 5, seed: int = 0, voxel_size: float | tuple = 2.0,
-                 deformation_mm: float = 4.0, dicom_every: int = 0, grade_probs=None, fov_mm=DEFAULT_FOV_MM):
+    def __init__(
+        self,
+        num_subjects: int = 5,
+        seed: int = 0,
+        voxel_size: float | tuple = 2.0,
+        deformation_mm: float = 4.0,
+        dicom_every: int = 0,
+        grade_probs=None,
+        fov_mm=DEFAULT_FOV_MM,
+    ):
         super().__init__(num_subjects, seed, voxel_size, deformation_mm, dicom_every, fov_mm)
         self.grade_probs = grade_probs
 
     def draw_row(self, rng: np.random.Generator, subject_id: str, index: int) -> dict:
         return draw_covid_row(rng, subject_id, index, self.grade_probs)
 
-    def paint_lesions(self, rng: np.random.Generator, region: LungRegion, row: dict,
-                      lung_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    def paint_lesions(
+        self, rng: np.random.Generator, region: LungRegion, row: dict, lung_hu: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         """Peripheral, posterior, lower-zone ground glass with consolidated cores; no emphysema, normal airways."""
-        place_covid_lesions(rng, region.lesion, region.lung, region.height, region.depth, region.posterior, row,
-                            region.spacing)
+        place_covid_lesions(
+            rng, region.lesion, region.lung, region.height, region.depth, region.posterior, row, region.spacing
+        )
         target = covid_lesion_hu(rng, region.lesion, region.spacing)
         involved = region.lesion > 0
-        lung_hu = blend(lung_hu, np.nan_to_num(target, nan=UNINVOLVED_HU) + 10.0 * region.fine, involved,
-                        region.spacing)
+        lung_hu = blend(
+            lung_hu, np.nan_to_num(target, nan=UNINVOLVED_HU) + 10.0 * region.fine, involved, region.spacing
+        )
         return lung_hu, np.zeros(region.lesion.shape, dtype=bool), 0.0
 
     def finish(self, plan: SubjectPlan, volumes: dict, grid: SubjectGrid, reference: AtlasReference) -> list[dict]:

@@ -121,18 +121,35 @@ def place_emphysema(
     n_lung = int(lung.sum())
     placed = {}
     placed["panlobular"] = place_diffuse(
-        rng, lesion, lung, panlobular_prior(height), round(fractions.get("panlobular", 0.0) * n_lung),
-        labels.PANLOBULAR, spacing,
+        rng,
+        lesion,
+        lung,
+        panlobular_prior(height),
+        round(fractions.get("panlobular", 0.0) * n_lung),
+        labels.PANLOBULAR,
+        spacing,
     )
     cle = fractions.get("centrilobular", 0.0)
     grow = min(cle / 0.25, 1.0)  # larger, confluent clusters as the burden grows
     cle_radius = (CLE_RADIUS_MM[0], CLE_RADIUS_MM[0] + grow * (CLE_RADIUS_MM[1] - CLE_RADIUS_MM[0]) + 1.0)
     placed["centrilobular"] = place_blobs(
-        rng, lesion, lung, centrilobular_prior(height, depth_mm), round(cle * n_lung), cle_radius,
-        labels.CENTRILOBULAR, spacing,
+        rng,
+        lesion,
+        lung,
+        centrilobular_prior(height, depth_mm),
+        round(cle * n_lung),
+        cle_radius,
+        labels.CENTRILOBULAR,
+        spacing,
     )
     placed["paraseptal"] = place_blobs(
-        rng, lesion, lung, paraseptal_prior(height, depth_mm), round(fractions.get("paraseptal", 0.0) * n_lung),
-        PSE_RADIUS_MM, labels.PARASEPTAL, spacing,
+        rng,
+        lesion,
+        lung,
+        paraseptal_prior(height, depth_mm),
+        round(fractions.get("paraseptal", 0.0) * n_lung),
+        PSE_RADIUS_MM,
+        labels.PARASEPTAL,
+        spacing,
     )
     return placed

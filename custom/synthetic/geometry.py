@@ -195,8 +195,11 @@ def subject_to_atlas_points(transform: dict, subject_voxels) -> np.ndarray:
     """Ground truth for registration tests: atlas voxel coordinates (1 mm grid, (N, 3)) of subject voxels,
     deformation included, from a subject's transform JSON."""
     return subject_voxels_to_atlas_voxels(
-        grid_from_transform(transform), np.asarray(transform["atlas_to_subject"]),
-        np.asarray(transform["atlas_affine"]), transform["deformation"], subject_voxels,
+        grid_from_transform(transform),
+        np.asarray(transform["atlas_to_subject"]),
+        np.asarray(transform["atlas_affine"]),
+        transform["deformation"],
+        subject_voxels,
     )
 
 

@@ -68,8 +68,16 @@ def render_subject(hu, lesion, spacing, out_png, title: str, window=(-1100.0, -5
             ax.imshow(slice_hu, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, origin=origin)
             if col == 1:
                 masked = np.ma.masked_equal(slice_lesion, 0)
-                ax.imshow(masked, cmap=cmap, vmin=0, vmax=cmap.N - 1, alpha=0.55, aspect=aspect, origin=origin,
-                          interpolation="nearest")
+                ax.imshow(
+                    masked,
+                    cmap=cmap,
+                    vmin=0,
+                    vmax=cmap.N - 1,
+                    alpha=0.55,
+                    aspect=aspect,
+                    origin=origin,
+                    interpolation="nearest",
+                )
             ax.set_title(f"{name}{' + lesion mask' if col else ''}", fontsize=10)
             ax.axis("off")
     present = [code for code in LESION_COLOURS if (lesion == code).any()]
@@ -87,8 +95,13 @@ def render_clinical_model(table: pd.DataFrame, out_png) -> Path:
     stage_colours = {-1: "#7f7f7f", 0: "#2ca02c", 1: "#bcbd22", 2: "#ff7f0e", 3: "#d62728", 4: "#8c1a1a"}
     for stage, colour in stage_colours.items():
         part = table[table["gold"] == stage]
-        axes[0].scatter(100 * part["emphysema_fraction"], part["fev1pp"], s=9, color=colour,
-                        label="PRISm" if stage == -1 else f"GOLD {stage}")
+        axes[0].scatter(
+            100 * part["emphysema_fraction"],
+            part["fev1pp"],
+            s=9,
+            color=colour,
+            label="PRISm" if stage == -1 else f"GOLD {stage}",
+        )
     axes[0].set_xlabel("emphysema (% of lung, all subtypes)")
     axes[0].set_ylabel("FEV1 % predicted")
     axes[0].legend(fontsize=8)

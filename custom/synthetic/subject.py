@@ -126,9 +126,16 @@ class SyntheticCohortGenerator:
     lesion_codes: tuple = ()
     annotation_columns: tuple | None = None
 
-    def __init__(self, num_subjects: int, seed: int = 0, voxel_size: float | tuple = 2.0,
-                 deformation_mm: float = 4.0, dicom_every: int = 0, fov_mm=DEFAULT_FOV_MM,
-                 fov_centre_mm=DEFAULT_FOV_CENTRE_MM):
+    def __init__(
+        self,
+        num_subjects: int,
+        seed: int = 0,
+        voxel_size: float | tuple = 2.0,
+        deformation_mm: float = 4.0,
+        dicom_every: int = 0,
+        fov_mm=DEFAULT_FOV_MM,
+        fov_centre_mm=DEFAULT_FOV_CENTRE_MM,
+    ):
         self.num_subjects, self.seed = int(num_subjects), int(seed)
         self.voxel_size, self.deformation_mm = voxel_size, float(deformation_mm)
         self.dicom_every, self.fov_mm, self.fov_centre_mm = int(dicom_every), fov_mm, fov_centre_mm
@@ -137,8 +144,9 @@ class SyntheticCohortGenerator:
     def draw_row(self, rng: np.random.Generator, subject_id: str, index: int) -> dict:
         raise NotImplementedError
 
-    def paint_lesions(self, rng: np.random.Generator, region: LungRegion, row: dict,
-                      lung_hu: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    def paint_lesions(
+        self, rng: np.random.Generator, region: LungRegion, row: dict, lung_hu: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         """Fill ``region.lesion`` and return (lung HU with the lesions, the emphysema mask that prunes vessels,
         the airway-wall thickening)."""
         raise NotImplementedError
@@ -179,14 +187,16 @@ class SyntheticCohortGenerator:
             volumes = self.synthesize(plan)
             yield plan, volumes, self.finish(plan, volumes, self.grid, self.reference)
 
-    def synthesize(self, plan: SubjectPlan, grid: SubjectGrid | None = None,
-                   reference: AtlasReference | None = None) -> dict:
+    def synthesize(
+        self, plan: SubjectPlan, grid: SubjectGrid | None = None, reference: AtlasReference | None = None
+    ) -> dict:
         """Image, lesion map, lung mask, transform and measured quantities of one subject (in memory)."""
         grid, reference = grid or self.grid, reference or self.reference
         geo, img = plan.streams["geometry"], plan.streams["image"]
         habitus = draw_body_habitus(geo)
-        world = draw_world_transform(geo, reference.lung_centre_mm, self.fov_centre_mm,
-                                     size_factor=plan.protocol["lung_size_factor"])
+        world = draw_world_transform(
+            geo, reference.lung_centre_mm, self.fov_centre_mm, size_factor=plan.protocol["lung_size_factor"]
+        )
         deformation = draw_deformation(geo, amplitude_mm=self.deformation_mm)
         atlas_to_subject = np.asarray(world["atlas_to_subject"])
         atlas_vox = subject_to_atlas_voxel(grid, atlas_to_subject, reference.affine_1mm, deformation)
@@ -200,10 +210,16 @@ class SyntheticCohortGenerator:
         lesion[crop] = np.where(region.lung, region.lesion, labels.NONE)
         add_scanner_noise(img, hu, plan.protocol, grid.spacing)
         image = np.clip(np.rint(hu), *HU_STORE_RANGE).astype(np.int16)
-        transform = self._transform_record(world, atlas_to_subject, deformation, habitus, plan.protocol, grid,
-                                           reference)
-        return {"image": image, "lesion": lesion, "lung": lung_label, "transform": transform,
-                "measured": self._measure(image, lesion, lung_label > 0, crop, region.lung, grid.spacing)}
+        transform = self._transform_record(
+            world, atlas_to_subject, deformation, habitus, plan.protocol, grid, reference
+        )
+        return {
+            "image": image,
+            "lesion": lesion,
+            "lung": lung_label,
+            "transform": transform,
+            "measured": self._measure(image, lesion, lung_label > 0, crop, region.lung, grid.spacing),
+        }
 
     @staticmethod
     def _body_and_lung(reference: AtlasReference, atlas_vox: np.ndarray, habitus: dict):
@@ -229,13 +245,21 @@ class SyntheticCohortGenerator:
         lung_hu = PARENCHYMA_HU + protocol["inspiration_shift_hu"] + 30.0 * (priors["posterior"] - 0.4)
         texture, fine = parenchymal_texture(img, shape, spacing)
         lung_hu = lung_hu.astype(np.float32) + texture
-        region = LungRegion(priors["lung"], priors["height"], priors["depth"], priors["posterior"],
-                            np.zeros(shape, dtype=np.uint8), fine, tuple(spacing))
+        region = LungRegion(
+            priors["lung"],
+            priors["height"],
+            priors["depth"],
+            priors["posterior"],
+            np.zeros(shape, dtype=np.uint8),
+            fine,
+            tuple(spacing),
+        )
         return region, lung_hu
 
     @staticmethod
-    def _vessels_and_airways(img: np.random.Generator, region: LungRegion, lung_hu: np.ndarray,
-                             emphysema: np.ndarray, thickening: float) -> np.ndarray:
+    def _vessels_and_airways(
+        img: np.random.Generator, region: LungRegion, lung_hu: np.ndarray, emphysema: np.ndarray, thickening: float
+    ) -> np.ndarray:
         """Vessels (pruned in emphysema), airway lumen and walls (thickened by ``thickening``) in lesion-free lung."""
         shape, spacing, fine = region.lung.shape, region.spacing, region.fine
         vessels = draw_vessel_tree(img, shape, spacing, region.depth)

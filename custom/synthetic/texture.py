@@ -10,9 +10,7 @@ from scipy import ndimage
 PARENCHYMA_HU = -850.0  # healthy lung at a standard inspiration
 
 
-def smooth_field(
-    rng: np.random.Generator, shape, sigma_mm: float, spacing, truncate: float = 3.0
-) -> np.ndarray:
+def smooth_field(rng: np.random.Generator, shape, sigma_mm: float, spacing, truncate: float = 3.0) -> np.ndarray:
     """Gaussian random field with unit standard deviation and correlation length ``sigma_mm``."""
     white = rng.standard_normal(tuple(shape), dtype=np.float32)
     sigma_vox = [sigma_mm / s for s in spacing]

@@ -234,19 +234,30 @@ class CohortWriter:
         out.mkdir(parents=True, exist_ok=True)
         grid = generator.grid
         manifest, clinical, annotations = [], [], []
-        subjects = tqdm(generator.subjects(), total=generator.num_subjects, desc=f"synthetic {generator.cohort} cohort",
-                        disable=not self.progress)
+        subjects = tqdm(
+            generator.subjects(),
+            total=generator.num_subjects,
+            desc=f"synthetic {generator.cohort} cohort",
+            disable=not self.progress,
+        )
         start = time.perf_counter()
         for plan, volumes, boxes in subjects:
             sid = plan.row["subject_id"]
             annotations += boxes
-            paths = self.write_subject(sid, volumes, grid, generator.wants_dicom(plan.index), generator.seed,
-                                       plan.protocol["dicom_kernel"])
+            paths = self.write_subject(
+                sid, volumes, grid, generator.wants_dicom(plan.index), generator.seed, plan.protocol["dicom_kernel"]
+            )
             clinical.append(generator.table_row(plan, volumes))
-            manifest.append({"subject_id": sid, "cohort": generator.cohort, **paths,
-                             "shape": "x".join(map(str, grid.shape)),
-                             "spacing_mm": "x".join(f"{s:g}" for s in grid.spacing),
-                             "seconds": round(time.perf_counter() - start, 2)})
+            manifest.append(
+                {
+                    "subject_id": sid,
+                    "cohort": generator.cohort,
+                    **paths,
+                    "shape": "x".join(map(str, grid.shape)),
+                    "spacing_mm": "x".join(f"{s:g}" for s in grid.spacing),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
             start = time.perf_counter()
         prefix = generator.file_prefix
         manifest_df = pd.DataFrame(manifest)
@@ -254,9 +265,13 @@ class CohortWriter:
         save_csv(out / f"{prefix}clinical.csv", pd.DataFrame(clinical))
         if generator.annotation_columns is not None:
             save_csv(out / f"{prefix}annotations.csv", pd.DataFrame(annotations, columns=generator.annotation_columns))
-        datalist = {"description": SYNTHETIC_NOTE, "training": [
-            {"image": m["image"], "label": m["label"], "lung_mask": m["lung_mask"], "subject_id": m["subject_id"]}
-            for m in manifest]}
+        datalist = {
+            "description": SYNTHETIC_NOTE,
+            "training": [
+                {"image": m["image"], "label": m["label"], "lung_mask": m["lung_mask"], "subject_id": m["subject_id"]}
+                for m in manifest
+            ],
+        }
         save_json(out / f"{prefix}datalist.json", datalist)
         save_text(out / "SYNTHETIC_README.txt", readme_text(out))
         absolute = manifest_df.copy()

@@ -31,8 +31,14 @@ SCHEMA_DIR = "resources/schema"
 ZOO_SCHEMA_SHA256 = {"meta_schema_20240725.json": "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"}
 METADATA_RELPATH = "configs/metadata.json"
 LARGE_FILES_RELPATH = "large_files.yml"
-REQUIRED_FILES = (METADATA_RELPATH, "LICENSE", "docs/README.md", "docs/data_license.txt", LARGE_FILES_RELPATH,
-                  SCHEMA_RELPATH)
+REQUIRED_FILES = (
+    METADATA_RELPATH,
+    "LICENSE",
+    "docs/README.md",
+    "docs/data_license.txt",
+    LARGE_FILES_RELPATH,
+    SCHEMA_RELPATH,
+)
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
 
 
@@ -60,11 +66,14 @@ def zoo_schema_path(bundle_root: str | Path | None = None, meta: dict | None = N
     name = url.rstrip("/").rsplit("/", 1)[-1]
     path = root / SCHEMA_DIR / name
     if not name or not path.is_file():
-        raise FileNotFoundError(f"no offline copy of the Model Zoo schema {url!r}: expected {path} (see "
-                                f"{SCHEMA_DIR}/README.md)")
+        raise FileNotFoundError(
+            f"no offline copy of the Model Zoo schema {url!r}: expected {path} (see " f"{SCHEMA_DIR}/README.md)"
+        )
     if name in ZOO_SCHEMA_SHA256 and not check_hash(path, ZOO_SCHEMA_SHA256[name], "sha256"):
-        raise ValueError(f"{path} differs from the Model Zoo's schema (sha256 {ZOO_SCHEMA_SHA256[name]}); "
-                         "restore the unchanged file")
+        raise ValueError(
+            f"{path} differs from the Model Zoo's schema (sha256 {ZOO_SCHEMA_SHA256[name]}); "
+            "restore the unchanged file"
+        )
     return path
 
 
@@ -125,8 +134,10 @@ def verify_large_files(bundle_root: str | Path | None = None, require_present: b
         target = root / entry["path"]
         if require_present and not (target.is_file() and entry.get("hash_val")):
             state = "has no hash_val" if target.is_file() else "is not there"
-            raise ValueError(f"{root / LARGE_FILES_RELPATH} lists {entry['path']}, which {state}: the Model Zoo's "
-                             f"CI would download it from url {entry.get('url')!r}")
+            raise ValueError(
+                f"{root / LARGE_FILES_RELPATH} lists {entry['path']}, which {state}: the Model Zoo's "
+                f"CI would download it from url {entry.get('url')!r}"
+            )
         if target.is_file() and entry.get("hash_val"):
             if not check_hash(target, entry["hash_val"], entry["hash_type"]):
                 raise ValueError(f"{target}: {entry['hash_type']} differs from {root / LARGE_FILES_RELPATH}")
@@ -134,18 +145,28 @@ def verify_large_files(bundle_root: str | Path | None = None, require_present: b
     return checked
 
 
-def verify_network(config_file: str | Sequence[str], bundle_root: str | Path | None = None,
-                   net_id: str = "network_def") -> None:
+def verify_network(
+    config_file: str | Sequence[str], bundle_root: str | Path | None = None, net_id: str = "network_def"
+) -> None:
     """``monai.bundle.verify_net_in_out`` on CPU: a random input of the metadata's shape and dtype must give the
     metadata's output channels and dtype."""
     root = _root(bundle_root)
-    verify_net_in_out(net_id=net_id, meta_file=str(root / METADATA_RELPATH), config_file=_files(config_file),
-                      device="cpu", bundle_root=str(root))
+    verify_net_in_out(
+        net_id=net_id,
+        meta_file=str(root / METADATA_RELPATH),
+        config_file=_files(config_file),
+        device="cpu",
+        bundle_root=str(root),
+    )
 
 
-def export_torchscript(config_file: str | Sequence[str], bundle_root: str | Path | None = None,
-                       ckpt_file: str | Path | None = None, filepath: str | Path | None = None,
-                       net_id: str = "network_def") -> Path:
+def export_torchscript(
+    config_file: str | Sequence[str],
+    bundle_root: str | Path | None = None,
+    ckpt_file: str | Path | None = None,
+    filepath: str | Path | None = None,
+    net_id: str = "network_def",
+) -> Path:
     """``monai.bundle.ckpt_export``: load ``models/model.pt`` into ``network_def`` and script it to
     ``models/model.ts`` (metadata and configs stored inside), written atomically."""
     from custom.atomic_io import atomic_path
@@ -156,8 +177,14 @@ def export_torchscript(config_file: str | Sequence[str], bundle_root: str | Path
     if not ckpt_file.is_file():
         raise FileNotFoundError(f"checkpoint not found: {ckpt_file}")
     with atomic_path(filepath) as tmp:
-        ckpt_export(net_id=net_id, filepath=str(tmp), ckpt_file=str(ckpt_file), meta_file=str(root / METADATA_RELPATH),
-                    config_file=_files(config_file), bundle_root=str(root))
+        ckpt_export(
+            net_id=net_id,
+            filepath=str(tmp),
+            ckpt_file=str(ckpt_file),
+            meta_file=str(root / METADATA_RELPATH),
+            config_file=_files(config_file),
+            bundle_root=str(root),
+        )
     return filepath
 
 
@@ -181,8 +208,12 @@ def check(bundle_root: str | Path | None = None, config_file: str | Sequence[str
     hashed = verify_large_files(root)
     if config_file is not None:
         verify_network(config_file, root)
-    return {"bundle_root": str(root), "version": meta["version"], "hash_checked": [str(p) for p in hashed],
-            "network_verified": config_file is not None}
+    return {
+        "bundle_root": str(root),
+        "version": meta["version"],
+        "hash_checked": [str(p) for p in hashed],
+        "network_verified": config_file is not None,
+    }
 
 
 def _files(config_file: str | Sequence[str]) -> str | list[str]:

@@ -40,8 +40,18 @@ from custom.zoo.conformance import (
 COPIED_FOLDERS = ("configs", "scripts", "resources", "docs")
 COPIED_FILES = ("LICENSE", LARGE_FILES_RELPATH)
 # Never shipped: generated data, run outputs, caches, half-written files.
-EXCLUDED_NAMES = {"demo_data", "runs", "checkpoints", "mlruns", "eval", "__pycache__", ".pytest_cache", ".ruff_cache",
-                  ".ipynb_checkpoints", ".DS_Store"}
+EXCLUDED_NAMES = {
+    "demo_data",
+    "runs",
+    "checkpoints",
+    "mlruns",
+    "eval",
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".ipynb_checkpoints",
+    ".DS_Store",
+}
 EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 
 
@@ -75,9 +85,11 @@ def _write_large_files(bundle_dir: Path, shipped: list[str]) -> None:
         entry = {"path": rel, "url": source.get(rel, {}).get("url") or ""}
         entry.update(hash_val=_sha256(bundle_dir / rel), hash_type="sha256")
         entries.append(entry)
-    header = ("# The weight files shipped in this export, each with its sha256. MONAI's download_url, which the\n"
-              "# Model Zoo's CI runs for every entry, skips a file that is present with this hash. `url` is empty\n"
-              "# until the weights are published (see docs/README.md).\n")
+    header = (
+        "# The weight files shipped in this export, each with its sha256. MONAI's download_url, which the\n"
+        "# Model Zoo's CI runs for every entry, skips a file that is present with this hash. `url` is empty\n"
+        "# until the weights are published (see docs/README.md).\n"
+    )
     with atomic_path(path) as tmp:
         tmp.write_text(header + yaml.safe_dump({"large_files": entries}, sort_keys=False))
 
@@ -89,9 +101,13 @@ def _copy_models(bundle_root: Path, bundle_dir: Path, include_model: bool, inclu
     if include_model:
         model = bundle_root / "models" / "model.pt"
         if not model.is_file():
-            raise MissingInputError(model, "model weights", "finetune",
-                                    "the export ships them; include_model=False (--include_model false) makes a "
-                                    "development export without them")
+            raise MissingInputError(
+                model,
+                "model weights",
+                "finetune",
+                "the export ships them; include_model=False (--include_model false) makes a "
+                "development export without them",
+            )
         wanted += ["model.pt", "model.ts"]  # model.ts: shipped when there
     if include_pretrained:
         pretrained = bundle_root / "models" / "pretrained.pt"
@@ -150,8 +166,9 @@ def export_bundle(
         shipped = _copy_models(bundle_root, staging, include_model, include_pretrained)
         if torchscript:
             if "models/model.pt" not in shipped:
-                raise MissingInputError(bundle_root / "models" / "model.pt", "model weights", "finetune",
-                                        "torchscript needs them")
+                raise MissingInputError(
+                    bundle_root / "models" / "model.pt", "model weights", "finetune", "torchscript needs them"
+                )
             export_torchscript(staging / inference_config, bundle_root=staging)
             shipped = sorted(set(shipped) | {"models/model.ts"})
         _write_large_files(staging, shipped)

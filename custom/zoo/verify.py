@@ -58,8 +58,11 @@ class ZooCheckError(ValueError):
     """A Model Zoo verification step failed; ``step`` names it."""
 
     def __init__(self, step: str, message: str):
-        self.step = step
-        super().__init__(f"{step}: {message}")
+        self.step, self.message = step, message
+        super().__init__(step, message)
+
+    def __str__(self) -> str:
+        return f"{self.step}: {self.message}"
 
 
 def find_config(folder: Path, stem: str) -> Path | None:
@@ -85,8 +88,10 @@ def use_bundle_code(bundle_dir: Path) -> None:
     is the bundle's own copy when the bundle carries one."""
     where = foreign_custom(bundle_dir)
     if where is not None:
-        raise RuntimeError(f"custom is imported from {where}, not from the bundle's own copy in {bundle_dir}: run with "
-                           f"the bundle folder on PYTHONPATH (PYTHONPATH={bundle_dir} python -m custom.zoo.verify ...)")
+        raise RuntimeError(
+            f"custom is imported from {where}, not from the bundle's own copy in {bundle_dir}: run with "
+            f"the bundle folder on PYTHONPATH (PYTHONPATH={bundle_dir} python -m custom.zoo.verify ...)"
+        )
     if str(bundle_dir) not in sys.path:
         sys.path.insert(0, str(bundle_dir))
 
@@ -107,8 +112,9 @@ def check_large_files(bundle_dir: Path) -> list[str]:
         try:
             download_url(filepath=bundle_dir / entry["path"], **args)
         except Exception as e:  # noqa: BLE001 - any failure of the download step fails the Zoo's CI
-            raise ZooCheckError("large_files", f"{entry['path']} (url {entry.get('url')!r}): "
-                                               f"{type(e).__name__}: {e}") from e
+            raise ZooCheckError(
+                "large_files", f"{entry['path']} (url {entry.get('url')!r}): " f"{type(e).__name__}: {e}"
+            ) from e
         paths.append(entry["path"])
     return paths
 
@@ -164,9 +170,13 @@ def check_metadata(bundle_dir: Path, schema: Path | None = None) -> str:
 def check_properties(bundle_dir: Path, config: Path) -> list:
     """Step 5: MONAI's inference and metadata properties of the inference config, with its default settings."""
     try:
-        workflow = create_workflow(workflow_type="inference", config_file=str(config), bundle_root=str(bundle_dir),
-                                   meta_file=str(bundle_dir / "configs" / "metadata.json"),
-                                   logging_file=_logging_file(bundle_dir))
+        workflow = create_workflow(
+            workflow_type="inference",
+            config_file=str(config),
+            bundle_root=str(bundle_dir),
+            meta_file=str(bundle_dir / "configs" / "metadata.json"),
+            logging_file=_logging_file(bundle_dir),
+        )
         workflow.properties = {**MetaProperties, **InferProperties}
         missing = workflow.check_properties()
     except Exception as e:  # noqa: BLE001
@@ -179,8 +189,13 @@ def check_properties(bundle_dir: Path, config: Path) -> list:
 def check_net_in_out(bundle_dir: Path, config: Path, device: str) -> None:
     """Step 6: ``verify_net_in_out`` on ``network_def``."""
     try:
-        verify_net_in_out(net_id=NET_ID, meta_file=str(bundle_dir / "configs" / "metadata.json"),
-                          config_file=str(config), bundle_root=str(bundle_dir), device=device)
+        verify_net_in_out(
+            net_id=NET_ID,
+            meta_file=str(bundle_dir / "configs" / "metadata.json"),
+            config_file=str(config),
+            bundle_root=str(bundle_dir),
+            device=device,
+        )
     except Exception as e:  # noqa: BLE001
         raise ZooCheckError("net_in_out", f"{type(e).__name__}: {e}") from e
 
@@ -192,9 +207,14 @@ def check_torchscript(bundle_dir: Path, config: Path) -> list[str]:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             exported = Path(tmp) / "verify_model.ts"
-            ckpt_export(net_id=NET_ID, filepath=str(exported), ckpt_file=str(bundle_dir / "models" / "model.pt"),
-                        meta_file=str(bundle_dir / "configs" / "metadata.json"), config_file=str(config),
-                        bundle_root=str(bundle_dir))
+            ckpt_export(
+                net_id=NET_ID,
+                filepath=str(exported),
+                ckpt_file=str(bundle_dir / "models" / "model.pt"),
+                meta_file=str(bundle_dir / "configs" / "metadata.json"),
+                config_file=str(config),
+                bundle_root=str(bundle_dir),
+            )
             torch.jit.load(str(exported), map_location="cpu")
             loaded.append("ckpt_export of models/model.pt")
         shipped = bundle_dir / "models" / "model.ts"
@@ -211,8 +231,13 @@ def _logging_file(bundle_dir: Path) -> str | None:
     return str(path) if path.is_file() else None
 
 
-def verify_bundle(bundle_dir: str | Path, mode: str = "full", model_info: dict | str | Path | None = None,
-                  schema: str | Path | None = None, device: str = "cpu") -> dict:
+def verify_bundle(
+    bundle_dir: str | Path,
+    mode: str = "full",
+    model_info: dict | str | Path | None = None,
+    schema: str | Path | None = None,
+    device: str = "cpu",
+) -> dict:
     """Run the Zoo's steps on ``bundle_dir`` (``mode`` ``min`` or ``full``); raise ``ZooCheckError`` at the first
     failing step. Returns what each step saw."""
     if mode not in MODES:
@@ -249,8 +274,12 @@ def _with_package(report: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle_dir", required=True, help="the bundle folder (e.g. dist/drasclr_lung_ct)")
-    parser.add_argument("--mode", choices=MODES, default="full", help="min: files and metadata; full: also the "
-                        "network checks (default)")
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="full",
+        help="min: files and metadata; full: also the " "network checks (default)",
+    )
     parser.add_argument("--model_info", default=None, help="the Zoo's models/model_info.json: the version must be new")
     parser.add_argument("--schema", default=None, help="schema file (default: the bundle's copy of the Zoo schema)")
     parser.add_argument("--device", default="cpu", help="device of the network checks (default cpu)")
