@@ -5,6 +5,7 @@ import copy
 import hashlib
 import json
 import subprocess
+import sys
 import warnings
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -48,11 +49,29 @@ def network_config(tmp_path_factory) -> Path:
     return path
 
 
+# The sections of the Model Zoo's model cards (docs/readme_template.md and the cards of models/*/docs/README.md).
+ZOO_CARD_SECTIONS = (
+    "Authors",
+    "Tags",
+    "Model Overview",
+    "Data",
+    "Training configuration",
+    "Performance",
+    "MONAI Bundle Commands",
+    "System Configuration",
+    "Limitations",
+    "Citation",
+    "References",
+    "License",
+)
+
+
 def test_bundle_has_the_files_the_zoo_requires():
     assert conformance.check_layout(BUNDLE) == BUNDLE
     card = (BUNDLE / "docs" / "README.md").read_text()
-    for section in ("Intended use", "Inputs and outputs", "Training data", "Limitations", "Licen"):
-        assert section in card, f"model card lacks a '{section}' section"
+    headings = [line.lstrip("#").strip().strip("*").strip() for line in card.splitlines() if line.startswith("#")]
+    for section in ZOO_CARD_SECTIONS + ("Intended use", "Inputs and outputs", "Training data"):
+        assert section in headings, f"model card lacks a '{section}' section (has {headings})"
     licence = (BUNDLE / "LICENSE").read_text()
     assert "Apache License" in licence and "batmanlab" in licence and "resources/atlas/LICENSE" in licence
     assert "MIT License" in (BUNDLE / "resources" / "atlas" / "LICENSE").read_text()
@@ -77,7 +96,6 @@ def test_the_zoo_schema_named_by_the_metadata_is_vendored_unchanged(tmp_path):
         conformance.zoo_schema_path(root, dict(METADATA, schema="https://example.org/meta_schema_29990101.json"))
 
 
-LEGACY_JSONSCHEMA_PYTHON = REPO_ROOT / ".venv-monailabel" / "bin" / "python"  # jsonschema 3.2 (tools/monailabel_env.sh)
 SCHEMA_FILES = [conformance.SCHEMA_RELPATH, "resources/schema/meta_schema_20240725.json"]
 
 
@@ -100,9 +118,10 @@ def test_schemas_resolve_their_refs_as_jsonschema_3_does(schema_file):
             validator.validate(broken)
 
 
-@pytest.mark.skipif(not LEGACY_JSONSCHEMA_PYTHON.is_file(), reason="the MONAI Label venv (jsonschema 3.2) is not built")
+@pytest.mark.slow  # the first use builds the MONAI Label venv (conftest.monailabel_python), minutes
 @pytest.mark.parametrize("schema_file", SCHEMA_FILES)
-def test_schemas_validate_under_monai_labels_jsonschema(schema_file):
+def test_schemas_validate_under_monai_labels_jsonschema(monailabel_python, schema_file):
+    """The metadata validates under the jsonschema of MONAI Label's venv (3.2), with both schemas."""
     code = (
         "import json, sys, jsonschema; from importlib.metadata import version; "
         "jsonschema.validate(json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))); "
@@ -110,7 +129,7 @@ def test_schemas_validate_under_monai_labels_jsonschema(schema_file):
     )
     done = subprocess.run(
         [
-            str(LEGACY_JSONSCHEMA_PYTHON),
+            str(monailabel_python),
             "-c",
             code,
             str(BUNDLE / conformance.METADATA_RELPATH),
@@ -166,24 +185,51 @@ def test_version_must_be_listed_in_the_changelog(tmp_path):
         conformance.verify_bundle_metadata(BUNDLE, meta_file=_write_json(tmp_path / "metadata.json", broken))
 
 
-def test_network_data_format_describes_the_emphysema_classifier():
+def test_network_data_format_describes_what_the_network_returns():
+    """``outputs.pred`` is what ``network_def`` returns: (B, 3) float32 logits (unbounded, so no value range), one
+    channel per class of EMPHYSEMA_CLASSES in order; the channel names are the label names MONAI Label lists."""
     image = METADATA["network_data_format"]["inputs"]["image"]
     pred = METADATA["network_data_format"]["outputs"]["pred"]
     assert (image["num_channels"], image["spatial_shape"], image["dtype"]) == (4, [32, 32, 32], "float32")
     assert image["value_range"] == [-1, 1] and image["channel_def"]["0"].startswith("intensity")
-    assert pred["num_channels"] == len(EMPHYSEMA_CLASSES)
-    assert [pred["channel_def"][str(i)].split()[0] for i in range(len(EMPHYSEMA_CLASSES))] == list(EMPHYSEMA_CLASSES)
+    assert (pred["type"], pred["format"], pred["value_range"]) == ("logits", "classes", [])
+    assert pred["channel_def"] == {str(i): name for i, name in enumerate(EMPHYSEMA_CLASSES)}
+    parser = ConfigParser()
+    parser.read_config(str(INFERENCE_CONFIG))
+    net = parser.get_parsed_content("network_def").eval()
+    x = torch.rand(2, 4, 32, 32, 32) * 2 - 1
+    with torch.no_grad():
+        out = net(x)
+    assert list(out.shape) == [2, pred["num_channels"], *pred["spatial_shape"]]
+    assert str(out.dtype) == f"torch.{pred['dtype']}"
+    # logits, not probabilities: the 3 channels are the linear head's output, not normalised
+    with torch.no_grad():
+        assert torch.allclose(out, net.classifier(net.embed(x)))
+
+
+def test_metadata_describes_the_map_labels_and_uses_the_zoo_vocabulary():
+    """The voxel map's labels (not the patch classifier's classes) are in pred_classes and the description;
+    data_type names the readers' libraries as the Zoo's bundles do (nibabel, dicom)."""
+    from custom.emphysema.network import MAP_LABELS
+
+    assert MAP_LABELS[0] == "background"
+    for text in (METADATA["pred_classes"], METADATA["description"]):
+        assert "0 outside the lung (background)" in text, text
+        for value, name in enumerate(MAP_LABELS[1:], start=1):
+            assert f"{value} {name}" in text, (value, name, text)
+    assert [t.strip() for t in METADATA["data_type"].split(",")] == ["nibabel", "dicom"]
+    assert METADATA["eval_metrics"] == {}  # no evaluation on real data (docs/README.md, Performance)
 
 
 def test_package_versions_agree_with_the_declared_stack():
     """Every version in the metadata satisfies the requirements pyproject.toml declares (as installed);
     exact pins equal the installed versions; every declared package is listed."""
-    declared = {
-        Requirement(line).name.lower(): Requirement(line) for line in package_metadata.requires("drasclr-bundle")
-    }
+    runtime = [Requirement(line) for line in package_metadata.requires("drasclr-bundle")]
+    runtime = [req for req in runtime if not (req.marker and "extra" in str(req.marker))]  # test/lint extras
+    declared = {req.name.lower(): req for req in runtime}
     listed = dict(METADATA["required_packages_version"])
     listed.update(monai=METADATA["monai_version"], torch=METADATA["pytorch_version"], numpy=METADATA["numpy_version"])
-    missing = sorted(set(declared) - set(listed) - {"pytest", "jsonschema"})  # test-only extras
+    missing = sorted(set(declared) - set(listed))
     assert not missing, f"pyproject dependencies absent from metadata.json: {missing}"
     installed = conformance.installed_versions(listed)
     for name, version in listed.items():
@@ -272,3 +318,24 @@ def test_ckpt_export_rejects_a_missing_checkpoint(tmp_path, network_config):
 def test_check_runs_every_offline_check(network_config):
     summary = conformance.check(BUNDLE, network_config)
     assert summary["version"] == "0.5.0" and summary["network_verified"]
+
+
+def test_every_workflow_config_applies_the_bundles_logging_conf():
+    """MONAI applies ``<folder of the first config>/logging.conf`` before a workflow: every workflow config (one with a
+    ``run`` id), and the overlays in the merge orders the docs and the ablations use, finds configs/logging.conf (no
+    "Default logging file ... does not exist"). In a child process: applying it changes the process's logging."""
+    configs = BUNDLE / "configs"
+    workflows = sorted(p for p in configs.glob("*.yaml") if "run" in (yaml.safe_load(p.read_text()) or {}))
+    assert {"train.yaml", "inference.yaml", "prepare.yaml"} <= {p.name for p in workflows}
+    overlays = [("train.yaml", "paper.yaml", "multi_gpu_train.yaml"), ("train.yaml", "paper.yaml", "ablation.yaml")]
+    runs = [str(p) for p in workflows] + ["+".join(str(configs / name) for name in names) for names in overlays]
+    code = (
+        "import sys\nfrom monai.bundle import ConfigWorkflow\n"
+        "for run in sys.argv[1:]:\n    ConfigWorkflow(config_file=run.split('+'), workflow_type=None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, *runs], capture_output=True, text=True, timeout=300)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "Default logging file" not in output, output[-3000:]
+    applied = f"Setting logging properties based on config: {configs / 'logging.conf'}"
+    assert output.count(applied) == len(runs), output[-3000:]
