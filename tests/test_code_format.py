@@ -11,10 +11,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+SOURCES = ["custom", "bundle", "tests", "tools"]  # the project's Python; never the virtual environments beside it
 GATES = {
-    "black": [sys.executable, "-m", "black", "--check", "--quiet", "."],
-    "isort": [sys.executable, "-m", "isort", "--check-only", "--quiet", "."],
-    "flake8": [sys.executable, "-m", "flake8", "."],
+    "black": [sys.executable, "-m", "black", "--check", "--quiet", *SOURCES],
+    "isort": [sys.executable, "-m", "isort", "--check-only", "--quiet", *SOURCES],
+    "flake8": [sys.executable, "-m", "flake8", *SOURCES],
 }
 
 
@@ -30,7 +31,7 @@ def test_the_gate_catches_a_regression(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os,sys\ndef f(x = [ ]) :\n    return  x\n")
     for tool in ("black", "isort", "flake8"):
-        args = [a if a != "." else str(bad) for a in GATES[tool]]
+        args = [a for a in GATES[tool] if a not in SOURCES] + [str(bad)]
         if tool != "flake8":
             args.insert(
                 -1,

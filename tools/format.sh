@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-.venv/bin/isort -q .
-.venv/bin/black -q .
-.venv/bin/flake8 .
+.venv/bin/isort -q custom bundle tests tools
+.venv/bin/black -q custom bundle tests tools
+.venv/bin/flake8 custom bundle tests tools
