@@ -1,6 +1,8 @@
 """Shared test settings: deterministic, small, and on the CPU."""
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,42 @@ REAL_CT = Path(os.environ.get("DRASCLR_REAL_CT", SHARED_DATA / "real_ct"))  # th
 REAL_CT_SERIES = REAL_CT / "lung_pet_ct_dx_A0001" / "soft_kernel_B"
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+# Signs in tools/monailabel_env.sh's output that no package index could be reached (a machine without network).
+NO_INDEX = (
+    "NewConnectionError",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "No matching distribution found",
+    "Could not find a version that satisfies",
+)
+
+
+@pytest.fixture(scope="session")
+def monailabel_python() -> Path:
+    """The python of the MONAI Label venv (MONAI Label 0.8.5, numpy 1, jsonschema 3.2), created once per session
+    by tools/monailabel_env.sh (a stamp makes later calls instant). Without a package index it skips outside CI;
+    under CI (``CI`` set) every failure fails: a CI run never skips what needs this venv."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        ["bash", str(REPO_ROOT / "tools" / "monailabel_env.sh")],
+        check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        output = proc.stdout + proc.stderr
+        tail = "\n".join(line for line in output.splitlines() if "is ignored" not in line)[-3000:]
+        if not os.environ.get("CI") and any(e in output for e in NO_INDEX):
+            pytest.skip(f"cannot create the MONAI Label venv: no package index reachable and no cache\n{tail}")
+        pytest.fail(f"tools/monailabel_env.sh failed (exit {proc.returncode}):\n{tail}")
+    python = REPO_ROOT / proc.stdout.strip().splitlines()[-1]
+    if not python.is_file():
+        pytest.fail(f"tools/monailabel_env.sh named {python}, which does not exist")
+    print(f"\nMONAI Label venv ready in {time.perf_counter() - start:.1f} s: {python}")
+    return python
 
 
 @pytest.fixture(autouse=True)

@@ -60,6 +60,13 @@ def test_assess_fails_cut_off_and_flipped_unless_accepted_and_warns_on_thick_sli
     assert verdict.status == "failed" and "cut off at the inferior edge" in verdict.reasons[0]
     accepted = assess(cut, accept="cut_off")
     assert accepted.status == "warning" and accepted.reasons[0].endswith("(accepted)")
+    # what the record says was let through only by ``accept`` (a later run must not reuse it without it)
+    assert accepted.as_qc()["qc_accepted"] == ["cut_off"] and anatomy_qc.accepted_checks(accepted.as_qc()) == (
+        "cut_off",
+    )
+    assert anatomy_qc.accepted_checks(assess(good, accept="cut_off,flipped").as_qc()) == ()
+    older = {k: v for k, v in accepted.as_qc().items() if k != "qc_accepted"}  # an entry of an earlier version
+    assert anatomy_qc.accepted_checks(older) == ("cut_off",)
     flipped = {
         **good,
         "orientation_dice": {"none": 0.70, "left-right": 0.68, "anterior-posterior": 0.66, "head-feet": 0.89},
@@ -279,6 +286,101 @@ def test_cohort_qc_sheet_lists_flagged_subjects_first(tmp_path):
     assert page.index("b_flipped") < page.index("c_thick") < page.index("a_good")
     with Image.open(cache_dir / "qc_sheet.png") as image:
         assert image.size[0] > 600 and image.size[1] > 200
+
+
+@pytest.mark.slow  # one phantom prepared twice, decided three times (~30 s on 2 cores)
+def test_an_entry_prepared_by_accepting_a_cut_off_is_not_reused_by_a_run_that_does_not_accept_it(tmp_path):
+    """``--register#accept "['cut_off']"`` lets a cut-off scan into the cache as a warning; a later run without
+    that accept must fail it with the real reason instead of reusing the entry, and a run accepting it again
+    reuses the entry."""
+    from custom.prepare import cache
+    from custom.prepare.phantom import make_phantom
+    from custom.prepare.workflow import prepare_cohort
+
+    scans, cache_dir = tmp_path / "scans", tmp_path / "cache"
+    make_phantom(
+        tmp_path / "source.nii.gz", seed=12, spacing_mm=4.0, scale_range=(1.45, 1.55), lung_mask_path=tmp_path / "m.nii"
+    )
+    array, affine = qc_damage.read_scan(tmp_path / "source.nii.gz")
+    lung, lung_affine = qc_damage.read_scan(tmp_path / "m.nii")
+    base, _ = qc_damage.lung_heights(lung > 0, lung_affine)
+    qc_damage.write_nifti(*qc_damage.cut(array, affine, below_mm=base + 30), scans / "cut.nii.gz")
+    cut_lung, cut_affine = qc_damage.cut(lung, lung_affine, below_mm=base + 30)  # the built-in segmentation drops
+    qc_damage.write_nifti(cut_lung, cut_affine, scans / "cut_lung_mask.nii.gz", mask=True)  # air at the border
+
+    def chain(accept):
+        parser = ConfigParser()
+        parser.read_config(str(REPO / "bundle" / "configs" / "prepare.yaml"))
+        parser["register#accept"] = accept
+        return parser.get_parsed_content("scan_pipeline")
+
+    first = prepare_cohort(scans, cache_dir, transforms=chain(["cut_off"]), progress=False).iloc[0]
+    assert first.status == "ok" and first.qc_status == "warning" and "(accepted)" in first.qc_reason
+    assert cache.read_qc(cache_dir / "cut")["qc_accepted"] == ["cut_off"]
+
+    second = prepare_cohort(scans, cache_dir, progress=False).iloc[0]  # the default: nothing accepted
+    assert second.status == "failed" and not second.reused, second.to_dict()
+    assert "lungs cut off at the inferior edge" in second.error and second.qc_status == "failed"
+    assert pd.read_csv(cache_dir / "failures.csv", dtype=str).subject_id.tolist() == ["cut"]
+
+    third = prepare_cohort(scans, cache_dir, transforms=chain("cut_off,flipped"), progress=False).iloc[0]
+    assert third.status == "ok" and third.reused and third.qc_status == "warning"
+
+
+@pytest.mark.slow  # two phantoms through the emphysema inference, in two runs (~1 min on 2 cores)
+def test_emphysema_inference_writes_the_cohort_qc_sheet_merged_over_runs(tmp_path):
+    """The inference config maps a small phantom, then (a second run into the same output_dir) fails its copy
+    with the voxel data flipped head-feet: the QC sheet there lists both, the failure first with its reason and
+    picture, the first run's subject kept."""
+    import torch
+    from monai.bundle import ConfigWorkflow
+    from PIL import Image
+
+    from custom.emphysema.network import EmphysemaNetwork
+    from custom.prepare.phantom import make_phantom
+
+    small = dict(spacing_mm=4.0, scale_range=(1.45, 1.55))
+    make_phantom(tmp_path / "good.nii.gz", seed=10, **small)
+    array, affine = qc_damage.read_scan(tmp_path / "good.nii.gz")
+    qc_damage.write_nifti(qc_damage.flip(array, 2), affine, tmp_path / "flipped.nii.gz")
+    torch.manual_seed(0)
+    torch.save(EmphysemaNetwork().state_dict(), tmp_path / "model.pt")
+    out = tmp_path / "maps"
+
+    def infer(subject_id, image):
+        workflow = ConfigWorkflow(
+            config_file=str(REPO / "bundle" / "configs" / "inference.yaml"),
+            workflow_type="infer",
+            logging_file=None,
+            input=[{"subject_id": subject_id, "image": str(image)}],
+            output_dir=str(out),
+            model_path=str(tmp_path / "model.pt"),
+            stride=48,
+            min_stride=48,
+            progress=False,
+        )
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+        return pd.read_csv(out / "qc.csv", dtype={"subject_id": str}, keep_default_na=False)
+
+    first = infer("a_good", tmp_path / "good.nii.gz")
+    assert first.subject_id.tolist() == ["a_good"] and first.qc_status.tolist() == ["ok"]
+    assert first.picture.tolist() == ["a_good/qc.png"] and float(first.dice[0]) > 0.8
+    assert json.loads((out / "a_good" / "qc.json").read_text())["qc_status"] == "ok"
+
+    sheet = infer("b_flipped", tmp_path / "flipped.nii.gz")
+    assert sheet.subject_id.tolist() == ["b_flipped", "a_good"]  # failed first; the earlier run's row kept
+    assert sheet.qc_status.tolist() == ["failed", "ok"]
+    assert sheet.qc_reason[0].startswith("head-feet axis looks flipped"), sheet.qc_reason[0]
+    assert sheet.picture.tolist() == [".qc_failed/b_flipped.png", "a_good/qc.png"]
+    for picture in sheet.picture:
+        with Image.open(out / picture) as image:
+            assert image.size[0] > 300
+    page = (out / "qc_sheet.html").read_text()
+    assert "Emphysema inference QC" in page and page.index("b_flipped") < page.index("a_good")
+    with Image.open(out / "qc_sheet.png") as image:
+        assert image.size[0] > 600
 
 
 @needs_real_ct

@@ -79,7 +79,7 @@ def test_bundle_has_the_files_the_zoo_requires():
 
 def test_metadata_satisfies_the_vendored_schema_offline():
     meta = conformance.verify_bundle_metadata(BUNDLE)
-    assert meta["version"] == "0.5.0" and "0.5.0" in meta["changelog"]
+    assert meta["version"] == METADATA["version"] and METADATA["version"] in meta["changelog"]
 
 
 def test_the_zoo_schema_named_by_the_metadata_is_vendored_unchanged(tmp_path):
@@ -187,13 +187,19 @@ def test_version_must_be_listed_in_the_changelog(tmp_path):
 
 def test_network_data_format_describes_what_the_network_returns():
     """``outputs.pred`` is what ``network_def`` returns: (B, 3) float32 logits (unbounded, so no value range), one
-    channel per class of EMPHYSEMA_CLASSES in order; the channel names are the label names MONAI Label lists."""
+    channel per class of EMPHYSEMA_CLASSES in order. Its ``channel_def`` is the map's label table (MAP_LABELS: 0
+    background, then logit i as label i + 1), because MONAI Label builds its label list from that field and drops
+    only "background"; the metadata's description says so."""
     image = METADATA["network_data_format"]["inputs"]["image"]
     pred = METADATA["network_data_format"]["outputs"]["pred"]
     assert (image["num_channels"], image["spatial_shape"], image["dtype"]) == (4, [32, 32, 32], "float32")
     assert image["value_range"] == [-1, 1] and image["channel_def"]["0"].startswith("intensity")
     assert (pred["type"], pred["format"], pred["value_range"]) == ("logits", "classes", [])
-    assert pred["channel_def"] == {str(i): name for i, name in enumerate(EMPHYSEMA_CLASSES)}
+    from custom.emphysema.network import MAP_LABELS
+
+    assert pred["channel_def"] == {str(i): name for i, name in enumerate(MAP_LABELS)}
+    assert tuple(MAP_LABELS[1:]) == tuple(EMPHYSEMA_CLASSES) and pred["num_channels"] == len(EMPHYSEMA_CLASSES)
+    assert "logit i becomes map label i + 1" in METADATA["description"]
     parser = ConfigParser()
     parser.read_config(str(INFERENCE_CONFIG))
     net = parser.get_parsed_content("network_def").eval()
@@ -317,7 +323,7 @@ def test_ckpt_export_rejects_a_missing_checkpoint(tmp_path, network_config):
 
 def test_check_runs_every_offline_check(network_config):
     summary = conformance.check(BUNDLE, network_config)
-    assert summary["version"] == "0.5.0" and summary["network_verified"]
+    assert summary["version"] == METADATA["version"] and summary["network_verified"]
 
 
 def test_every_workflow_config_applies_the_bundles_logging_conf():

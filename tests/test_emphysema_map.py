@@ -14,8 +14,8 @@ from conftest import REPO_ROOT, SHARED_DATA
 from torch import nn
 
 from custom.emphysema.dense_input import probabilities_at, scan_channels
-from custom.emphysema.network import EmphysemaNetwork
-from custom.emphysema.sliding_window import EmphysemaInferer, decide_labels
+from custom.emphysema.network import MAP_LABELS, SUBTYPE_LABELS, EmphysemaNetwork
+from custom.emphysema.sliding_window import EmphysemaInferer, decide_labels, map_labels
 
 CONFIG = REPO_ROOT / "bundle" / "configs" / "inference.yaml"
 REAL_CT = SHARED_DATA / "real_ct" / "lung_pet_ct_dx_A0001" / "soft_kernel_B"
@@ -70,15 +70,30 @@ def test_coarse_stride_agrees_on_a_smooth_map():
     exact = EmphysemaInferer(stride=1, batch_size=256)(channels[None], network)[0]
     exact_labels = decide_labels(exact)[torch.from_numpy(lung)]
     assert len(exact_labels.unique()) == 3  # the smooth field crosses both subtype borders inside the lung
-    coarse = EmphysemaInferer(stride=4, batch_size=256)
+    coarse = EmphysemaInferer(stride=4, batch_size=256, interpolation="probabilities")
     approx = coarse(channels[None], network)[0]
     assert coarse.last_evaluations < lung.sum() / 8
     assert float((approx - exact).abs().max()) < 0.06
-    refined = EmphysemaInferer(stride=4, min_stride=1, batch_size=256)
+    # logits affine in the location: interpolating logits is exact, interpolating probabilities is not
+    in_logits = EmphysemaInferer(stride=4, batch_size=256, interpolation="logits")
+    torch.testing.assert_close(in_logits(channels[None], network)[0], exact, rtol=0, atol=2e-5)
+    assert in_logits.last_evaluations == coarse.last_evaluations
+    assert float((approx - exact).abs().max()) > 1e-3
+    refined = EmphysemaInferer(stride=4, min_stride=1, batch_size=256, interpolation="probabilities")
     approx_refined = refined(channels[None], network)[0]
     refined_labels = decide_labels(approx_refined)[torch.from_numpy(lung)]
     assert refined.last_evaluations < lung.sum()
     assert float((refined_labels == exact_labels).float().mean()) >= 0.99
+
+
+def test_map_labels_tell_background_from_healthy_lung():
+    """The map convention (``MAP_LABELS``): 0 outside the lung, 1 healthy lung, 2 centrilobular, 3 paraseptal."""
+    assert MAP_LABELS == ("background", "healthy", "centrilobular", "paraseptal")
+    assert SUBTYPE_LABELS == {"centrilobular": 2, "paraseptal": 3}
+    probabilities = torch.tensor([[0.9, 0.2, 0.3, 0.9], [0.05, 0.7, 0.1, 0.05], [0.05, 0.1, 0.6, 0.05]])
+    lung = torch.tensor([True, True, True, False])
+    assert map_labels(probabilities, lung).tolist() == [1, 2, 3, 0]
+    assert map_labels(probabilities, lung, threshold=0.65).tolist() == [1, 2, 1, 0]
 
 
 def test_report_numbers_match_numpy():
@@ -90,7 +105,9 @@ def test_report_numbers_match_numpy():
     lung = np.zeros(shape, bool)
     lung[2:18, 2:8, 3:27] = True  # one lung per side of the atlas midline below
     lung[22:38, 2:8, 6:24] = True
-    labels = rng.choice([0, 1, 2], size=shape, p=[0.7, 0.2, 0.1]).astype(np.int8)
+    # map labels (MAP_LABELS): 1 healthy, 2 centrilobular, 3 paraseptal inside the lung, 0 outside
+    labels = np.where(lung, rng.choice([1, 2, 3], size=shape, p=[0.7, 0.2, 0.1]), 0).astype(np.uint8)
+    assert MAP_LABELS == ("background", "healthy", "centrilobular", "paraseptal")
     midline, high_x_is_left = atlas_midline()
     atlas_x = np.broadcast_to((midline - 20 + np.arange(shape[0]) + 0.5)[:, None, None], shape)
     report = emphysema_report(hu, lung, labels, atlas_x, voxel_ml=0.001, subject_id="t")
@@ -104,8 +121,9 @@ def test_report_numbers_match_numpy():
         assert numbers["volume_ml"] == pytest.approx(mask.sum() * 0.001)
         assert numbers["laa950_pct"] == pytest.approx(100 * (hu[mask] < -950).mean(), abs=1e-4)
         assert numbers["perc15_hu"] == pytest.approx(np.percentile(hu[mask], 15), abs=0.01)
-        assert numbers["centrilobular_pct"] == pytest.approx(100 * (labels[mask] == 1).mean(), abs=1e-4)
-        assert numbers["paraseptal_pct"] == pytest.approx(100 * (labels[mask] == 2).mean(), abs=1e-4)
+        assert numbers["centrilobular_pct"] == pytest.approx(100 * (labels[mask] == 2).mean(), abs=1e-4)
+        assert numbers["paraseptal_pct"] == pytest.approx(100 * (labels[mask] == 3).mean(), abs=1e-4)
+        assert numbers["emphysema_pct"] == pytest.approx(100 * (labels[mask] >= 2).mean(), abs=1e-4)
     # zones: thirds of each lung's own z extent (z index grows towards the head on the LAS grid)
     zs = np.nonzero(right.any(axis=(0, 1)))[0]
     z0, z1 = zs[0], zs[-1] + 1
@@ -114,7 +132,7 @@ def test_report_numbers_match_numpy():
     middle = right & ((z >= z0 + (z1 - z0) / 3) & (z < z0 + 2 * (z1 - z0) / 3))[None, None, :]
     for name, mask in (("right_upper", upper), ("right_middle", middle)):
         assert regions[name]["volume_ml"] == pytest.approx(mask.sum() * 0.001)
-        assert regions[name]["centrilobular_pct"] == pytest.approx(100 * (labels[mask] == 1).mean(), abs=1e-4)
+        assert regions[name]["centrilobular_pct"] == pytest.approx(100 * (labels[mask] == 2).mean(), abs=1e-4)
         assert regions[name]["laa950_pct"] == pytest.approx(100 * (hu[mask] < -950).mean(), abs=1e-4)
     total = sum(regions[f"right_{zone}"]["volume_ml"] for zone in ("upper", "middle", "lower"))
     assert total == pytest.approx(regions["right"]["volume_ml"])
@@ -188,10 +206,16 @@ def _check_outputs(out, subject_id, input_affine, input_shape):
     p = np.asarray(probabilities.dataobj)
     np.testing.assert_allclose(p.sum(axis=-1), 1.0, atol=1e-4)
     labels = np.asarray(mask.dataobj)
-    assert set(np.unique(labels)) <= {0, 1, 2}
-    np.testing.assert_array_equal(labels > 0, np.maximum(p[..., 1], p[..., 2]) >= 0.5)
+    assert set(np.unique(labels)) <= set(range(len(MAP_LABELS)))
+    # 0 outside the lung, 1 healthy lung, 2 / 3 the subtype whose probability reaches the threshold
+    np.testing.assert_array_equal(labels >= 2, np.maximum(p[..., 1], p[..., 2]) >= 0.5)
+    np.testing.assert_array_equal(labels[labels >= 2], np.where(p[..., 1] >= p[..., 2], 2, 3)[labels >= 2])
     report = json.loads((folder / "report.json").read_text())
     assert report["regions"]["lung"]["volume_ml"] > 300
+    assert report["map_labels"] == {str(code): name for code, name in enumerate(MAP_LABELS)}
+    # the lung of the map on the input grid is the report's lung (counted on the 1 mm grid) up to resampling
+    voxel_ml = abs(np.linalg.det(np.asarray(mask.affine)[:3, :3])) / 1000.0
+    assert (labels > 0).sum() * voxel_ml == pytest.approx(report["regions"]["lung"]["volume_ml"], rel=0.05)
     for name in ("emphysema_coronal.png", "emphysema_projection.png"):
         assert (folder / name).stat().st_size > 10_000
     return report
@@ -286,3 +310,49 @@ def test_a_model_trained_on_synthetic_data_warns_on_a_scan_that_is_not(demo_coho
         for name in ("emphysema_coronal.png", "emphysema_projection.png"):
             red = _red_title_pixels(out / subject / name)
             assert (red > 100) if warned else (red == 0), (subject, name, red)
+
+
+def test_a_request_mapped_twice_gives_the_same_map_and_leaves_no_files(demo_cohort, tmp_path, monkeypatch):
+    """What MONAI Label does per request (the inference config's preprocessing, inferer and postprocessing on
+    ``{"image": path}``, no output folder named): the same scan twice gives the same map voxel for voxel (lung
+    mask and registration are deterministic), the report comes back as the item's ``result``, and nothing is
+    left on disk: not under ``output_dir``, not in the temporary folder the request wrote to."""
+    import tempfile
+
+    from monai.bundle import ConfigParser
+
+    temp_root = tmp_path / "tmp"
+    temp_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp_root))
+    model = _write_model(tmp_path / "model.pt")
+    parser = ConfigParser()
+    parser.read_config(str(CONFIG))
+    parser.update(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "model_path": str(model),
+            "stride": 48,
+            "min_stride": 48,
+            "progress": False,
+        }
+    )
+    preprocessing, inferer = parser.get_parsed_content("preprocessing"), parser.get_parsed_content("inferer")
+    postprocessing = parser.get_parsed_content("postprocessing")
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(model))
+    network.eval()
+    item = _demo_subject(demo_cohort)
+    maps, reports = [], []
+    for _ in range(2):
+        d = preprocessing({"image": item["image"]})
+        d["pred"] = inferer(d["image"][None], network)[0]
+        d = postprocessing(d)
+        maps.append(np.asarray(d["pred"]))
+        reports.append(d["result"]["report"])
+        assert not any(temp_root.iterdir()), sorted(temp_root.rglob("*"))
+    np.testing.assert_array_equal(maps[0], maps[1])
+    assert reports[0]["regions"] == reports[1]["regions"]
+    assert maps[0].shape == (1, *nib.load(item["image"]).shape)
+    assert set(np.unique(maps[0])) <= set(range(len(MAP_LABELS))) and (maps[0] >= 1).any()
+    assert reports[0]["regions"]["lung"]["volume_ml"] > 300
+    assert not (tmp_path / "out").exists(), sorted((tmp_path / "out").rglob("*"))

@@ -92,6 +92,11 @@ def test_probabilities_and_maps_match_the_network_path():
         folded_probabilities_at(FoldedClassifier(network), channels, centres, batch_size=3), expected, rtol=0, atol=1e-5
     )
     torch.testing.assert_close(classifier_probabilities_at(network, channels, centres), expected, rtol=0, atol=1e-5)
+    # the log-probabilities the inferer interpolates (interpolation "logits"), from both evaluators
+    log_expected = probabilities_at(network, channels, centres, log=True)
+    torch.testing.assert_close(log_expected.exp(), expected, rtol=0, atol=1e-6)
+    log_folded = folded_probabilities_at(FoldedClassifier(network), channels, centres, batch_size=3, log=True)
+    torch.testing.assert_close(log_folded, log_expected, rtol=1e-4, atol=1e-4)
     folded = EmphysemaInferer(stride=4, min_stride=2, threshold=0.4, batch_size=8)
     plain = EmphysemaInferer(stride=4, min_stride=2, threshold=0.4, batch_size=8, folded="false")
     assert folded.folded and not plain.folded  # a config's string 'false' means False

@@ -8,6 +8,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,7 +133,12 @@ def test_zoo_verification_passes_from_outside_the_repository(zoo, tmp_path, mode
         assert "properties" not in report and "torchscript" not in report
     else:
         assert {"bundle_root", "dataset", "dataset_dir", "evaluator", "network_def", "inferer", "version"} <= set(
-            report["properties"]
+            report["properties"]["monai"]
+        )
+        # supported_apps declares MONAI Label: what it reads was checked too
+        assert set(report["properties"]) == {"monai", "monai-label"}
+        assert {"preprocessing", "postprocessing", "inferer", "device", "channel_def", "spatial_shape"} <= set(
+            report["properties"]["monai-label"]
         )
         assert report["net_in_out"] == "network_def"
         assert report["torchscript"] == ["ckpt_export of models/model.pt"]
@@ -221,6 +227,45 @@ def test_file_version_and_metadata_steps_refuse_what_the_zoo_refuses(zoo, tmp_pa
     (bundle_dir / "LICENSE").unlink()
     with pytest.raises(verify.ZooCheckError, match="necessary file LICENSE"):
         verify.check_files(bundle_dir)
+
+
+def test_metadata_declares_the_monai_label_version_the_tests_serve_with():
+    """supported_apps names MONAI Label at the version tools/monailabel_env.sh installs (the one
+    tests/test_monailabel.py serves the bundle with)."""
+    pins = re.findall(r"\bmonailabel==([0-9.]+)", (REPO_ROOT / "tools" / "monailabel_env.sh").read_text())
+    assert pins and set(pins) == {METADATA["supported_apps"]["monai-label"]}, pins
+    assert set(METADATA["supported_apps"]) <= set(verify.APP_PROPERTIES)
+
+
+def test_properties_step_checks_what_each_supported_app_reads(zoo, tmp_path):
+    """With MONAI Label declared, a metadata without the output's channel_def (MONAI Label's label names) or an
+    inference config without postprocessing fails the step; without supported_apps MONAI's own properties pass
+    (those are optional there); an app whose properties are unknown is refused."""
+    bundle_dir = _copy(zoo, tmp_path)
+    config = bundle_dir / "configs" / "inference.yaml"
+    meta_file = bundle_dir / "configs" / "metadata.json"
+    assert set(verify.check_properties(bundle_dir, config)) == {"monai", "monai-label"}
+
+    meta = copy.deepcopy(METADATA)
+    del meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(verify.ZooCheckError, match="properties: monai-label: .*channel_def"):
+        verify.check_properties(bundle_dir, config)
+    meta["supported_apps"] = {}
+    meta_file.write_text(json.dumps(meta))
+    assert set(verify.check_properties(bundle_dir, config)) == {"monai"}
+
+    meta_file.write_text(json.dumps(METADATA))
+    content = yaml.safe_load(config.read_text())
+    content["evaluator"]["postprocessing"] = None
+    del content["postprocessing"]
+    config.write_text(yaml.safe_dump(content, sort_keys=False))
+    with pytest.raises(verify.ZooCheckError, match="properties: monai-label: .*postprocessing"):
+        verify.check_properties(bundle_dir, config)
+
+    meta_file.write_text(json.dumps(dict(METADATA, supported_apps={"monailabel": "0.8.5"})))
+    with pytest.raises(verify.ZooCheckError, match=r"supported_apps names \['monailabel'\], whose properties"):
+        verify.check_properties(bundle_dir, config)
 
 
 def test_verify_refuses_to_check_a_bundle_with_another_custom(zoo):

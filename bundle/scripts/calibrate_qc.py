@@ -216,6 +216,56 @@ def markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _span(values, digits: int, signed: bool = False) -> str:
+    """ "lo – hi" of the finite values (one value when equal), "-" when none; minus signs as in docs/prepare.md."""
+    values = [float(v) for v in values if v is not None and np.isfinite(float(v))]
+    if not values:
+        return "-"
+
+    def fmt(v):
+        text = f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+        text = text.replace("-", "−")
+        return "0" if float(f"{v:.{digits}f}") == 0 and not signed else text
+
+    lo, hi = fmt(min(values)), fmt(max(values))
+    return lo if lo == hi else f"{lo} – {hi}"
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    """One row per damage over every source (the table of docs/prepare.md "Calibration"): the decision on the
+    real CT's kernels and on the SYNTHETIC subjects, and the ranges of the numbers behind it."""
+    real = [s for s in table.source.unique() if str(s).startswith("real_")]
+    synthetic = [s for s in table.source.unique() if not str(s).startswith("real_")]
+    kernels = {s: str(s).split("_")[-1] for s in real}  # real_soft_kernel_B -> B
+    head = ["case"] + [f"real {k}" for k in kernels.values()]
+    head += [f"{synthetic[0]}-{str(synthetic[-1])[-1]}" if len(synthetic) > 1 else "synthetic"] if synthetic else []
+    laa = f"LAA-950 % real {kernels[real[-1]]}; SYN" if real else "LAA-950 % SYN"
+    head += ["edge share inf / sup", "flip gain (axis)", "Dice", "share", laa]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    fullest = table.source.value_counts().index[0]  # its case order (the real CT has no 5 mm thickening)
+    for case in list(table[table.source == fullest].case) + [
+        c for c in table.case.unique() if c not in set(table[table.source == fullest].case)
+    ]:
+        rows = table[table.case == case]
+        cells = [case]
+        for source in real:
+            status = rows[rows.source == source].status
+            cells.append(status.iloc[0] if len(status) else "-")
+        if synthetic:
+            counts = rows[rows.source.isin(synthetic)].status.value_counts()
+            cells.append(", ".join(f"{s} ×{n}" if n > 1 else s for s, n in counts.items()) or "-")
+        cells.append(f"{_span(rows.edge_inferior, 3)} / {_span(rows.edge_superior, 3)}")
+        axes = sorted(set(rows.flip_axis.dropna().astype(str)) - {""})
+        gain = _span(rows.flip_gain, 3, signed=True)
+        flipped = len(rows) and (rows.flip_gain > 0).all()
+        gain = f"**{gain} ({', '.join(axes)})**" if flipped else f"{gain} ({', '.join(axes)})"
+        cells += [gain, _span(rows.dice, 3), _span(rows.share_ratio, 2)]
+        laa_real = rows[rows.source == real[-1]].laa950 if real else pd.Series(dtype=float)
+        cells.append(f"{_span(laa_real, 2)}; {_span(rows[rows.source.isin(synthetic)].laa950, 2)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(
     out_dir: str = "runs/calibrate_qc",
     synthetic: int = 3,
@@ -224,10 +274,12 @@ def main(
     sheet_dir: str | None = None,
     skip_table: bool = False,
     decide_only: bool = False,
+    only: str = "",
 ) -> str:
     """Make the damaged versions, run the QC on each, write ``calibration.csv`` and print the table; returns
     the CSV's path. ``decide_only``: take the decisions of ``<out_dir>/calibration.csv`` again with the current
-    thresholds (its measured numbers kept) and print the table."""
+    thresholds (its measured numbers kept) and print the table. ``only``: measure just these sources
+    (comma-separated, e.g. ``SYN0001,SYN0002``), to split the run over processes; concatenate the CSVs."""
     from monai.transforms import Compose
 
     if decide_only:
@@ -237,6 +289,8 @@ def main(
         table = decide_again(pd.read_csv(path), load_atlas().share_inside_lung)
         table.to_csv(path, index=False)
         print(markdown(table))
+        print()
+        print(summary_markdown(table))
         return str(path)
 
     from custom.prepare.anatomy_qc import ACCEPTABLE
@@ -273,7 +327,10 @@ def main(
             ]
         )
         rows = []
+        wanted = {s for s in str(only or "").split(",") if s}
         for name, cases in all_cases.items():
+            if wanted and name not in wanted:
+                continue
             for case, expected, image, mask in cases:
                 qc = measure(image, mask, chain)
                 rows.append(table_row(name, case, expected, qc))
@@ -286,6 +343,8 @@ def main(
         table = pd.DataFrame(rows)
         table.to_csv(out / "calibration.csv", index=False)
         print(markdown(table))
+        print()
+        print(summary_markdown(table))
         print(f"\nwritten: {out / 'calibration.csv'}")
     if sheet_dir:
         demo_sheet(all_cases, Path(sheet_dir))

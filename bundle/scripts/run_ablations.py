@@ -12,8 +12,8 @@ embed workflow, so the evaluation reads each folder as one embedding set. (Table
 is the emphysema detection run's: ``emphysema_finetune.yaml``, ``random_location: true``.) Resumable: finished
 variants are skipped and a stopped pre-training continues from its checkpoint. A variant that fails is recorded
 and the others go on. ``<out_dir>/ablations.csv`` lists each variant's status and the
-wall and CPU seconds spent training and embedding; MLflow runs go to ``<out_dir>/mlruns.db`` (experiment drasclr_ablation,
-one run per variant).
+wall and CPU seconds spent training and embedding; MLflow runs go to ``<out_dir>/mlruns.db`` (experiment
+drasclr_ablation): one parent run ``ablations`` per call, each variant's pre-training a child run of it.
 
 Like for like: every variant merges the same configs and overrides as the method (``neighbours_2``) and only
 changes its own switches, so each gets the same budget (iterations x batch), schedule, batch order, data and
@@ -40,6 +40,7 @@ from custom.engine.ablation import (
     ablation_config_files,
     check_inherited,
     check_reusable,
+    family_run,
     get_variant,
     planned_budget,
     run_variant,
@@ -93,6 +94,21 @@ def main(
             print(f"[{name}] " + _budget_line(_planned(name, dataset_dir, out, paper, seed, overrides)[0]))
         return
     out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in schedule.items() if v is not None}
+    parent = family_run(
+        out, dataset_dir, plan, paper, enabled=mlflow, tracking_uri=overrides["tracking_uri"], seed=seed, **settings
+    )
+    with parent, parent.nested():  # one parent run; each variant's pre-training a child run of it
+        table = _run_plan(plan, dataset_dir, out, paper, seed, overrides)
+        if parent.run_id:
+            ok = table["status"].str.startswith("ok")
+            parent.log_metrics({"variants_ok": int(ok.sum()), "variants_failed": int((~ok).sum())})
+    if table["status"].str.startswith("failed").any():
+        raise SystemExit(1)
+
+
+def _run_plan(plan: list[str], dataset_dir, out: Path, paper, seed: int, overrides: dict) -> pd.DataFrame:
+    """Train and embed every variant of ``plan`` (skipping finished ones); writes and returns ``ablations.csv``."""
     rows = []
     for name in plan:
         folder = out / name
@@ -122,8 +138,7 @@ def main(
     with atomic_path(out / "ablations.csv") as tmp:
         table.to_csv(tmp, index=False)
     print("\n" + table.to_string(index=False), flush=True)
-    if table["status"].str.startswith("failed").any():
-        raise SystemExit(1)
+    return table
 
 
 def _planned(name: str, dataset_dir, out: Path, paper, seed: int, overrides: dict) -> tuple[dict, dict]:

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 from torch.utils.data import Dataset, Sampler
 
 from custom.data.atlas import landmark_locations, landmark_neighbours
 from custom.data.augmentation import contrastive_views, make_view, view_seed
 from custom.errors import MissingInputError
+from custom.prepare import cache
 
 ORDERS = ("mixed", "landmark")
 
@@ -29,14 +29,13 @@ ORDERS = ("mixed", "landmark")
 def prepared_patch_files(cache_dir: str | Path) -> List[Path]:
     """Patch files of the subjects a prepare run finished (``manifest.csv`` status ok), sorted by subject id."""
     cache_dir = Path(cache_dir)
-    manifest = cache_dir / "manifest.csv"
-    if manifest.is_file():
-        table = pd.read_csv(manifest, dtype={"subject_id": str, "path": str})  # ids such as "0001" stay strings
+    if (cache_dir / cache.MANIFEST).is_file():
+        table = cache.read_manifest(cache_dir)  # ids such as "0001" stay text; empty cells are ""
         if "status" in table.columns:
             table = table[table["status"] == "ok"]
         # ``path`` is the subject's folder relative to the cache (ids may have been made folder-safe).
         folders = table["path"] if "path" in table.columns else table["subject_id"]
-        files = sorted(cache_dir / str(folder) / "patches.npy" for folder in folders.dropna())
+        files = sorted(cache_dir / str(folder) / "patches.npy" for folder in folders if str(folder))
     else:
         files = sorted(cache_dir.glob("*/patches.npy"))
     files = [f for f in files if f.is_file()]

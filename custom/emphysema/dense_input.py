@@ -76,14 +76,16 @@ def patches_at(channels: torch.Tensor, centres: torch.Tensor, pad_intensity: flo
 
 @torch.no_grad()
 def probabilities_at(
-    network: torch.nn.Module, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 64
+    network: torch.nn.Module, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 64, log: bool = False
 ) -> torch.Tensor:
-    """(N, C) class probabilities (softmax) of the patches centred at ``centres`` of a (5|4, X, Y, Z) scan."""
+    """(N, C) class probabilities (softmax; ``log``: log-softmax) of the patches centred at ``centres`` of a
+    (5|4, X, Y, Z) scan."""
     device = next(network.parameters()).device
+    normalise = torch.log_softmax if log else torch.softmax
     out = []
     for start in range(0, len(centres), batch_size):
         x = patches_at(channels, centres[start : start + batch_size]).to(device)
-        out.append(torch.softmax(network(x).float(), dim=1).cpu())
+        out.append(normalise(network(x).float(), dim=1).cpu())
     if not out:
         return torch.zeros((0, network.classifier.out_features))
     return torch.cat(out)

@@ -104,18 +104,19 @@ class FoldedClassifier:
 
 @torch.no_grad()
 def folded_probabilities_at(
-    classifier: FoldedClassifier, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 32
+    classifier: FoldedClassifier, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 32, log: bool = False
 ) -> torch.Tensor:
-    """(N, C) softmax probabilities of the patches centred at ``centres`` (N, 3) of a (5|4, X, Y, Z) scan: the
-    numbers of ``dense_input.probabilities_at`` with the network, faster."""
+    """(N, C) softmax (``log``: log-softmax) probabilities of the patches centred at ``centres`` (N, 3) of a
+    (5|4, X, Y, Z) scan: the numbers of ``dense_input.probabilities_at`` with the network, faster."""
     device = classifier.layers[0]["experts"].device
     centres = torch.as_tensor(centres, dtype=torch.long)
+    normalise = torch.log_softmax if log else torch.softmax
     out = []
     for start in range(0, len(centres), batch_size):
         batch = centres[start : start + batch_size]
         patches = intensity_patches_at(channels, batch).to(device)
         locations = channels[1:4, batch[:, 0], batch[:, 1], batch[:, 2]].T.to(device)
-        out.append(torch.softmax(classifier(patches, locations).float(), dim=1).cpu())
+        out.append(normalise(classifier(patches, locations).float(), dim=1).cpu())
     if not out:
         return torch.zeros((0, classifier.num_classes))
     return torch.cat(out)

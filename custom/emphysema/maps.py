@@ -75,11 +75,13 @@ class FailureTolerantDataset(Dataset):
     """``monai.data.Dataset`` whose items become ``{"subject_id", "source", "error"}`` when preprocessing
     raises, so one bad scan is reported and the others are still mapped. With ``reuse_dir`` and ``stamp``, a
     scan an earlier run already mapped there with the same model and settings becomes ``{"subject_id",
-    "reused_row"}`` (resume per subject) instead of being mapped again."""
+    "reused_row"}`` (resume per subject) instead of being mapped again. With ``output_dir``, every item that
+    names no ``output_dir`` of its own gets it: where the map's transforms write its outputs
+    (``scan_transforms.item_output_dir``; an item without one is a request whose outputs are temporary)."""
 
-    def __init__(self, data, transform=None, reuse_dir: str | None = None, stamp: dict | None = None):
+    def __init__(self, data, transform=None, reuse_dir: str | None = None, stamp: dict | None = None, output_dir=None):
         super().__init__(data, transform)
-        self.reuse_dir, self.stamp = reuse_dir, stamp
+        self.reuse_dir, self.stamp, self.output_dir = reuse_dir, stamp, output_dir
 
     def _transform(self, index: int):
         item = self.data[index]
@@ -87,7 +89,9 @@ class FailureTolerantDataset(Dataset):
         if stored is not None:
             return {"subject_id": str(item["subject_id"]), REUSED_KEY: stored}
         try:
-            return super()._transform(index)
+            if self.output_dir and isinstance(item, dict) and not item.get("output_dir"):
+                item = {**item, "output_dir": str(self.output_dir)}
+            return self.transform(item) if self.transform is not None else item
         except Exception as err:  # noqa: BLE001 - every failure is reported per subject
             from custom.prepare.transforms import transform_error
 
@@ -248,3 +252,6 @@ class CohortReport:
                 len(failures),
                 self.output_dir,
             )
+            from custom.prepare.qc_sheet import write_inference_qc_sheet  # the cohort QC sheet, merged tables
+
+            write_inference_qc_sheet(self.output_dir, REPORT_FILE, FAILURES_FILE)

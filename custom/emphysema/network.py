@@ -1,7 +1,8 @@
 """The emphysema patch classifier: DrasCLR encoder + one linear layer (paper §4.3.1).
 
 Same single-tensor input as ``DrasCLRNetwork`` (B, 4, 32, 32, 32): normalised intensity + 3 atlas-location
-channels, location read at the patch centre. Output: class logits (B, C) for ``EMPHYSEMA_CLASSES``.
+channels, location read at the patch centre. Output: class logits (B, C) for ``EMPHYSEMA_CLASSES``. The voxel
+maps made with it use ``MAP_LABELS`` (0 background = outside the lung, then the classes: 1 healthy lung, ...).
 The state dict holds ``encoder.*`` (the same keys as ``models/pretrained.pt`` from pre-training, so pre-trained
 weights load with ``load_pretrained_encoder``) and ``classifier.*``.
 
@@ -22,6 +23,13 @@ from custom.model.weights import encoder_state, load_into
 
 EMPHYSEMA_CLASSES = ("healthy", "centrilobular", "paraseptal")
 NUM_EMPHYSEMA_CLASSES = len(EMPHYSEMA_CLASSES)
+
+# The emphysema MAP's label values (emphysema_mask.nii.gz, reports, pictures, MONAI Label): 0 is outside the lung,
+# so that healthy lung (1) is told apart from background; a lung voxel's label is its class index + 1.
+MAP_LABELS = ("background",) + EMPHYSEMA_CLASSES
+BACKGROUND_LABEL = 0
+HEALTHY_LABEL = MAP_LABELS.index("healthy")
+SUBTYPE_LABELS = {name: MAP_LABELS.index(name) for name in EMPHYSEMA_CLASSES if name != "healthy"}
 
 
 class EmphysemaNetwork(DrasCLRNetwork):

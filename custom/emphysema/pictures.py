@@ -17,28 +17,28 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from custom.emphysema.network import EMPHYSEMA_CLASSES  # noqa: E402
+from custom.emphysema.network import HEALTHY_LABEL, MAP_LABELS, SUBTYPE_LABELS  # noqa: E402
 from custom.figures import save_figure  # noqa: E402
 
 WINDOW_HU = (-1060.0, -825.0)
 LUNG_BLUE = "#3b6fd8"
 SUBTYPE_REDS = ("#ff2020", "#9c0a0a")  # centrilobular, paraseptal
+# one colour per map label (``MAP_LABELS``): background clear, healthy lung blue, subtypes red
+LABEL_COLOURS = {0: (0, 0, 0, 0), HEALTHY_LABEL: LUNG_BLUE, **dict(zip(SUBTYPE_LABELS.values(), SUBTYPE_REDS))}
 
 
 def _overlay_image(lung_2d: np.ndarray, labels_2d: np.ndarray) -> np.ndarray:
-    """(H, W) codes: 0 nothing, 1 lung, 1 + c emphysema subtype c."""
-    codes = np.where(lung_2d, 1, 0)
-    return np.where(labels_2d > 0, 1 + labels_2d, codes)
+    """(H, W) map labels to draw: the map's own labels, healthy lung wherever ``lung`` says lung but the map
+    says background (a map cut to another lung mask)."""
+    return np.where(lung_2d & (labels_2d == 0), HEALTHY_LABEL, labels_2d)
 
 
 def _colours() -> ListedColormap:
-    return ListedColormap([(0, 0, 0, 0), LUNG_BLUE, *SUBTYPE_REDS])
+    return ListedColormap([LABEL_COLOURS[code] for code in range(len(MAP_LABELS))])
 
 
 def _legend():
-    return [Patch(color=LUNG_BLUE, label="lung")] + [
-        Patch(color=c, label=n) for c, n in zip(SUBTYPE_REDS, EMPHYSEMA_CLASSES[1:])
-    ]
+    return [Patch(color=LABEL_COLOURS[code], label=f"{code} {MAP_LABELS[code]}") for code in range(1, len(MAP_LABELS))]
 
 
 def _titles(fig, title: str, warning: str | None) -> None:
@@ -74,7 +74,7 @@ def coronal_slices(
             _overlay_image(lung[:, y, :], labels[:, y, :]).T,
             cmap=_colours(),
             vmin=0,
-            vmax=3,
+            vmax=len(MAP_LABELS) - 1,
             alpha=alpha,
             origin="lower",
             interpolation="nearest",
@@ -92,15 +92,16 @@ def coronal_projection(
     """Coronal projection: lung depth in blue, per subtype the share of that depth that is emphysema in red."""
     lung = np.asarray(lung, dtype=bool)
     depth = lung.sum(axis=1).astype(np.float64)
-    fig, axes = plt.subplots(1, len(EMPHYSEMA_CLASSES) - 1, figsize=(4.0 * (len(EMPHYSEMA_CLASSES) - 1), 4.2))
-    for code, (ax, colour) in enumerate(zip(np.atleast_1d(axes), SUBTYPE_REDS), start=1):
+    fig, axes = plt.subplots(1, len(SUBTYPE_LABELS), figsize=(4.0 * len(SUBTYPE_LABELS), 4.2))
+    for ax, code in zip(np.atleast_1d(axes), SUBTYPE_LABELS.values()):
+        colour = LABEL_COLOURS[code]
         share = np.divide((labels == code).sum(axis=1), depth, out=np.zeros_like(depth), where=depth > 0)
         ax.imshow(np.where(depth > 0, 1.0, np.nan).T, cmap=ListedColormap([LUNG_BLUE]), origin="lower", alpha=0.35)
         red = ListedColormap([colour])
         ax.imshow(
             np.where(share > 0, 1.0, np.nan).T, cmap=red, origin="lower", alpha=np.clip(0.25 + 3.0 * share, 0, 1).T
         )
-        ax.set_title(f"{EMPHYSEMA_CLASSES[code]}: {100.0 * (labels == code)[lung].mean():.2f} % of lung", fontsize=9)
+        ax.set_title(f"{code} {MAP_LABELS[code]}: {100.0 * (labels == code)[lung].mean():.2f} % of lung", fontsize=9)
         ax.axis("off")
     fig.legend(handles=_legend(), loc="lower center", ncol=3, fontsize=8, frameon=False)
     _titles(fig, title, warning)

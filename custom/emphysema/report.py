@@ -1,7 +1,8 @@
 """The readable numbers of an emphysema map: per subject a JSON report, per cohort one CSV row per subject.
 
 For the whole lung, each lung (right / left) and each zone (upper / middle / lower third of that lung's
-cranio-caudal extent): lung volume, emphysema % of lung per subtype (voxels whose label is that subtype), and
+cranio-caudal extent): lung volume, emphysema % of lung per subtype (voxels whose map label, ``MAP_LABELS``, is
+that subtype), and
 beside them the two classical densitometry numbers, LAA-950 (% of lung voxels below -950 HU) and Perc15 (the
 15th percentile of lung HU). Everything is counted on the prepared 1 mm grid the classifier ran on.
 
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from custom.atomic_io import atomic_path
-from custom.emphysema.network import EMPHYSEMA_CLASSES
+from custom.emphysema.network import EMPHYSEMA_CLASSES, MAP_LABELS, SUBTYPE_LABELS
 
 LAA_THRESHOLD_HU = -950.0
 PERCENTILE = 15.0
@@ -69,14 +70,15 @@ def region_masks(
 
 
 def region_numbers(hu: np.ndarray, labels: np.ndarray, mask: np.ndarray, voxel_ml: float) -> dict:
-    """The numbers of one region: volume, emphysema % per subtype and in total, LAA-950 %, Perc15."""
+    """The numbers of one region: volume, emphysema % per subtype and in total, LAA-950 %, Perc15. ``labels`` are
+    map labels (``MAP_LABELS``)."""
     count = int(mask.sum())
     out = {"volume_ml": round(count * voxel_ml, 3)}
     region_labels = labels[mask]
-    for code, name in enumerate(EMPHYSEMA_CLASSES):
-        if code:
-            out[f"{name}_pct"] = round(100.0 * float((region_labels == code).sum()) / count, 4) if count else None
-    out["emphysema_pct"] = round(100.0 * float((region_labels > 0).sum()) / count, 4) if count else None
+    for name, code in SUBTYPE_LABELS.items():
+        out[f"{name}_pct"] = round(100.0 * float((region_labels == code).sum()) / count, 4) if count else None
+    emphysema = np.isin(region_labels, list(SUBTYPE_LABELS.values()))
+    out["emphysema_pct"] = round(100.0 * float(emphysema.sum()) / count, 4) if count else None
     region_hu = hu[mask]
     out["laa950_pct"] = round(100.0 * float((region_hu < LAA_THRESHOLD_HU).sum()) / count, 4) if count else None
     out["perc15_hu"] = round(float(np.percentile(region_hu, PERCENTILE)), 2) if count else None
@@ -96,6 +98,7 @@ def emphysema_report(
     regions = region_masks(lung, atlas_x, superior_is_high_z)
     report = dict(info)
     report["classes"] = list(EMPHYSEMA_CLASSES)
+    report["map_labels"] = {str(code): name for code, name in enumerate(MAP_LABELS)}
     report["regions"] = {name: region_numbers(hu, labels, mask, voxel_ml) for name, mask in regions.items()}
     return report
 
@@ -109,7 +112,11 @@ def write_report_json(report: dict, path: str | Path) -> Path:
 
 def report_row(report: dict) -> dict:
     """One flat CSV row: the info fields, then ``<region>_<number>`` for every region."""
-    row = {k: v for k, v in report.items() if k not in ("regions", "classes") and not isinstance(v, (dict, list))}
+    row = {
+        k: v
+        for k, v in report.items()
+        if k not in ("regions", "classes", "map_labels") and not isinstance(v, (dict, list))
+    }
     for region, numbers in report["regions"].items():
         for key, value in numbers.items():
             row[f"{region}_{key}"] = value

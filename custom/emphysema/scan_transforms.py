@@ -26,14 +26,31 @@ from monai.transforms import MapTransform, SpatialResample
 from custom.data.intensity import HALF_RANGE, HU_SHIFT
 from custom.data.location import location_to_centre
 from custom.emphysema.dense_input import LUNG_CHANNEL, scan_channels
-from custom.emphysema.network import EMPHYSEMA_CLASSES
-from custom.emphysema.sliding_window import decide_labels
+from custom.emphysema.network import EMPHYSEMA_CLASSES, MAP_LABELS
+from custom.emphysema.sliding_window import map_labels
 from custom.flags import as_bool
 from custom.prepare.transforms import DEFAULT_MIN_DICE, LoadCTd, LungMaskd, RegisterToAtlasd, input_grid
 from custom.prepare.transforms import meta_of as _meta
 
 PATCH_HALF = 16
 REGISTRATION_KEY = "registration"  # RegisterToAtlasd's whole result (what the prepare cache stores): dropped here
+OUTPUT_DIR_KEY = "output_dir"  # an item's output folder: the inference config's dataset sets it on every scan
+TEMPORARY_DIR_KEY = "temporary_output_dir"  # the folder of an item that named none (a MONAI Label request)
+RESULT_KEY = "result"  # what MONAI Label returns as the result JSON of a request
+
+
+def item_output_dir(d: dict, default: str | None = None) -> tuple:
+    """(folder, temporary) where an item's outputs go: its own ``output_dir`` (a scan of the inference run),
+    else ``default``, else a fresh temporary folder kept in the item (a request from outside the run, e.g.
+    MONAI Label's ``{"image": path}``), which ``RequestResultd`` removes once the map is made."""
+    folder = d.get(OUTPUT_DIR_KEY) or default
+    if folder:
+        return Path(folder), False
+    if not d.get(TEMPORARY_DIR_KEY):
+        import tempfile
+
+        d[TEMPORARY_DIR_KEY] = tempfile.mkdtemp(prefix="drasclr_emphysema_")
+    return Path(d[TEMPORARY_DIR_KEY]), True
 
 
 def _hu_of(image: torch.Tensor) -> np.ndarray:
@@ -71,19 +88,20 @@ def preprocessing_chain(atlas_dir: str | None = None, registration: str = "fast"
 
 # ----------------------------------------------------------------------------------------------- postprocessing
 def prepared_arrays(image: torch.Tensor, pred: torch.Tensor, threshold: float) -> dict:
-    """Numpy views of one scan on the prepared grid: HU, lung, labels, atlas x of every voxel."""
+    """Numpy views of one scan on the prepared grid: HU, lung, map labels (``MAP_LABELS``), atlas x of every
+    voxel."""
     image = image.as_tensor() if isinstance(image, MetaTensor) else image
     pred = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
     lung = image[LUNG_CHANNEL].numpy() > 0.5
-    labels = decide_labels(pred.float(), threshold).numpy()
-    labels[~lung] = 0
+    labels = map_labels(pred.float(), torch.from_numpy(lung), threshold).numpy()
     atlas_x = location_to_centre(image[1:4].permute(1, 2, 3, 0))[..., 0].numpy()
     return {"hu": _hu_of(image[0]), "lung": lung, "labels": labels, "atlas_x": atlas_x}
 
 
 class EmphysemaReportd(MapTransform):
     """Per-region emphysema report of ``keys`` (prepared-grid probabilities) into ``report_key`` (a dict);
-    written as ``<output_dir>/<subject_id>/report.json`` and pictures beside it when ``output_dir`` is set.
+    written as ``<output folder>/<subject_id>/report.json`` with pictures beside it (``item_output_dir``: the
+    item's ``output_dir``, else ``output_dir``, else a temporary folder, where no pictures are drawn).
 
     With ``model_path``, the report says which weights made the map and what they were trained on (their model
     card, ``custom.emphysema.model_card``), and a model trained on SYNTHETIC data that maps a scan which is not
@@ -132,25 +150,25 @@ class EmphysemaReportd(MapTransform):
             d[self.report_key] = report.emphysema_report(
                 arrays["hu"], arrays["lung"], arrays["labels"], arrays["atlas_x"], voxel_ml=voxel_ml, **info
             )
-            if self.output_dir:
-                folder = Path(self.output_dir) / subject
-                report.write_report_json(d[self.report_key], folder / "report.json")
-                if self.pictures:
-                    title = f"{subject}: emphysema (threshold {self.threshold:g})"
-                    if info.get("model_trained_on"):
-                        title += f"; model trained on {info['model_trained_on']}"
-                    warning = info.get("warning")
-                    pictures.coronal_slices(
-                        arrays["hu"],
-                        arrays["lung"],
-                        arrays["labels"],
-                        folder / "emphysema_coronal.png",
-                        title,
-                        warning=warning,
-                    )
-                    pictures.coronal_projection(
-                        arrays["lung"], arrays["labels"], folder / "emphysema_projection.png", title, warning=warning
-                    )
+            root, temporary = item_output_dir(d, self.output_dir)
+            folder = root / subject
+            report.write_report_json(d[self.report_key], folder / "report.json")
+            if self.pictures and not temporary:  # nobody sees the pictures of a temporary folder
+                title = f"{subject}: emphysema (threshold {self.threshold:g})"
+                if info.get("model_trained_on"):
+                    title += f"; model trained on {info['model_trained_on']}"
+                warning = info.get("warning")
+                pictures.coronal_slices(
+                    arrays["hu"],
+                    arrays["lung"],
+                    arrays["labels"],
+                    folder / "emphysema_coronal.png",
+                    title,
+                    warning=warning,
+                )
+                pictures.coronal_projection(
+                    arrays["lung"], arrays["labels"], folder / "emphysema_projection.png", title, warning=warning
+                )
         return d
 
     def _model_info(self, source: str) -> dict:
@@ -171,8 +189,9 @@ class EmphysemaReportd(MapTransform):
 
 class ResampleToInputd(MapTransform):
     """Prepared-grid probabilities (C, X, Y, Z) -> ``probabilities_key`` on the input grid (``original_affine``,
-    ``spatial_shape`` of the image meta) with MONAI ``SpatialResample`` (bilinear), and ``keys`` replaced by the
-    label mask there (1, ...): 0 healthy or outside the lung, 1 centrilobular, 2 paraseptal."""
+    ``spatial_shape`` of the image meta) with MONAI ``SpatialResample`` (bilinear; outside the lung P(healthy)
+    is 1), and ``keys`` replaced by the label map there (1, ...) in ``MAP_LABELS``: 0 outside the lung (the
+    image's lung channel, resampled the same way, below 0.5), 1 healthy lung, 2 centrilobular, 3 paraseptal."""
 
     def __init__(
         self,
@@ -196,28 +215,35 @@ class ResampleToInputd(MapTransform):
             src_affine = torch.as_tensor(np.asarray(d[self.image_key].affine, dtype=np.float64))
             dst_affine = torch.as_tensor(np.asarray(meta["original_affine"], dtype=np.float64))
             shape = [int(s) for s in np.asarray(meta["spatial_shape"]).ravel()[:3]]
-            subtypes = MetaTensor(pred.as_tensor()[1:] if isinstance(pred, MetaTensor) else pred[1:], affine=src_affine)
-            out = self.resample(subtypes, dst_affine=dst_affine, spatial_size=shape).as_tensor().clamp_(0.0, 1.0)
+            image = d[self.image_key]
+            lung = (image.as_tensor() if isinstance(image, MetaTensor) else image)[LUNG_CHANNEL : LUNG_CHANNEL + 1]
+            plain = pred.as_tensor() if isinstance(pred, MetaTensor) else pred
+            # the subtype probabilities and the lung in one pass (same interpolation weights)
+            stacked = MetaTensor(torch.cat([plain[1:].float(), lung.float()]), affine=src_affine)
+            out = self.resample(stacked, dst_affine=dst_affine, spatial_size=shape).as_tensor().clamp_(0.0, 1.0)
+            out, lung_in = out[:-1], out[-1] >= 0.5
             probabilities = torch.cat([(1.0 - out.sum(0, keepdim=True)).clamp_(0.0, 1.0), out])
-            labels = decide_labels(probabilities, self.threshold).to(torch.uint8)[None]
+            labels = map_labels(probabilities, lung_in, self.threshold)[None]
             out_meta = {
                 "filename_or_obj": meta.get("filename_or_obj"),
                 "original_affine": dst_affine,
                 "spatial_shape": np.asarray(shape),
             }
-            d[self.probabilities_key] = MetaTensor(probabilities, affine=dst_affine, meta=out_meta)
+            d[self.probabilities_key] = MetaTensor(probabilities, affine=dst_affine, meta=dict(out_meta))
             d[key] = MetaTensor(labels, affine=dst_affine, meta=dict(out_meta))
         return d
 
 
 class SaveEmphysemaMapsd(MapTransform):
-    """Write ``<output_dir>/<subject_id>/emphysema_probabilities.nii.gz`` (x, y, z, class in ``EMPHYSEMA_CLASSES``
-    order, float32) and ``emphysema_mask.nii.gz`` (uint8 labels) with MONAI's NibabelWriter, atomically."""
+    """Write ``<output folder>/<subject_id>/emphysema_probabilities.nii.gz`` (x, y, z, class in
+    ``EMPHYSEMA_CLASSES`` order, float32) and ``emphysema_mask.nii.gz`` (uint8 labels of ``MAP_LABELS``) with
+    MONAI's NibabelWriter, atomically. The folder is ``item_output_dir``'s; an item with a temporary one (a
+    request: its caller receives ``pred`` itself) gets no files."""
 
     def __init__(
         self,
         keys: KeysCollection = "pred",
-        output_dir: str = "emphysema_maps",
+        output_dir: str | None = None,
         probabilities_key: str = "probabilities",
         allow_missing_keys=False,
     ):
@@ -242,7 +268,10 @@ class SaveEmphysemaMapsd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             subject = str(d.get("subject_id") or d[key].meta.get("subject_id") or "scan")
-            folder = Path(self.output_dir) / subject
+            root, temporary = item_output_dir(d, self.output_dir)
+            if temporary:
+                continue
+            folder = root / subject
             outputs = {"mask": str(self._write(d[key], folder / "emphysema_mask.nii.gz", np.uint8))}
             if self.probabilities_key in d:
                 outputs["probabilities"] = str(
@@ -252,16 +281,40 @@ class SaveEmphysemaMapsd(MapTransform):
         return d
 
 
+class RequestResultd(MapTransform):
+    """The last postprocessing step: ``report_key`` becomes the item's ``result`` (``{"report": ...}``; MONAI
+    Label returns it as the result JSON of the request), and an item's temporary output folder
+    (``item_output_dir``) is removed with all it holds, so a served request leaves no files behind."""
+
+    def __init__(self, keys: KeysCollection = "pred", report_key: str = "report", allow_missing_keys=True):
+        super().__init__(keys, allow_missing_keys)
+        self.report_key = report_key
+
+    def __call__(self, data):
+        import shutil
+
+        d = dict(data)
+        if self.report_key in d:
+            d[RESULT_KEY] = {"report": d[self.report_key]}
+        temporary = d.pop(TEMPORARY_DIR_KEY, None)
+        if temporary:
+            shutil.rmtree(temporary, ignore_errors=True)
+        return d
+
+
 __all__ = [
     "EMPHYSEMA_CLASSES",
+    "MAP_LABELS",
     "EmphysemaReportd",
     "LoadCTd",
     "LungMaskd",
     "RegisterToAtlasd",
+    "RequestResultd",
     "ResampleToInputd",
     "SaveEmphysemaMapsd",
     "ScanChannelsd",
     "input_grid",
+    "item_output_dir",
     "prepared_arrays",
     "preprocessing_chain",
 ]

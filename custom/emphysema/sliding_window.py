@@ -4,15 +4,23 @@ The paper slides the 32^3 classifier with a step of 1 voxel: one network evaluat
 scan. ``EmphysemaInferer`` evaluates the classifier (``dense_input.probabilities_at``: the patch centred at a
 voxel, routed by that voxel's atlas location) only at the points of a regular grid with spacing ``stride`` that
 are corners of grid cells holding lung voxels, and fills every lung voxel by trilinear interpolation of its
-cell's corners. Voxels outside the lung are healthy. ``stride=1`` evaluates every lung voxel: the paper's brute
-force, exactly.
+cell's corners. Voxels outside the lung are healthy (class probabilities; the map labels them background, see
+``map_labels``). ``stride=1`` evaluates every lung voxel: the paper's brute force, exactly.
+
+What is interpolated (``interpolation``): ``"probabilities"`` (default), or ``"logits"``: the log-probabilities,
+i.e. the logits (the per-point log-normaliser cancels in the softmax that follows). Interpolated logits are exact
+where the logits are affine in space (tested); on the real CT with the demo model they did not let a coarser
+grid reach the brute force (32 refined to 16: Dice 0.80 / 0.91 against it, ``bundle/docs/emphysema.md``), and at
+the default grid both agree with it, so the default keeps the probabilities (the maps of earlier versions).
+Both evaluate the same points: refinement is decided on the evaluated points' own labels.
 
 Optional refinement (``min_stride`` < ``stride``): a cell whose corners disagree about the label (``threshold``
 on the subtype probabilities) straddles an emphysema border; its voxels are redone on a grid of half the
-stride, down to ``min_stride``. Cells whose corners agree keep the coarse interpolation, which then has the same
-label as the corners (a convex combination of probabilities on one side of the threshold stays there).
-Probability maps of a 32^3 classifier are smooth at the scale of a few voxels, which is what makes this
-accurate; ``bundle/scripts/benchmark_emphysema.py`` measures it against the brute force.
+stride, down to ``min_stride``. Cells whose corners agree keep the coarse interpolation: with subtype corners it
+has their label (interpolated probabilities: a convex combination on one side of the threshold stays there;
+logits: the set where one class's softmax reaches a threshold >= 0.5 is convex in the logits); with healthy
+corners the interpolated logits can, rarely, reach a subtype inside the cell, which is then labelled so.
+``bundle/scripts/benchmark_emphysema.py`` measures the maps against the brute force.
 """
 
 from __future__ import annotations
@@ -24,19 +32,29 @@ from monai.inferers import Inferer
 
 from custom.emphysema.dense_input import LUNG_CHANNEL, probabilities_at
 from custom.emphysema.folded_classifier import FoldedClassifier, folded_probabilities_at, supports_folding
+from custom.emphysema.network import BACKGROUND_LABEL, EMPHYSEMA_CLASSES, HEALTHY_LABEL
 from custom.flags import as_bool
 
-HEALTHY = 0
+HEALTHY = EMPHYSEMA_CLASSES.index("healthy")  # class index (network output), not a map label
+INTERPOLATIONS = ("logits", "probabilities")
 
 
 def decide_labels(probabilities: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """Labels (int8) from class probabilities (C, ...): the subtype (1..C-1) whose probability reaches
-    ``threshold`` (the most probable one if several do), else 0 (healthy). NaN (not evaluated) gives -1."""
+    """Class indices (int8) of ``EMPHYSEMA_CLASSES`` from class probabilities (C, ...): the subtype (1..C-1) whose
+    probability reaches ``threshold`` (the most probable one if several do), else 0 (healthy). NaN (not
+    evaluated) gives -1. A map's labels are ``map_labels``."""
     subtypes = probabilities[1:]
     best = subtypes.max(dim=0)
     labels = torch.where(best.values >= threshold, best.indices + 1, torch.zeros_like(best.indices)).to(torch.int8)
     labels[torch.isnan(probabilities).any(dim=0)] = -1
     return labels
+
+
+def map_labels(probabilities: torch.Tensor, lung: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """The map (uint8, ``network.MAP_LABELS``) of class probabilities (C, ...) and a lung mask (...): 0 outside
+    the lung, inside it the decided class + 1 (1 healthy lung, 2 centrilobular, 3 paraseptal)."""
+    classes = decide_labels(probabilities, threshold).to(torch.uint8) + (HEALTHY_LABEL - HEALTHY)
+    return torch.where(torch.as_tensor(lung, dtype=torch.bool), classes, torch.full_like(classes, BACKGROUND_LABEL))
 
 
 class _AxisGrid:
@@ -60,30 +78,43 @@ class _AxisGrid:
     def __len__(self) -> int:
         return len(self.positions)
 
-
-def _shape(axis: int, n: int) -> tuple:
-    shape = [1, 1, 1]
-    shape[axis] = n
-    return tuple(shape)
+    def matrix(self) -> torch.Tensor:
+        """(voxels, grid points) float32: row v holds the weights of v's lower and upper grid point."""
+        out = torch.zeros((len(self.weight), len(self.positions)), dtype=torch.float32)
+        rows = torch.arange(len(self.weight))
+        out.index_put_((rows, self.lower), 1.0 - self.weight, accumulate=True)
+        out.index_put_((rows, self.upper), self.weight, accumulate=True)
+        return out
 
 
 def _interpolate(values: torch.Tensor, grids: list) -> torch.Tensor:
-    """Trilinear interpolation of grid values (C, gx, gy, gz) to every voxel (C, Lx, Ly, Lz), one axis at a time."""
-    out = values
+    """Trilinear interpolation of grid values (C, gx, gy, gz) to every voxel (C, Lx, Ly, Lz), one axis at a time,
+    each a product with that axis's (voxels x grid points) weight matrix (BLAS; gathering the corners of tens of
+    millions of voxels took most of a map's bookkeeping). Grid points no voxel needs may be NaN: they enter with
+    weight 0 as 0."""
+    out = torch.nan_to_num(values, nan=0.0)
     for axis, grid in enumerate(grids):
-        low = out.index_select(axis + 1, grid.lower)
-        high = out.index_select(axis + 1, grid.upper)
-        out = low + (high - low) * grid.weight.view(1, *_shape(axis, len(grid.weight)))
+        out = torch.einsum(_EINSUM[axis], out, grid.matrix())
     return out
 
 
-def _corner_extremes(labels: torch.Tensor, grids: list) -> tuple:
-    """Per voxel, the minimum and maximum label over the corners its interpolation uses."""
-    low_out, high_out = labels, labels
+_EINSUM = ("cxyz,Xx->cXyz", "cxyz,Yy->cxYz", "cxyz,Zz->cxyZ")
+
+
+def _straddling(labels: torch.Tensor, grids: list) -> torch.Tensor:
+    """(Lx, Ly, Lz) bool: the voxels whose interpolation corners disagree about the label. Decided on the small
+    "extended" grid (per axis 2g - 1 entries: each grid point, then each cell between two), which every voxel
+    indexes once (a voxel on a grid plane uses the point, the others the cell): one gather at the voxel scale."""
+    low, high = labels, labels
+    index = []
     for axis, grid in enumerate(grids):
-        low_out = torch.minimum(low_out.index_select(axis, grid.lower), low_out.index_select(axis, grid.upper))
-        high_out = torch.maximum(high_out.index_select(axis, grid.lower), high_out.index_select(axis, grid.upper))
-    return low_out, high_out
+        extended = torch.arange(2 * len(grid) - 1)
+        first, second = extended // 2, extended // 2 + extended % 2
+        low = torch.minimum(low.index_select(axis, first), low.index_select(axis, second))
+        high = torch.maximum(high.index_select(axis, first), high.index_select(axis, second))
+        index.append(2 * grid.lower + (grid.upper != grid.lower).long())
+    disagree = low != high
+    return disagree[index[0][:, None, None], index[1][None, :, None], index[2][None, None, :]]
 
 
 def _needed_corners(active: torch.Tensor, grids: list) -> torch.Tensor:
@@ -99,18 +130,38 @@ def _needed_corners(active: torch.Tensor, grids: list) -> torch.Tensor:
     return out > 0
 
 
-def _voxel_corners(voxels: torch.Tensor, grids: list) -> list:
-    """For voxels (N, 3) of the box: the 8 (corner grid indices (N, 3), trilinear weight (N,)) pairs."""
-    per_axis = [(g.lower[voxels[:, a]], g.upper[voxels[:, a]], g.weight[voxels[:, a]]) for a, g in enumerate(grids)]
-    out = []
-    for bits in range(8):
-        index, weight = [], torch.ones(len(voxels))
-        for axis, (lower, upper, w) in enumerate(per_axis):
-            high = (bits >> axis) & 1
-            index.append(upper if high else lower)
-            weight = weight * (w if high else 1.0 - w)
-        out.append((torch.stack(index, dim=1), weight))
-    return out
+class _VoxelCorners:
+    """The 8 interpolation corners of voxels (N, 3) of the box, kept once per distinct corner set (voxels of a
+    cell share theirs; a voxel on a grid plane uses a face, edge or point of it): ``corners`` (M, 8, 3) grid
+    indices, ``inverse`` (N,) each voxel's set, ``weights`` (N, 8) its trilinear weights."""
+
+    def __init__(self, voxels: torch.Tensor, grids: list):
+        lower = torch.stack([g.lower[voxels[:, a]] for a, g in enumerate(grids)], dim=1)
+        upper = torch.stack([g.upper[voxels[:, a]] for a, g in enumerate(grids)], dim=1)
+        w = torch.stack([g.weight[voxels[:, a]] for a, g in enumerate(grids)], dim=1)
+        key = lower.new_zeros(len(voxels))
+        for a, g in enumerate(grids):
+            key = (key * len(g) + lower[:, a]) * len(g) + upper[:, a]
+        unique, inverse = np.unique(key.numpy(), return_inverse=True)
+        first = np.zeros(len(unique), dtype=np.int64)
+        first[inverse.reshape(-1)] = np.arange(len(key))  # any voxel of a set: they share its corners
+        first = torch.from_numpy(first)
+        bits = torch.tensor([[(k >> a) & 1 for a in range(3)] for k in range(8)], dtype=torch.bool)  # (8, 3)
+        self.corners = torch.where(bits[None], upper[first][:, None, :], lower[first][:, None, :])  # (M, 8, 3)
+        self.inverse = torch.from_numpy(inverse.reshape(-1))
+        self.weights = torch.where(bits[None], w[:, None, :], 1.0 - w[:, None, :]).prod(dim=2)  # (N, 8)
+
+    def interpolate(self, grid_values: torch.Tensor) -> torch.Tensor:
+        """(C, N) trilinear interpolation of grid values (C, gx, gy, gz) at the voxels."""
+        c = self.corners
+        at_corners = grid_values[:, c[..., 0], c[..., 1], c[..., 2]]  # (C, M, 8)
+        return torch.einsum("cnk,nk->cn", at_corners[:, self.inverse], self.weights)
+
+    def straddling(self, labels: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: the voxels whose corners disagree about the label."""
+        c = self.corners
+        at_corners = labels[c[..., 0], c[..., 1], c[..., 2]]  # (M, 8)
+        return (at_corners.min(dim=1).values != at_corners.max(dim=1).values)[self.inverse]
 
 
 def _unique_rows(index: torch.Tensor, shape: list) -> torch.Tensor:
@@ -137,14 +188,15 @@ class EmphysemaInferer(Inferer):
     Args:
         stride: grid spacing in voxels (1 = every lung voxel, the brute force).
         min_stride: refine cells whose corners disagree down to this spacing (capped at ``stride``);
-            ``None`` = no refinement. The defaults (32, 8) are the setting that reached Dice >= 0.95 against the
-            step-1 brute force on every scan and cube sample measured in ``bundle/docs/emphysema.md``.
+            ``None`` = no refinement. The defaults (32 refined to 8) are measured against the
+            step-1 brute force in ``bundle/docs/emphysema.md``.
         threshold: subtype probability that makes a voxel emphysema (the paper uses 0.5).
         folded: evaluate the Loc-CondConv classifier through ``custom.emphysema.folded_classifier`` (same
             numbers, 1.3-1.7x faster on 2 CPU cores in the benchmark); False, or any other network, calls the
             network's forward.
         batch_size: patches per network call.
         progress: show a tqdm progress bar over the evaluated patches.
+        interpolation: ``"logits"`` or ``"probabilities"``: what is interpolated between evaluated points.
     """
 
     def __init__(
@@ -155,8 +207,12 @@ class EmphysemaInferer(Inferer):
         batch_size: int = 8,
         progress: bool = False,
         folded: bool = True,
+        interpolation: str = "probabilities",
     ):
         super().__init__()
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        self.interpolation = interpolation
         if int(stride) < 1:
             raise ValueError(f"stride must be >= 1, got {stride}")
         if min_stride is not None and int(min_stride) < 1:
@@ -220,27 +276,26 @@ class EmphysemaInferer(Inferer):
                 needed = _needed_corners(lung_box, grids)
                 points = torch.nonzero(needed)
             else:  # only the voxels of cells that straddle a label border: corner by corner
-                corners = _voxel_corners(voxels, grids)
-                points = _unique_rows(torch.stack([c for c, _ in corners]).reshape(-1, 3), [len(g) for g in grids])
+                corners = _VoxelCorners(voxels, grids)
+                points = _unique_rows(corners.corners.reshape(-1, 3), [len(g) for g in grids])
             centres = torch.stack([torch.from_numpy(grids[a].positions)[points[:, a]] for a in range(3)], dim=1)
             values = self._evaluate(network, channels, centres, cache, bar, classifier)
             grid_values = torch.full((num_classes, *(len(g) for g in grids)), float("nan"))
             grid_values[:, points[:, 0], points[:, 1], points[:, 2]] = values.T
             last = level == len(strides) - 1
-            labels = None if last else decide_labels(grid_values, self.threshold)
+            labels = None if last else decide_labels(self._to_probabilities(grid_values), self.threshold)
             if level == 0:
-                result.copy_(_interpolate(grid_values, grids))
+                result.copy_(self._to_probabilities(_interpolate(grid_values, grids)))
                 if last:
                     break
-                low, high = _corner_extremes(labels, grids)
-                voxels = torch.nonzero(lung_box & (low != high))
+                voxels = torch.nonzero(lung_box & _straddling(labels, grids))
             else:
-                interpolated = sum(w * grid_values[:, c[:, 0], c[:, 1], c[:, 2]] for c, w in corners)
-                result[:, voxels[:, 0], voxels[:, 1], voxels[:, 2]] = interpolated
+                result[:, voxels[:, 0], voxels[:, 1], voxels[:, 2]] = self._to_probabilities(
+                    corners.interpolate(grid_values)
+                )
                 if last:
                     break
-                corner_labels = torch.stack([labels[c[:, 0], c[:, 1], c[:, 2]] for c, _ in corners])
-                voxels = voxels[corner_labels.min(0).values != corner_labels.max(0).values]
+                voxels = voxels[corners.straddling(labels)]
             if len(voxels) == 0:
                 break
         bar.close()
@@ -248,9 +303,14 @@ class EmphysemaInferer(Inferer):
         result[HEALTHY, ~lung_box] = 1.0
         return out
 
+    def _to_probabilities(self, values: torch.Tensor) -> torch.Tensor:
+        """Grid or interpolated values (C, ...) -> probabilities: a softmax over C of interpolated log-probabilities
+        (= of interpolated logits: the per-point log-normaliser cancels), or the values themselves."""
+        return torch.softmax(values, dim=0) if self.interpolation == "logits" else values
+
     def _evaluate(self, network, channels, centres, cache, bar, classifier=None) -> torch.Tensor:
-        """Probabilities at integer ``centres`` (N, 3), computing only those not already in ``cache``
-        (sorted flat voxel indices ``keys`` and their ``values``)."""
+        """The values to interpolate (log-probabilities, or probabilities) at integer ``centres`` (N, 3),
+        computing only those not already in ``cache`` (sorted flat voxel indices ``keys`` and their ``values``)."""
         shape = channels.shape[1:]
         keys = ((centres[:, 0] * shape[1] + centres[:, 1]) * shape[2] + centres[:, 2]).numpy()
         todo = np.nonzero(~np.isin(keys, cache["keys"]))[0]
@@ -261,10 +321,11 @@ class EmphysemaInferer(Inferer):
             parts = []
             for start in range(0, len(todo_t), chunk):
                 part = centres[todo_t[start : start + chunk]]
+                log = self.interpolation == "logits"
                 if classifier is not None:
-                    parts.append(folded_probabilities_at(classifier, channels, part, batch_size=self.batch_size))
+                    parts.append(folded_probabilities_at(classifier, channels, part, self.batch_size, log=log))
                 else:
-                    parts.append(probabilities_at(network, channels, part, batch_size=self.batch_size))
+                    parts.append(probabilities_at(network, channels, part, self.batch_size, log=log))
                 bar.update(len(part))
             self.last_evaluations += len(todo)
             all_keys = np.concatenate([cache["keys"], keys[todo]])

@@ -308,6 +308,38 @@ def pretrain_variant(
     return Path(settings["model_path"]), {"budget": budget, "settings": inherited, "architecture": architecture}
 
 
+def family_run(
+    out_dir: str | Path,
+    dataset_dir: str | Path,
+    variants,
+    paper: bool = False,
+    enabled: bool = True,
+    tracking_uri: str | None = None,
+    experiment_name: str = "drasclr_ablation",
+    **settings,
+):
+    """The parent MLflow run of a set of variants (``custom.engine.tracking.WorkflowRun``; experiment
+    ``drasclr_ablation`` in ``<out_dir>/mlruns.db`` unless given): tags, the prepared manifest as its dataset, the
+    plan and schedule as params, the config files and at the end ``ablations.csv``. Each variant pre-trained
+    inside ``with run, run.nested():`` is a child run of it (MLflow's parent tag; the UI groups them)."""
+    from monai.utils import path_to_sqlite_uri
+
+    from custom.engine.tracking import WorkflowRun
+
+    out_dir = Path(out_dir)
+    return WorkflowRun(
+        tracking_uri=tracking_uri or path_to_sqlite_uri(str(out_dir / "mlruns.db")),
+        experiment_name=experiment_name,
+        run_name="ablations",
+        enabled=enabled,
+        dataset_dir=dataset_dir,
+        dataset_context="training",
+        params={"variants": ",".join(variants), "paper_schedule": as_bool(paper), **settings},
+        config_files=ablation_config_files(paper),
+        artifacts={"": [out_dir / "ablations.csv"]},
+    )
+
+
 def _cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (data-loader workers): unlike wall time,
     it does not grow when other jobs share the machine."""

@@ -36,6 +36,7 @@ from custom.embed.cohort import embed_patches
 from custom.evaluation.notes import Notes
 from custom.flags import as_bool
 from custom.model.network import DrasCLRNetwork, network_input
+from custom.prepare import cache
 from custom.subject_table import EMBEDDING_FILE, embedding_table, read_embedding_table, write_embedding_table
 
 logger = logging.getLogger(__name__)
@@ -49,12 +50,11 @@ RANDOM_INIT = "Random init"
 def cache_subjects(cache_dir: str | Path) -> list[tuple[str, Path]]:
     """(subject_id, patches.npy) of every prepared subject, ids taken from the manifest where it has them."""
     files = prepared_patch_files(cache_dir)
-    manifest = Path(cache_dir) / "manifest.csv"
     folder_to_id = {}
-    if manifest.is_file():
-        table = pd.read_csv(manifest, dtype={"subject_id": str, "path": str})
+    if (Path(cache_dir) / cache.MANIFEST).is_file():
+        table = cache.read_manifest(cache_dir)  # ids stay text
         if "path" in table.columns:
-            folder_to_id = dict(zip(table["path"].astype(str), table["subject_id"]))
+            folder_to_id = {folder: subject for folder, subject in zip(table["path"], table["subject_id"]) if folder}
     return [(folder_to_id.get(f.parent.name, f.parent.name), f) for f in files]
 
 

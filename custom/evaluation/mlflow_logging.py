@@ -1,29 +1,25 @@
-"""The evaluation's MLflow run: parameters, every mean / s.d. / C(t) as a metric, and the tables, plots and long
-result files as artifacts.
+"""The evaluation's MLflow run: the tags, inputs and config every run of the bundle records
+(``custom.engine.tracking.WorkflowRun``), the parameters, every mean / s.d. / C(t) as a metric, each readout's
+per-fold scores as a metric history (step = fold), and the tables, plots and long result files as artifacts.
 
-``MlflowLogger`` (config id ``mlflow``) uses an explicit ``MlflowClient``: the fluent API
-(``mlflow.set_tracking_uri``) also sets the ``MLFLOW_TRACKING_URI`` environment variable, which would redirect
-every later MLflow handler of the process (training, fine-tuning) into this store.
+It uses an explicit ``MlflowClient`` (through ``WorkflowRun``): the fluent API (``mlflow.set_tracking_uri``) also
+sets the ``MLFLOW_TRACKING_URI`` environment variable, which would redirect every later MLflow handler of the
+process (training, fine-tuning) into this store.
 """
 
 from __future__ import annotations
 
-import re
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from custom.flags import as_bool
+from custom.engine.tracking import WorkflowRun, metric_name
 
 ARTIFACT_FOLDERS = ("tables", "plots")
 ARTIFACT_FILES = ("readouts.csv", "survival.csv", "covid_readouts.csv", "notes.txt")
-
-
-def metric_name(*parts) -> str:
-    """An MLflow-safe metric name (alphanumerics, _ - . space : /)."""
-    return "/".join(re.sub(r"[^0-9A-Za-z_\-. :]", "_", str(p)) for p in parts)
 
 
 def result_metrics(readouts: pd.DataFrame | None, survival: pd.DataFrame | None, severity: pd.DataFrame | None) -> dict:
@@ -46,9 +42,28 @@ def result_metrics(readouts: pd.DataFrame | None, survival: pd.DataFrame | None,
     return metrics
 
 
+def fold_metrics(readouts: pd.DataFrame | None, severity: pd.DataFrame | None) -> list:
+    """Each readout's per-fold scores (``fold_values``) as metric histories ``<prefix>/<set>/<target>/<metric>/fold``
+    at step = fold; rows scored on pooled predictions have none."""
+    from mlflow.entities import Metric
+
+    out, now = [], int(time.time() * 1000)
+    for frame, prefix in ((readouts, "phenotype"), (severity, "covid")):
+        if frame is None or "fold_values" not in frame:
+            continue
+        for r in frame[frame["status"] == "ok"].itertuples():
+            values = pd.to_numeric(pd.Series(str(r.fold_values).split()), errors="coerce")
+            name = metric_name(prefix, r.feature_set, r.target, r.metric, "fold")
+            out += [Metric(name, float(v), now, fold) for fold, v in enumerate(values) if np.isfinite(v)]
+    return out
+
+
 class MlflowLogger:
     """One MLflow run per evaluation in ``tracking_uri`` (a local sqlite store by default; artifacts beside it),
-    experiment ``experiment_name``, run ``run_name``. ``enabled: false`` (or no URI) logs nothing."""
+    experiment ``experiment_name``, run ``run_name``, with the input tables ``datasets`` (``{name: table or
+    folder}``; a folder means its ``manifest.csv`` or ``subject_embeddings.csv``; missing ones are skipped) and
+    ``embeddings`` (the feature sets, logged as datasets ``embeddings: <name>``) and the ``config_files``.
+    ``enabled: false`` (or no URI) logs nothing."""
 
     def __init__(
         self,
@@ -56,41 +71,38 @@ class MlflowLogger:
         experiment_name: str = "drasclr_evaluation",
         run_name: str | None = None,
         enabled: bool = True,
+        datasets: Mapping | None = None,
+        embeddings: Mapping | None = None,
+        config_files=None,
     ):
+        self.run = WorkflowRun(
+            tracking_uri=tracking_uri,
+            experiment_name=experiment_name,
+            run_name=run_name,
+            enabled=enabled,
+            datasets={**(datasets or {}), **{f"embeddings: {k}": v for k, v in (embeddings or {}).items()}},
+            dataset_context="evaluation",
+            config_files=config_files,
+        )
         self.tracking_uri, self.experiment_name, self.run_name = tracking_uri, experiment_name, run_name
-        self.enabled = as_bool(enabled) and bool(tracking_uri)
+        self.enabled = self.run.enabled
 
-    def _experiment_id(self, client) -> str:
-        experiment = client.get_experiment_by_name(self.experiment_name)
-        if experiment is not None:
-            return experiment.experiment_id
-        artifacts = None
-        if self.tracking_uri.startswith("sqlite:///"):  # artifacts beside the database, as MONAI's MLFlowHandler does
-            artifacts = Path(self.tracking_uri[len("sqlite:///") :]).parent.joinpath("mlruns").resolve().as_uri()
-        return client.create_experiment(self.experiment_name, artifact_location=artifacts)
-
-    def log(self, params: dict, metrics: dict, out_dir: str | Path) -> str | None:
-        """Log one finished run; returns its id (None when disabled)."""
+    def log(self, params: dict, metrics: dict, out_dir: str | Path, fold_scores: list | None = None) -> str | None:
+        """Log one finished evaluation whose outputs are in ``out_dir``; returns the run id (None when disabled).
+        ``fold_scores`` (``fold_metrics``): per-fold histories; by default read from ``out_dir``'s result tables."""
         if not self.enabled:
             return None
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric, Param, RunStatus
-
         out = Path(out_dir)
-        client = MlflowClient(tracking_uri=self.tracking_uri)
-        run_id = client.create_run(self._experiment_id(client), run_name=self.run_name).info.run_id
-        now = int(time.time() * 1000)
-        values = [Param(k, str(v)[:500]) for k, v in params.items()]
-        for start in range(0, len(values), 100):  # MLflow caps params at 100 per batch
-            client.log_batch(run_id, params=values[start : start + 100])
-        items = [Metric(k, float(v), now, 0) for k, v in metrics.items()]
-        for start in range(0, len(items), 500):  # MLflow caps a batch at 1000 entries
-            client.log_batch(run_id, metrics=items[start : start + 500])
-        for sub in ARTIFACT_FOLDERS:
-            if (out / sub).is_dir():
-                client.log_artifacts(run_id, str(out / sub), artifact_path=sub)
-        for name in ARTIFACT_FILES:
-            if (out / name).is_file():
-                client.log_artifact(run_id, str(out / name))
-        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
-        return run_id
+        if fold_scores is None:
+            tables = {n: out / f for n, f in (("readouts", "readouts.csv"), ("covid", "covid_readouts.csv"))}
+            frames = {n: pd.read_csv(p) if p.is_file() else None for n, p in tables.items()}
+            fold_scores = fold_metrics(frames["readouts"], frames["covid"])
+        self.run.artifacts = {
+            **{sub: [out / sub] for sub in ARTIFACT_FOLDERS},
+            "": [out / name for name in ARTIFACT_FILES],
+        }
+        with self.run as run:
+            run.log_params(params)
+            run.log_metrics(metrics)
+            run.log_metrics(fold_scores)
+        return run.run_id

@@ -20,8 +20,8 @@ emphysema inference, MONAI Label), and decides ``ok`` / ``warning`` / ``failed``
                          heart in front); left-right they differ less (the larger right lung, the cardiac notch of
                          the left), which still gives a clear margin on the scans calibrated (docs/prepare.md).
 ``thick_slices`` (warns) The input's slice spacing along the head-feet axis above ``max_slice_mm``: thick slices
-                         average fine structure away (LAA-950 of the real CT drops from 4.1 % at 5 mm to 0.4 % at
-                         10 mm), which the method was not trained for.
+                         average fine structure away (LAA-950 of the real CT, sharp kernel, drops from 5.8 % at its
+                         own 5 mm to 1.7 % at 10 mm; docs/prepare.md), which the method was not trained for.
 ``registration``         Dice below ``min_dice`` fails (the registration or the mask is broken); Dice below
                          ``warn_dice``, or a share of landmarks inside the lung below ``warn_share_ratio`` times the
                          atlas's own share, warns.
@@ -383,7 +383,17 @@ def assess(measures: dict, limits: QCLimits = DEFAULT_LIMITS, accept=()) -> QCRe
         numbers["flip_gain"] = round(max(d - orientation["none"] for a, d in orientation.items() if a != "none"), 4)
     numbers["qc_limits"] = asdict(limits)
     numbers["qc_accept"] = list(accept)
+    numbers["qc_accepted"] = sorted({f.check for f in findings if f.accepted})
     return QCResult(status=status, findings=findings, measures=numbers)
+
+
+def accepted_checks(qc: dict) -> tuple:
+    """The checks whose failure a QC record (qc.json) let through only because they were accepted: a later run
+    that does not accept them must not reuse the result. Records without ``qc_accepted`` (older entries): the
+    acceptable checks that both had a finding and were accepted (their findings are always failures)."""
+    if qc.get("qc_accepted") is not None:
+        return tuple(sorted(qc["qc_accepted"]))
+    return tuple(sorted(set(qc.get("qc_checks") or ()) & set(qc.get("qc_accept") or ()) & set(ACCEPTABLE)))
 
 
 def reason_of_error(error: str, source: str | None = None) -> str:
@@ -415,6 +425,7 @@ __all__ = [
     "QCResult",
     "REGISTRATION",
     "THICK_SLICES",
+    "accepted_checks",
     "assess",
     "edge_shares",
     "orientation_dice",

@@ -28,7 +28,9 @@ Format (version 1; the training data loader reads exactly this)::
                               lung_volume_ml, seconds, registration_seconds, registration_recipe,
                               spacing (1,1,1), shape, original_spacing, original_shape, axcodes, and the
                               anatomy QC: qc_status (ok | warning), qc_reasons, qc_checks, edge_share,
-                              orientation_dice, flip_gain, slice_mm, share_ratio, qc_limits, qc_accept, qc_seconds
+                              orientation_dice, flip_gain, slice_mm, share_ratio, qc_limits, qc_accept,
+                              qc_accepted (failures let through only by qc_accept: a resumed run reuses
+                              the entry only when it accepts them too), qc_seconds
         qc.png                the QC picture (optional: entries of older versions have none)
 
 The working grid is the scan oriented to the atlas's axis codes (LAS for the shipped atlas: x runs to the

@@ -105,6 +105,17 @@ def _read_failure(path: Path, reader: str, err: BaseException) -> str:
     return _first_line(err)
 
 
+# Library warnings that are noise for every scan, filtered for the whole process on import of this module (every
+# workflow that reads CT imports it, worker processes too): (message start, category, module that warns).
+QUIET_WARNINGS = (
+    # MONAI's MetaTensor(x, affine=A, meta=m) when m already holds an affine (MONAI itself writes the affine into a
+    # meta dict handed to it, so passing one dict to two MetaTensors warns); the affine given is the one kept
+    ("Setting affine, but the applied meta contains an affine", UserWarning, r"monai\.data\.meta_tensor"),
+)
+for _message, _category, _module in QUIET_WARNINGS:
+    warnings.filterwarnings("ignore", message=_message, category=_category, module=_module)
+
+
 class _DropNotices(logging.Filter):
     """Drops the library notices that are noise for a valid scan, counting them."""
 

@@ -14,6 +14,10 @@
 Pictures: ``<subject_id>/qc.png`` of each cache entry (``WritePreparedSubjectd``), and for a subject that failed
 the anatomy QC ``.qc_failed/<subject_id>.png`` with its numbers in ``.qc_failed/<subject_id>.json``
 (``RegisterToAtlasd``). A subject that failed before registration (unreadable file, no lungs) has no picture.
+
+The emphysema inference writes the same sheet into its ``output_dir`` (``write_inference_qc_sheet``): its rows are
+the subjects of ``emphysema_report.csv`` and ``failures.csv`` there (``inference_manifest``), with
+``<subject_id>/qc.json`` / ``qc.png`` written by ``SaveQCRecordd`` and ``.qc_failed/`` as in a cache.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import logging
 import math
 import os
 import textwrap
@@ -31,9 +36,10 @@ import pandas as pd
 
 from custom.atomic_io import atomic_path
 from custom.prepare import cache
-from custom.prepare.anatomy_qc import STATUS_ORDER, reason_of_error
+from custom.prepare.anatomy_qc import STATUS_ORDER, reason_of_error, reason_text
 from custom.prepare.qc_figure import STATUS_COLOURS, _small_png
 
+logger = logging.getLogger("drasclr.prepare")
 QC_CSV = "qc.csv"
 SHEET_HTML = "qc_sheet.html"
 SHEET_PNG = "qc_sheet.png"
@@ -68,12 +74,21 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+def _record_name(subject_id: str) -> str:
+    """The file name ``RegisterToAtlasd`` gives a QC failure record (ids of the inference may not be folder-safe)."""
+    try:
+        return cache.safe_subject_id(subject_id)
+    except ValueError:
+        return subject_id
+
+
 def _row(cache_dir: Path, manifest_row: dict) -> dict:
     subject_id = str(manifest_row["subject_id"])
     failed = manifest_row.get("status") == "failed"
     if failed:
-        qc = _read_json(cache_dir / FAILED_DIR / f"{subject_id}.json")
-        picture = cache_dir / FAILED_DIR / f"{subject_id}.png"
+        name = _record_name(subject_id)
+        qc = _read_json(cache_dir / FAILED_DIR / f"{name}.json")
+        picture = cache_dir / FAILED_DIR / f"{name}.png"
         status = "failed"
         reason = reason_of_error(manifest_row.get("error"), manifest_row.get("source"))
     else:
@@ -81,8 +96,7 @@ def _row(cache_dir: Path, manifest_row: dict) -> dict:
         qc = _read_json(entry / cache.QC)
         picture = entry / QC_PICTURE
         status = str(qc.get("qc_status") or manifest_row.get("qc_status") or "ok")
-        reasons = qc.get("qc_reasons") or []
-        reason = "; ".join(reasons) if isinstance(reasons, list) else str(reasons)
+        reason = reason_text(qc) if qc else str(manifest_row.get("qc_reason") or "")
     edges = qc.get("edge_share") or {}
     orientation = qc.get("orientation_dice") or {}
     flips = {a: d - orientation["none"] for a, d in orientation.items() if a != "none"} if "none" in orientation else {}
@@ -263,4 +277,58 @@ def write_qc_sheet(
     return {**paths, "table": table}
 
 
-__all__ = ["QC_COLUMNS", "qc_table", "write_qc_sheet"]
+def _read_table(path: Path) -> pd.DataFrame:
+    """A table of an earlier or this run (ids as text, empty cells ""), or an empty one when absent."""
+    try:
+        return pd.read_csv(path, dtype={"subject_id": str}, keep_default_na=False)
+    except (OSError, pd.errors.EmptyDataError):
+        return pd.DataFrame(columns=["subject_id"])
+
+
+def inference_manifest(
+    output_dir: str | Path, report_csv: str = "emphysema_report.csv", failures_csv: str = "failures.csv"
+):
+    """The emphysema inference's records in ``output_dir`` as manifest rows for ``qc_table``: every subject of
+    its cohort report (status ok, its folder ``<subject_id>/`` holding qc.json and qc.png) and of its failures
+    (status failed; pictures in ``.qc_failed/``). Both tables already merge earlier runs into the same folder, so
+    the sheet does too. Rows of runs before qc.json was written keep the report's qc_status / qc_reasons / Dice."""
+    output_dir = Path(output_dir)
+    mapped, failed = _read_table(output_dir / report_csv), _read_table(output_dir / failures_csv)
+    dice = pd.to_numeric(mapped.get("registration_dice", pd.Series(index=mapped.index)), errors="coerce")
+    rows = [
+        {
+            "subject_id": r["subject_id"],
+            "status": "ok",
+            "path": r["subject_id"],
+            "source": r.get("source", ""),
+            "qc_status": r.get("qc_status") or "ok",
+            "qc_reason": r.get("qc_reasons") or "",
+            "dice": None if pd.isna(d) else float(d),
+        }
+        for r, d in zip(mapped.to_dict("records"), dice)
+    ]
+    rows += [{**r, "status": "failed", "path": ""} for r in failed.to_dict("records")]
+    columns = ["subject_id", "status", "path", "source", "qc_status", "qc_reason", "dice", "error"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def write_inference_qc_sheet(
+    output_dir: str | Path, report_csv: str = "emphysema_report.csv", failures_csv: str = "failures.csv"
+):
+    """The cohort QC sheet (qc.csv, qc_sheet.html, qc_sheet.png) of an emphysema inference ``output_dir``
+    (``inference_manifest``); returns ``write_qc_sheet``'s paths, or None when it could not be drawn (logged: a
+    picture never fails a run)."""
+    output_dir = Path(output_dir)
+    try:
+        manifest = inference_manifest(output_dir, report_csv, failures_csv)
+        if not len(manifest):
+            return None
+        paths = write_qc_sheet(output_dir, manifest, title=f"Emphysema inference QC: {output_dir.name}")
+        logger.info("QC sheet: %s", paths["html"])
+        return paths
+    except Exception as err:  # noqa: BLE001
+        logger.warning("could not write the QC sheet of %s: %s", output_dir, err)
+        return None
+
+
+__all__ = ["QC_COLUMNS", "inference_manifest", "qc_table", "write_inference_qc_sheet", "write_qc_sheet"]

@@ -272,8 +272,9 @@ class RegisterToAtlasd(MapTransform):
     ``registration_seconds``, ``qc_status`` (ok / warning) and ``qc_reasons`` (one line). ``registration_key``
     of the item: the whole result, what the cache entry stores (``TRANSFORM_KEYS`` as in ``transform.json``,
     ``transform_mat`` = the bytes of the ANTs/ITK transform file, ``dice``, ``seconds``, ``recipe``, ``qc``: the
-    QC fields of ``qc.json``). With ``failure_pictures`` and an item ``cache_dir`` (prepare, embed), a subject
-    that fails QC leaves its picture in ``<cache_dir>/.qc_failed/<subject_id>.png`` for the cohort QC sheet."""
+    QC fields of ``qc.json``). With ``failure_pictures`` and an item ``cache_dir`` (prepare, embed) or else
+    ``output_dir`` (a scan of the emphysema inference), a subject that fails QC leaves its picture and numbers in
+    ``<that folder>/.qc_failed/<subject_id>.png`` / ``.json`` for the cohort QC sheet."""
 
     def __init__(
         self,
@@ -361,8 +362,9 @@ class RegisterToAtlasd(MapTransform):
             qc["qc_seconds"] = round(time.perf_counter() - started, 2)
             subject_id = str(d.get("subject_id") or image.meta.get("subject_id") or subject_id_of(source))
             if verdict.failures:
-                if self.failure_pictures and d.get("cache_dir"):
-                    _failure_record(d["cache_dir"], subject_id, str(source), image, lung, landmarks, qc)
+                record_dir = d.get("cache_dir") or d.get("output_dir")  # prepare / embed; emphysema inference
+                if self.failure_pictures and record_dir:
+                    _failure_record(record_dir, subject_id, str(source), image, lung, landmarks, qc)
                 accept_hint = sorted({f.check for f in verdict.failures} & set(anatomy_qc.ACCEPTABLE))
                 hint = f" (to prepare it anyway: register accept {accept_hint})" if accept_hint else ""
                 raise anatomy_qc.AnatomyQCError(
@@ -448,35 +450,87 @@ class LandmarkPatchesd(MapTransform):
         d = dict(data)
         atlas = load_atlas(self.atlas_dir)
         for key in self.key_iterator(d):
-            image = d[key]
-            meta = image.meta
-            mask = d[self.mask_key]
-            registration = d[self.registration_key]
-            hu = image[0].numpy()
-            lung = _lung_of(mask)
-            spacing = tuple(float(s) for s in np.linalg.norm(_affine(image)[:3, :3], axis=0))
-            voxel_ml = float(np.prod(spacing)) / 1000.0
+            image, mask, registration = d[key], d[self.mask_key], d[self.registration_key]
             landmarks = map_landmarks(registration["atlas_to_subject_vox"], atlas.centres)
             d[self.landmarks_key] = landmarks
-            d[self.patches_key] = extract_patches(hu, landmarks)
-            d[self.qc_key] = {
-                "subject_id": str(d.get("subject_id") or meta.get("subject_id")),
-                "source": str(meta.get("filename_or_obj", "")),
-                "lung_mask": str(getattr(mask, "meta", {}).get("lung_mask_source", AUTO_MASK)),
-                "num_landmarks": int(len(landmarks)),
-                "dice": round(registration["dice"], 4),
-                "share_inside_lung": round(share_inside(landmarks, lung), 4),
-                "atlas_share_inside_lung": round(atlas.share_inside_lung, 4),
-                "lung_volume_ml": round(float(lung.sum()) * voxel_ml, 1),
-                "registration_seconds": round(registration["seconds"], 2),
-                "registration_recipe": registration["recipe"],
-                "spacing": list(spacing),
-                "shape": [int(s) for s in hu.shape],
-                "original_spacing": np.asarray(meta["original_spacing"], dtype=np.float64).tolist(),
-                "original_shape": np.asarray(meta["original_shape"], dtype=np.int64).tolist(),
-                "axcodes": _axcodes(image, self.atlas_dir),
-                **registration.get("qc", {}),  # qc_status, qc_reasons and the anatomy QC numbers
-            }
+            d[self.patches_key] = extract_patches(image[0].numpy(), landmarks)
+            d[self.qc_key] = _qc_record(d, image, mask, registration, landmarks, atlas, self.atlas_dir)
+        return d
+
+
+def _qc_record(d: dict, image, mask, registration: dict, landmarks: np.ndarray, atlas, atlas_dir) -> dict:
+    """The QC numbers of qc.json for one registered scan (one definition for the prepare cache entry and the
+    emphysema inference's ``<output_dir>/<subject_id>/qc.json``)."""
+    meta = image.meta
+    lung = _lung_of(mask)
+    spacing = tuple(float(s) for s in np.linalg.norm(_affine(image)[:3, :3], axis=0))
+    source = str(meta.get("filename_or_obj", ""))
+    return {
+        "subject_id": str(d.get("subject_id") or meta.get("subject_id") or subject_id_of(source)),
+        "source": source,
+        "lung_mask": str(getattr(mask, "meta", {}).get("lung_mask_source", AUTO_MASK)),
+        "num_landmarks": int(len(landmarks)),
+        "dice": round(registration["dice"], 4),
+        "share_inside_lung": round(share_inside(landmarks, lung), 4),
+        "atlas_share_inside_lung": round(atlas.share_inside_lung, 4),
+        "lung_volume_ml": round(float(lung.sum()) * float(np.prod(spacing)) / 1000.0, 1),
+        "registration_seconds": round(registration["seconds"], 2),
+        "registration_recipe": registration["recipe"],
+        "spacing": list(spacing),
+        "shape": [int(s) for s in image.shape[1:]],
+        "original_spacing": np.asarray(meta["original_spacing"], dtype=np.float64).tolist(),
+        "original_shape": np.asarray(meta["original_shape"], dtype=np.int64).tolist(),
+        "axcodes": _axcodes(image, atlas_dir),
+        **registration.get("qc", {}),  # qc_status, qc_reasons and the anatomy QC numbers
+    }
+
+
+class SaveQCRecordd(MapTransform):
+    """The anatomy QC of a registered scan (``RegisterToAtlasd``'s ``registration_key``) written beside a
+    workflow's other per-subject outputs, for the cohort QC sheet of a workflow that keeps no prepared cache (the
+    emphysema inference): ``<output_dir>/<subject_id>/qc.json`` (the fields of a cache entry's qc.json but the
+    patch ones) and ``qc.png`` (the same picture), under the item's ``output_dir``, else ``output_dir``; nothing
+    without either (a MONAI Label request). A scan that fails the QC never reaches this step:
+    ``RegisterToAtlasd`` leaves ``<output_dir>/.qc_failed/<subject_id>.*`` instead."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        output_dir: str | None = None,
+        mask_key: str = "lung_mask",
+        registration_key: str = "registration",
+        atlas_dir: str | None = None,
+        picture: bool = True,
+        allow_missing_keys: bool = False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.output_dir = output_dir
+        self.mask_key = mask_key
+        self.registration_key = registration_key
+        self.atlas_dir = _atlas_dir(atlas_dir)
+        self.picture = bool(picture)
+
+    def __call__(self, data):
+        from custom.atomic_io import atomic_path
+
+        d = dict(data)
+        output_dir = d.get("output_dir") or self.output_dir  # the item's own folder first (inference dataset)
+        if not output_dir:
+            return d
+        atlas = load_atlas(self.atlas_dir)
+        for key in self.key_iterator(d):
+            image, mask, registration = d[key], d[self.mask_key], d[self.registration_key]
+            landmarks = map_landmarks(registration["atlas_to_subject_vox"], atlas.centres)
+            qc = _qc_record(d, image, mask, registration, landmarks, atlas, self.atlas_dir)
+            folder = Path(output_dir) / qc["subject_id"]
+            folder.mkdir(parents=True, exist_ok=True)
+            png = _picture_bytes(image, _lung_of(mask), landmarks, qc) if self.picture else None
+            if png is not None:
+                with atomic_path(folder / cache.QC_PICTURE) as tmp:
+                    Path(tmp).write_bytes(png)
+            with atomic_path(folder / cache.QC) as tmp:
+                Path(tmp).write_text(json.dumps(qc, indent=2, default=cache._json_default))
+            _forget_failure(output_dir, qc["subject_id"])
         return d
 
 
@@ -584,6 +638,7 @@ __all__ = [
     "LoadCTd",
     "LungMaskd",
     "RegisterToAtlasd",
+    "SaveQCRecordd",
     "WritePreparedSubjectd",
     "input_grid",
     "load_atlas",

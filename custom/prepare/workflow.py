@@ -26,11 +26,11 @@ import pandas as pd
 from custom.data.atlas import landmark_centres, resources_dir
 from custom.engine import subject_shards
 from custom.errors import MissingInputError, producer_of
-from custom.prepare import cache
+from custom.prepare import anatomy_qc, cache
 from custom.prepare.io import is_dicom_file, is_nifti
 from custom.prepare.pipeline import _failed_row, _ok_row, prepare_subject
 from custom.prepare.registration import get_recipe
-from custom.prepare.transforms import DEFAULT_MIN_DICE, load_atlas  # noqa: F401 - load_atlas re-exported
+from custom.prepare.transforms import DEFAULT_MIN_DICE, RegisterToAtlasd, load_atlas  # noqa: F401 - re-exported
 from custom.processes import die_with_parent
 
 logger = logging.getLogger("drasclr.prepare")
@@ -175,7 +175,10 @@ def prepare_cohort(
     (``custom.prepare.qc_sheet``: qc_sheet.html, qc_sheet.png, qc.csv in ``cache_dir``, flagged subjects first).
 
     ``resume``: subjects whose cache folder is complete and valid are not redone (``reused`` is True in the
-    returned manifest); failed subjects are retried. ``num_workers`` > 1 runs subjects in separate processes.
+    returned manifest); failed subjects are retried. An entry that passed only because a QC failure was accepted
+    (``register#accept``; ``qc_accepted`` in its qc.json) is reused only by a run that accepts it too; any other
+    run prepares it again and so fails it with the real reason (the old entry stays on disk, out of the manifest's
+    ok rows, until a run prepares the subject successfully). ``num_workers`` > 1 runs subjects in separate processes.
     ``transforms``: the scan pipeline each subject runs (a config's ``scan_pipeline``; see
     ``custom.prepare.pipeline.prepare_subject``); by default the one built from atlas_dir, registration, min_dice.
     Under torchrun (``custom.engine.subject_shards``) each rank prepares its share of the subjects and rank 0
@@ -200,11 +203,21 @@ def prepare_cohort(
 
     rows = {}
     todo = []
+    accept = _accept_of(transforms)
     for item in mine:
         if resume and cache.is_complete(cache_dir, item.subject_id, num_landmarks):
-            rows[item.subject_id] = _ok_row(item.subject_id, cache.read_qc(cache_dir / item.subject_id), reused=True)
-        else:
-            todo.append(item)
+            qc = cache.read_qc(cache_dir / item.subject_id)
+            beyond = sorted(set(anatomy_qc.accepted_checks(qc)) - set(accept))
+            if not beyond:
+                rows[item.subject_id] = _ok_row(item.subject_id, qc, reused=True)
+                continue
+            logger.info(
+                "%s: its cache entry was prepared accepting QC failure(s) %s, which this run does not accept: "
+                "deciding it again",
+                item.subject_id,
+                beyond,
+            )
+        todo.append(item)
     order = [item.subject_id for item in mine]
 
     def flush() -> pd.DataFrame | None:
@@ -270,6 +283,18 @@ def prepare_cohort(
         if qc_sheet and len(manifest):
             _write_qc_sheet(cache_dir)
     return manifest
+
+
+def _accept_of(transforms) -> tuple:
+    """The QC failures the run's registration step accepts (``RegisterToAtlasd.accept``; the default chain of
+    configs/prepare.yaml accepts none). A chain without that step counts as accepting none."""
+    steps = list(getattr(transforms, "transforms", transforms) or ())
+    while steps:
+        step = steps.pop(0)
+        if isinstance(step, RegisterToAtlasd):
+            return tuple(step.accept)
+        steps[:0] = list(getattr(step, "transforms", ()) or ())  # a nested Compose
+    return ()
 
 
 def _write_qc_sheet(cache_dir: Path) -> None:

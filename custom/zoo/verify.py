@@ -20,8 +20,9 @@ Steps, in the Zoo's order (``min`` stops after the metadata; ``full`` is what th
 4. ``metadata``: ``monai.bundle.verify_metadata`` against the Zoo's schema, the file the metadata's ``schema``
    URL names (the bundle's unchanged copy in ``resources/schema/``; ``schema`` overrides it).
 5. ``properties`` (full): ``create_workflow(workflow_type="inference", ...)`` and ``check_properties()`` with
-   MONAI's inference and metadata properties. The Zoo runs this only for the apps of ``supported_apps``; here it
-   always runs.
+   MONAI's inference and metadata properties, then once per app of the metadata's ``supported_apps`` with that
+   app's properties (``APP_PROPERTIES``; an app not listed there is an error). The Zoo runs this only for the apps
+   of ``supported_apps`` (an app's ``bundle_properties.py``; it holds none for MONAI Label); here MONAI's run always.
 6. ``net_in_out`` (full): ``monai.bundle.verify_net_in_out`` on ``network_def`` of the inference config.
 7. ``torchscript`` (full): ``monai.bundle.ckpt_export`` of ``models/model.pt`` into a temporary file, loaded back;
    a shipped ``models/model.ts`` must load too.
@@ -45,6 +46,7 @@ import yaml
 from monai.apps.utils import download_url
 from monai.bundle import ckpt_export, create_workflow, verify_metadata, verify_net_in_out
 from monai.bundle.properties import InferProperties, MetaProperties
+from monai.utils import BundleProperty
 
 MODES = ("min", "full")
 NECESSARY_FILES = ("configs/metadata.json", "LICENSE")
@@ -52,6 +54,25 @@ PREFERRED_FILES = ("models/model.pt", "configs/inference")
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 NET_ID = "network_def"
 CHILD_ENV = "DRASCLR_ZOO_VERIFY_CHILD"  # set in the child process started with the bundle's own code
+
+
+def _required(properties: dict, *names: str) -> dict:
+    return {name: {**properties[name], BundleProperty.REQUIRED: True} for name in names}
+
+
+# The properties each app of ``supported_apps`` needs, in MONAI's property format (monai.bundle.properties).
+# monai-label: what MONAI Label 0.8.5's BundleInferTask (monailabel/tasks/infer/bundle.py) reads from
+# configs/inference.* and the metadata: network_def, preprocessing, inferer, postprocessing, device, bundle_root;
+# the version, the description, the input's spatial_shape (its dimension) and the output's channel_def (its label
+# names). MONAI's optional properties become required where MONAI Label reads them.
+APP_PROPERTIES = {
+    "monai-label": {
+        **MetaProperties,
+        **InferProperties,
+        **_required(InferProperties, "preprocessing", "postprocessing"),
+        **_required(MetaProperties, "description", "spatial_shape", "channel_def"),
+    },
+}
 
 
 class ZooCheckError(ValueError):
@@ -167,8 +188,25 @@ def check_metadata(bundle_dir: Path, schema: Path | None = None) -> str:
     return str(schema)
 
 
-def check_properties(bundle_dir: Path, config: Path) -> list:
-    """Step 5: MONAI's inference and metadata properties of the inference config, with its default settings."""
+def supported_apps(bundle_dir: Path) -> dict:
+    """The metadata's ``supported_apps`` (app -> version); an app without an entry in ``APP_PROPERTIES`` fails."""
+    meta = json.loads((bundle_dir / "configs" / "metadata.json").read_text())
+    apps = meta.get("supported_apps") or {}
+    unknown = sorted(set(apps) - set(APP_PROPERTIES))
+    if unknown:
+        raise ZooCheckError(
+            "properties",
+            f"supported_apps names {unknown}, whose properties are unknown (known: {sorted(APP_PROPERTIES)})",
+        )
+    return dict(apps)
+
+
+def check_properties(bundle_dir: Path, config: Path) -> dict:
+    """Step 5: MONAI's inference and metadata properties of the inference config, with its default settings, then
+    those of every app of ``supported_apps``. Returns the names checked: ``{"monai": [...], <app>: [...]}``."""
+    wanted = {"monai": {**MetaProperties, **InferProperties}}
+    wanted.update({app: APP_PROPERTIES[app] for app in supported_apps(bundle_dir)})
+    checked = {}
     try:
         workflow = create_workflow(
             workflow_type="inference",
@@ -177,13 +215,18 @@ def check_properties(bundle_dir: Path, config: Path) -> list:
             meta_file=str(bundle_dir / "configs" / "metadata.json"),
             logging_file=_logging_file(bundle_dir),
         )
-        workflow.properties = {**MetaProperties, **InferProperties}
-        missing = workflow.check_properties()
     except Exception as e:  # noqa: BLE001
         raise ZooCheckError("properties", f"{type(e).__name__}: {e}") from e
-    if missing:
-        raise ZooCheckError("properties", f"missing or wrong properties: {missing}")
-    return sorted(workflow.properties)
+    for app, properties in wanted.items():
+        try:
+            workflow.properties = dict(properties)
+            missing = workflow.check_properties()
+        except Exception as e:  # noqa: BLE001
+            raise ZooCheckError("properties", f"{app}: {type(e).__name__}: {e}") from e
+        if missing:
+            raise ZooCheckError("properties", f"{app}: missing or wrong properties: {missing}")
+        checked[app] = sorted(properties)
+    return checked
 
 
 def check_net_in_out(bundle_dir: Path, config: Path, device: str) -> None:
