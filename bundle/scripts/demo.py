@@ -210,7 +210,9 @@ def main(
         + (f", pictures such as {first_map[0]}" if first_map else "")
         + ")"
     )
-    print(f"  MLflow stores:         {train_dir / 'mlruns.db'}, {evaluation_dir / 'mlruns.db'}")
+    finetune_store = BUNDLE / "runs" / "finetune" / "mlruns.db"  # fine-tuning and detection (emphysema_finetune.yaml)
+    print(f"  MLflow stores:         {train_dir / 'mlruns.db'}, {evaluation_dir / 'mlruns.db'}, {finetune_store}")
+    print("  what each run holds:   bundle/docs/mlflow.md")
     if shutil.which("mlflow"):
         print(f"  browse them:           mlflow ui --backend-store-uri {tracking_uri}")
 
