@@ -231,10 +231,15 @@ def test_evaluation_run_holds_inputs_config_and_per_fold_scores(inputs, tmp_path
             "covid#clinical": str(inputs / "covid_clinical.csv"),
             "covid#embeddings": {"DrasCLR": str(inputs / "covid.csv")},
             "covid#prepared_cache": None,
+            # the figures' inputs from the fixture, not whatever an earlier demo left under bundle/runs
+            "detection#tables#table5_emphysema_detection#path": str(inputs / "detection" / "detection_table.csv"),
+            "detection#label_efficiency#path": str(inputs / "detection" / "efficiency.csv"),
+            "detection#detected_fractions#path": str(inputs / "detection" / "emphysema_report.csv"),
             "mlflow#tracking_uri": uri,
         }
     )
     parser.get_parsed_content("evaluate")
+    assert list((tmp_path / "out" / "plots").glob("*.png")), "the evaluation drew no picture"
     client = mlflow.MlflowClient(uri)
     (found,) = _runs(uri, "drasclr_evaluation")
     assert all(found.data.tags.get(k) for k in PROVENANCE)
