@@ -336,7 +336,7 @@ def test_emphysema_inference_writes_the_cohort_qc_sheet_merged_over_runs(tmp_pat
     from monai.bundle import ConfigWorkflow
     from PIL import Image
 
-    from custom.emphysema.network import EmphysemaNetwork
+    from custom.emphysema.network import EmphysemaDetectors
     from custom.prepare.phantom import make_phantom
 
     small = dict(spacing_mm=4.0, scale_range=(1.45, 1.55))
@@ -344,7 +344,7 @@ def test_emphysema_inference_writes_the_cohort_qc_sheet_merged_over_runs(tmp_pat
     array, affine = qc_damage.read_scan(tmp_path / "good.nii.gz")
     qc_damage.write_nifti(qc_damage.flip(array, 2), affine, tmp_path / "flipped.nii.gz")
     torch.manual_seed(0)
-    torch.save(EmphysemaNetwork().state_dict(), tmp_path / "model.pt")
+    torch.save(EmphysemaDetectors().state_dict(), tmp_path / "model.pt")
     out = tmp_path / "maps"
 
     def infer(subject_id, image):
@@ -391,7 +391,7 @@ def test_inference_fails_damaged_scans_with_the_reason_prepare_gives(real, tmp_p
     import torch
     from monai.bundle import ConfigWorkflow
 
-    from custom.emphysema.network import EmphysemaNetwork
+    from custom.emphysema.network import EmphysemaDetectors
     from custom.prepare.workflow import prepare_cohort
 
     items = [
@@ -403,7 +403,7 @@ def test_inference_fails_damaged_scans_with_the_reason_prepare_gives(real, tmp_p
     prepare_cohort(cohort, tmp_path / "prepared", progress=False)
     prepared = pd.read_csv(tmp_path / "prepared" / "failures.csv", dtype=str).set_index("subject_id")
 
-    torch.save(EmphysemaNetwork().state_dict(), tmp_path / "model.pt")
+    torch.save(EmphysemaDetectors().state_dict(), tmp_path / "model.pt")
     workflow = ConfigWorkflow(
         config_file=str(REPO / "bundle" / "configs" / "inference.yaml"),
         workflow_type="infer",

@@ -17,7 +17,7 @@ import yaml
 from monai.bundle import ConfigParser, verify_net_in_out
 from packaging.requirements import Requirement
 
-from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
+from custom.emphysema.network import SUBTYPES, EmphysemaDetectors
 from custom.zoo import conformance
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def network_config(tmp_path_factory) -> Path:
         yaml.safe_dump(
             {
                 "imports": ["$import custom"],
-                "network_def": {"_target_": "custom.emphysema.network.EmphysemaNetwork"},
+                "network_def": {"_target_": "custom.emphysema.network.EmphysemaDetectors"},
             }
         )
     )
@@ -186,10 +186,10 @@ def test_version_must_be_listed_in_the_changelog(tmp_path):
 
 
 def test_network_data_format_describes_what_the_network_returns():
-    """``outputs.pred`` is what ``network_def`` returns: (B, 3) float32 logits (unbounded, so no value range), one
-    channel per class of EMPHYSEMA_CLASSES in order. Its ``channel_def`` is the map's label table (MAP_LABELS: 0
-    background, then logit i as label i + 1), because MONAI Label builds its label list from that field and drops
-    only "background"; the metadata's description says so."""
+    """``outputs.pred`` is what ``network_def`` returns: (B, 2) float32 logits (unbounded, so no value range), the
+    log-odds of each subtype's binary detector in SUBTYPES order. Its ``channel_def`` is the map's label table
+    (MAP_LABELS: 0 background, 1 healthy lung, then log-odds i as label i + 2), because MONAI Label builds its label
+    list from that field and drops only "background"; the metadata's description says so."""
     image = METADATA["network_data_format"]["inputs"]["image"]
     pred = METADATA["network_data_format"]["outputs"]["pred"]
     assert (image["num_channels"], image["spatial_shape"], image["dtype"]) == (4, [32, 32, 32], "float32")
@@ -198,8 +198,8 @@ def test_network_data_format_describes_what_the_network_returns():
     from custom.emphysema.network import MAP_LABELS
 
     assert pred["channel_def"] == {str(i): name for i, name in enumerate(MAP_LABELS)}
-    assert tuple(MAP_LABELS[1:]) == tuple(EMPHYSEMA_CLASSES) and pred["num_channels"] == len(EMPHYSEMA_CLASSES)
-    assert "logit i becomes map label i + 1" in METADATA["description"]
+    assert tuple(MAP_LABELS[2:]) == SUBTYPES and pred["num_channels"] == len(SUBTYPES)
+    assert "log-odds i becomes map label i + 2" in METADATA["description"]
     parser = ConfigParser()
     parser.read_config(str(INFERENCE_CONFIG))
     net = parser.get_parsed_content("network_def").eval()
@@ -208,9 +208,12 @@ def test_network_data_format_describes_what_the_network_returns():
         out = net(x)
     assert list(out.shape) == [2, pred["num_channels"], *pred["spatial_shape"]]
     assert str(out.dtype) == f"torch.{pred['dtype']}"
-    # logits, not probabilities: the 3 channels are the linear head's output, not normalised
+    # logits, not probabilities: channel i is detector i's linear head, logit 1 minus logit 0, not normalised
     with torch.no_grad():
-        assert torch.allclose(out, net.classifier(net.embed(x)))
+        for i, name in enumerate(SUBTYPES):
+            detector = net.detectors[name]
+            logits = detector.classifier(detector.embed(x))
+            assert torch.allclose(out[:, i], logits[:, 1] - logits[:, 0])
 
 
 def test_metadata_describes_the_map_labels_and_uses_the_zoo_vocabulary():
@@ -289,7 +292,7 @@ def test_verify_net_in_out_on_network_def(network_config):
 
 
 def test_ckpt_export_torchscript_gives_the_eager_outputs(tmp_path, network_config):
-    net = EmphysemaNetwork().eval()
+    net = EmphysemaDetectors().eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics, so a lost buffer would show
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm3d):
@@ -302,7 +305,7 @@ def test_ckpt_export_torchscript_gives_the_eager_outputs(tmp_path, network_confi
     scripted, meta = conformance.load_torchscript(ts_path)
     scripted.eval()
     assert meta["version"] == METADATA["version"]
-    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == 3
+    assert meta["network_data_format"]["outputs"]["pred"]["num_channels"] == len(SUBTYPES)
 
     x = torch.rand(3, 4, 32, 32, 32) * 2 - 1  # three different locations (the grouped convolution path)
     same = x.clone()

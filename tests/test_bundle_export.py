@@ -20,7 +20,7 @@ import torch
 import yaml
 
 import custom
-from custom.emphysema.network import EmphysemaNetwork
+from custom.emphysema.network import EmphysemaDetectors
 from custom.errors import MissingInputError
 from custom.zoo.conformance import read_large_files, verify_large_files
 from custom.zoo.export import bundle_name, export_bundle
@@ -48,15 +48,16 @@ def source_bundle(tmp_path_factory) -> Path:
             yaml.safe_dump(
                 {
                     "imports": ["$import custom"],
-                    "network_def": {"_target_": "custom.emphysema.network.EmphysemaNetwork"},
+                    "network_def": {"_target_": "custom.emphysema.network.EmphysemaDetectors"},
                 }
             )
         )
     (root / "models" / "checkpoints").mkdir(parents=True)
-    net = EmphysemaNetwork().eval()
+    net = EmphysemaDetectors().eval()
     torch.save(net.state_dict(), root / "models" / "model.pt")
     torch.save(
-        {k: v for k, v in net.state_dict().items() if k.startswith("encoder.")}, root / "models" / "pretrained.pt"
+        {k: v for k, v in net.detectors["centrilobular"].state_dict().items() if k.startswith("encoder.")},
+        root / "models" / "pretrained.pt",
     )
     (root / "models" / "checkpoints" / "checkpoint_10.pt").write_bytes(b"training state")
     for clutter in (

@@ -87,7 +87,7 @@ def test_prepare_embed_and_maps_under_torchrun_equal_one_process(cohort, tmp_pat
     for subject in one[one.status == "ok"].path:
         assert (single / subject / "patches.npy").read_bytes() == (sharded / subject / "patches.npy").read_bytes()
 
-    from custom.emphysema.network import EmphysemaNetwork
+    from custom.emphysema.network import EmphysemaDetectors
     from custom.model.network import DrasCLRNetwork
 
     torch.manual_seed(0)
@@ -122,7 +122,7 @@ def test_prepare_embed_and_maps_under_torchrun_equal_one_process(cohort, tmp_pat
 
     torch.manual_seed(0)
     model = tmp_path / "model.pt"
-    torch.save(EmphysemaNetwork().state_dict(), model)
+    torch.save(EmphysemaDetectors().state_dict(), model)
     maps = {}
     for name, processes in (("single", 1), ("sharded", 2)):
         out = tmp_path / f"maps_{name}"

@@ -34,8 +34,9 @@ from custom.emphysema.detection_rule import (
     subtype_scores,
 )
 from custom.emphysema.detection_tables import summarise
+from custom.emphysema.folded_classifier import FoldedDetectors
 from custom.emphysema.labelled_patches import LabelledPatches, load_labelled_patches
-from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
+from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaDetectors, EmphysemaNetwork
 from custom.emphysema.random_location import RandomLocations, with_random_locations
 from custom.model.network import DrasCLRNetwork
 from custom.synthetic.labels import EMPHYSEMA_CODES
@@ -130,6 +131,72 @@ def _brute_force_probabilities(network, boxes, index, stride):
         return np.stack(
             [torch.softmax(network(x[None]), 1)[0].numpy() for x in hand_cut_box_inputs(boxes, index, stride)]
         )
+
+
+def test_each_detector_trains_on_its_own_boxes_only():
+    """The map model's training (``DetectorTrainingStep`` + ``DetectorLoss`` in a MONAI SupervisedTrainer): the
+    loss is the sum of each detector's cross-entropy on healthy vs its subtype's boxes, and a detector whose task
+    has no box in the data is left exactly as it was, BatchNorm statistics included."""
+    from ignite.engine import Events
+    from monai.engines import SupervisedTrainer
+
+    from custom.emphysema.finetune import DetectorLoss, DetectorTrainingStep, training_setup
+
+    torch.manual_seed(0)
+    network = EmphysemaDetectors(num_experts=2)
+    boxes = _random_boxes(4, labels=[0, 1, 0, 1])  # healthy and centrilobular only
+    loader, module = training_setup(boxes, network, batch_size=4)
+    loss_function = DetectorLoss(network.subtypes, boxes.labels)
+    x = torch.stack([boxes.inputs(i) for i in range(4)])
+    untouched = {k: v.clone() for k, v in network.detectors["paraseptal"].state_dict().items()}
+    before = {k: v.clone() for k, v in network.detectors["centrilobular"].state_dict().items()}
+    with torch.no_grad():  # the loss of the first step, by hand (train mode: batch statistics)
+        network.train()
+        cle = network.detectors["centrilobular"](x)
+        pse = network.detectors["paraseptal"](x[[0, 2]])
+        expected = torch.nn.functional.cross_entropy(
+            cle, torch.tensor([0, 1, 0, 1])
+        ) + torch.nn.functional.cross_entropy(pse, torch.tensor([0, 0]))
+    network.load_state_dict(
+        {
+            **{f"detectors.centrilobular.{k}": v for k, v in before.items()},
+            **{f"detectors.paraseptal.{k}": v for k, v in untouched.items()},
+        }
+    )
+    losses = []
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=loader,
+        network=module,
+        optimizer=torch.optim.Adam(network.parameters(), lr=1e-2),
+        loss_function=loss_function,
+        iteration_update=DetectorTrainingStep(),
+        decollate=False,
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output["loss"])))
+    trainer.run()
+    assert losses[0] == pytest.approx(float(expected), rel=1e-5)
+    after = network.detectors["centrilobular"].state_dict()
+    assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
+    # data with no box of the paraseptal task (no healthy, no paraseptal box): that detector does not move at all
+    torch.manual_seed(0)
+    network = EmphysemaDetectors(num_experts=2)
+    only_cle = _random_boxes(4, labels=[1, 1, 1, 1])
+    loader, module = training_setup(only_cle, network, batch_size=4)
+    untouched = {k: v.clone() for k, v in network.detectors["paraseptal"].state_dict().items()}
+    SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=loader,
+        network=module,
+        optimizer=torch.optim.Adam(network.parameters(), lr=1e-2),
+        loss_function=DetectorLoss(network.subtypes, only_cle.labels),
+        iteration_update=DetectorTrainingStep(),
+        decollate=False,
+    ).run()
+    assert all(torch.equal(v, untouched[k]) for k, v in network.detectors["paraseptal"].state_dict().items())
+    assert not torch.equal(network.detectors["centrilobular"].classifier.weight, before["classifier.weight"])
 
 
 def test_box_offsets_cover_the_box():
@@ -458,8 +525,17 @@ def test_bundle_configs_finetune_and_detection(cohort_boxes, detection_boxes, tm
         **common,
     )
     state = torch.load(model_path)
-    assert {k.split(".")[0] for k in state} == {"encoder", "classifier"}
-    EmphysemaNetwork().load_state_dict(state)
+    assert {tuple(k.split(".")[:3]) for k in state} == {
+        ("detectors", d, part) for d in ("centrilobular", "paraseptal") for part in ("encoder", "classifier")
+    }  # the map model: one binary detector per subtype
+    detectors = EmphysemaDetectors()
+    detectors.load_state_dict(state)
+    # linear readout: both detectors keep the pre-trained encoder, so a map runs it once for both
+    pretrained = torch.load(cohort_boxes["pretrained"])
+    for name in ("centrilobular", "paraseptal"):
+        encoder = detectors.detectors[name].encoder.state_dict()
+        assert all(torch.equal(encoder[k[8:]], v) for k, v in pretrained.items() if k.startswith("encoder."))
+    assert FoldedDetectors(detectors.eval()).shared
     out = tmp_path / "detection"
     common.update(annotations=str(detection_boxes["annotations"]), patch_cache=str(detection_boxes["cache"]))
     run(

@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, SHARED_DATA
 from torch import nn
 
 from custom.emphysema.dense_input import probabilities_at, scan_channels
-from custom.emphysema.network import MAP_LABELS, SUBTYPE_LABELS, EmphysemaNetwork
+from custom.emphysema.network import MAP_LABELS, SUBTYPE_LABELS, EmphysemaDetectors, EmphysemaNetwork
 from custom.emphysema.sliding_window import EmphysemaInferer, decide_labels, map_labels
 
 CONFIG = REPO_ROOT / "bundle" / "configs" / "inference.yaml"
@@ -61,6 +61,39 @@ def test_stride_one_is_the_brute_force():
     torch.testing.assert_close(out[:, voxels[:, 0], voxels[:, 1], voxels[:, 2]].T, expected, rtol=0, atol=1e-6)
     outside = out[:, ~torch.from_numpy(lung)]
     assert torch.equal(outside[0], torch.ones_like(outside[0])) and not outside[1:].any()
+
+
+def test_detector_maps_read_each_subtypes_own_detector():
+    """The map model: a voxel's subtype probability is that subtype's binary detector (softmax of its 2 logits),
+    "healthy" is 1 minus the larger one; folded or not, and with one shared encoder pass when the detectors'
+    encoders are identical (linear readout), the numbers are the same."""
+    from custom.emphysema.folded_classifier import fold
+    from custom.emphysema.network import SUBTYPES
+
+    torch.manual_seed(0)
+    network = EmphysemaDetectors(num_experts=2).eval()
+    channels, lung = _small_scan()
+    voxels = torch.nonzero(torch.from_numpy(lung))
+
+    def inside(out):
+        return out[:, voxels[:, 0], voxels[:, 1], voxels[:, 2]].T
+
+    def own(network):
+        return torch.stack([probabilities_at(network.detectors[n], channels, voxels)[:, 1] for n in SUBTYPES], 1)
+
+    expected = own(network)
+    for folded in (True, False):
+        out = inside(EmphysemaInferer(stride=1, batch_size=16, folded=folded)(channels[None], network)[0])
+        torch.testing.assert_close(out[:, 1:], expected, rtol=0, atol=1e-5)
+        torch.testing.assert_close(out[:, 0], 1 - expected.max(dim=1).values, rtol=0, atol=1e-5)
+    assert not fold(network).shared
+    network.detectors["paraseptal"].encoder.load_state_dict(network.detectors["centrilobular"].encoder.state_dict())
+    assert fold(network).shared
+    out = inside(EmphysemaInferer(stride=1, batch_size=16)(channels[None], network)[0])
+    torch.testing.assert_close(out[:, 1:], own(network), rtol=0, atol=1e-5)
+    # logits interpolation of detectors interpolates their log-odds: exact at the evaluated points (stride 1)
+    logits = inside(EmphysemaInferer(stride=1, batch_size=16, interpolation="logits")(channels[None], network)[0])
+    torch.testing.assert_close(logits, out, rtol=0, atol=1e-5)
 
 
 def test_coarse_stride_agrees_on_a_smooth_map():
@@ -168,7 +201,7 @@ def test_preprocessing_locations_match_prepared_landmarks(demo_cohort):
 
 def _write_model(path, seed=0):
     torch.manual_seed(seed)
-    torch.save(EmphysemaNetwork().state_dict(), path)
+    torch.save(EmphysemaDetectors().state_dict(), path)
     return path
 
 
@@ -204,7 +237,10 @@ def _check_outputs(out, subject_id, input_affine, input_shape):
     np.testing.assert_allclose(mask.affine, input_affine, atol=1e-4)
     np.testing.assert_allclose(probabilities.affine, input_affine, atol=1e-4)
     p = np.asarray(probabilities.dataobj)
-    np.testing.assert_allclose(p.sum(axis=-1), 1.0, atol=1e-4)
+    # the detectors' probabilities: "healthy" is 1 minus the larger subtype probability on the 1 mm grid; resampled
+    # linearly, the interpolated max is >= the max of the interpolated channels, so healthy <= 1 - max afterwards
+    assert ((p >= -1e-6) & (p <= 1 + 1e-6)).all()
+    assert (p[..., 0] <= 1 - np.maximum(p[..., 1], p[..., 2]) + 1e-4).all()
     labels = np.asarray(mask.dataobj)
     assert set(np.unique(labels)) <= set(range(len(MAP_LABELS)))
     # 0 outside the lung, 1 healthy lung, 2 / 3 the subtype whose probability reaches the threshold

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from custom.emphysema.network import EmphysemaNetwork
+from custom.emphysema.network import EmphysemaDetectors
 from custom.zoo import verify
 from custom.zoo.export import bundle_name, export_bundle
 
@@ -37,7 +37,7 @@ def source_bundle(tmp_path_factory) -> Path:
     shutil.copytree(BUNDLE, root, ignore=shutil.ignore_patterns("demo_data", "runs", "models", "__pycache__"))
     (root / "models").mkdir()
     torch.manual_seed(1)
-    net = EmphysemaNetwork().eval()
+    net = EmphysemaDetectors().eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm3d):
@@ -45,7 +45,8 @@ def source_bundle(tmp_path_factory) -> Path:
                 m.running_var.uniform_(0.5, 1.5)
     torch.save(net.state_dict(), root / "models" / "model.pt")
     torch.save(
-        {k: v for k, v in net.state_dict().items() if k.startswith("encoder.")}, root / "models" / "pretrained.pt"
+        {k: v for k, v in net.detectors["centrilobular"].state_dict().items() if k.startswith("encoder.")},
+        root / "models" / "pretrained.pt",
     )
     return root
 

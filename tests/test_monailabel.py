@@ -3,8 +3,8 @@
 MONAI Label 0.8.5 needs numpy<2 and pydicom<3, so it runs from its own venv (``tools/monailabel_env.sh``), as a
 real server: the ``monaibundle`` sample app shipped inside the monailabel package, the exported bundle under
 ``<app>/model/drasclr_lung_ct``, ``--conf zoo_source github`` (no Model Zoo download), a SYNTHETIC demo CT as the
-study, and the real chest CT (a DICOM series folder, sent by path). The model is a real EmphysemaNetwork whose
-linear head always answers "centrilobular" (zero weights, bias on that class): the returned map must then be
+study, and the real chest CT (a DICOM series folder, sent by path). The model is real EmphysemaDetectors whose
+centrilobular detector always fires and paraseptal never does (zero weights, biases): the returned map must then be
 the centrilobular label (2 of ``MAP_LABELS``) exactly on the lung the bundle found and 0 (background) elsewhere,
 on the input's grid, which the test checks against the generator's lung mask without needing a trained model.
 Two identical requests must return the same map voxel for voxel, and a request must leave no files behind (its
@@ -82,14 +82,17 @@ def _export_bundle(out_dir: Path) -> Path:
 
 
 def _write_centrilobular_model(path: Path) -> None:
-    """models/model.pt: an EmphysemaNetwork state dict whose head says centrilobular for every patch."""
-    from custom.emphysema.network import EMPHYSEMA_CLASSES, EmphysemaNetwork
+    """models/model.pt: EmphysemaDetectors whose centrilobular detector fires on every patch and whose paraseptal
+    detector never does (zero weights, bias on one output)."""
+    from custom.emphysema.network import EmphysemaDetectors
 
-    network = EmphysemaNetwork()
+    network = EmphysemaDetectors()
     with torch.no_grad():
-        network.classifier.weight.zero_()
-        network.classifier.bias.zero_()
-        network.classifier.bias[EMPHYSEMA_CLASSES.index("centrilobular")] = 40.0  # softmax 1.0 in float32
+        for name, fires in (("centrilobular", 1), ("paraseptal", 0)):
+            head = network.detectors[name].classifier
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[fires] = 40.0  # sigmoid of +-40: 1.0 / 0.0 in float32
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), path)
 

@@ -150,7 +150,7 @@ def _bundle_run(run_id: str, config: str, *args: str) -> subprocess.CompletedPro
 
 @pytest.mark.slow  # three `python -m monai.bundle run` processes (~25 CPU s); the parser test above is the fast twin
 def test_command_line_override_changes_prepare_embed_and_inference_alike(small_chest, tmp_path):
-    from custom.emphysema.network import EmphysemaNetwork
+    from custom.emphysema.network import EmphysemaDetectors
     from custom.model.network import DrasCLRNetwork
 
     # prepare: the subject fails at the lung mask, with the overridden minimum in its failure report
@@ -182,7 +182,7 @@ def test_command_line_override_changes_prepare_embed_and_inference_alike(small_c
     assert failures.error_type[0] == "NoLungError" and MINIMUM_WORDS in failures.error[0]
 
     # emphysema maps: the scan is refused by the same component (recorded in failures.csv, nothing mapped)
-    torch.save(EmphysemaNetwork().state_dict(), tmp_path / "model.pt")
+    torch.save(EmphysemaDetectors().state_dict(), tmp_path / "model.pt")
     out = tmp_path / "maps"
     done = _bundle_run(
         "inference",

@@ -25,6 +25,7 @@ from custom.synthetic import (
 )
 from custom.synthetic.anatomy import load_atlas_reference
 from custom.synthetic.clinical import gold_stage
+from custom.synthetic.copd_like import DEFAULT_MAX_BOXES
 from custom.synthetic.covid import grade_from_involvement
 
 VOXEL_MM = 4.0
@@ -216,6 +217,9 @@ def test_annotations_are_consistent(cohort_dir):
     boxes = pd.read_csv(cohort_dir / "annotations.csv")
     clinical = pd.read_csv(cohort_dir / "clinical.csv").set_index("subject_id")
     assert set(boxes["label"]) >= {"centrilobular", "healthy"}
+    healthy = boxes[boxes["label"] == "healthy"].groupby("subject_id").size()
+    controls = [s for s in healthy.index if clinical.loc[s, "gold"] == 0 and clinical.loc[s, "emphysema_fraction"] == 0]
+    assert (healthy.drop(controls) <= DEFAULT_MAX_BOXES["healthy_other"]).all()
     assert (boxes["size_mm"] == 32.0).all()
     for _, box in boxes.iterrows():
         subject = box["subject_id"]
@@ -226,8 +230,7 @@ def test_annotations_are_consistent(cohort_dir):
         assert np.allclose(mm, box[["centre_x_mm", "centre_y_mm", "centre_z_mm"]].to_numpy(float), atol=0.01)
         half = int(16 // VOXEL_MM)
         window = lesion[tuple(slice(max(c - half, 0), c + half + 1) for c in centre)]
-        if box["label"] == "healthy":
-            assert clinical.loc[subject, "gold"] == 0 and clinical.loc[subject, "emphysema_fraction"] == 0
+        if box["label"] == "healthy":  # from every subject (healthy_subjects "all"), never holding emphysema
             assert not np.isin(window, labels.EMPHYSEMA_CODES).any()
         else:
             code = labels.CENTRILOBULAR if box["label"] == "centrilobular" else labels.PARASEPTAL

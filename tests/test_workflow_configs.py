@@ -225,9 +225,13 @@ def test_an_encoder_def_override_changes_the_network_each_workflow_builds(name):
         from custom.evaluation.baselines import random_init_network
 
         built = random_init_network(0, built.architecture)
-    encoder = built.encoder_q if name == "train.yaml" else built.encoder
-    assert _sizes(encoder) == (16, 8, 2, "concatenation")
-    assert encoder.fc[-1].out_features == 8
+    if hasattr(built, "detectors"):  # the map model: every subtype detector's encoder
+        encoders = [detector.encoder for detector in built.detectors.values()]
+    else:
+        encoders = [built.encoder_q if name == "train.yaml" else built.encoder]
+    for encoder in encoders:
+        assert _sizes(encoder) == (16, 8, 2, "concatenation")
+        assert encoder.fc[-1].out_features == 8
 
 
 def test_weights_of_other_sizes_fail_naming_the_file_and_the_sizes(tmp_path):

@@ -19,7 +19,7 @@ from monai.utils import path_to_sqlite_uri
 from test_emphysema_finetune import cohort_boxes, detection_boxes  # noqa: F401 - module fixtures reused here
 from test_evaluation_workflow import inputs  # noqa: F401 - module fixture reused here
 
-from custom.emphysema.network import EmphysemaNetwork
+from custom.emphysema.network import EmphysemaDetectors
 from custom.engine.tracking import PARENT_TAG, WorkflowRun, invoked_config_files, table_metrics
 
 CONFIGS = REPO_ROOT / "bundle" / "configs"
@@ -168,7 +168,7 @@ def test_finetune_run_holds_tags_datasets_config_curve_and_a_loadable_model(coho
     assert _artifacts(client, run_id, "dataset") == {"dataset/annotations.csv", "dataset/manifest.csv"}
     weights = client.download_artifacts(run_id, "model/model.pt", str(tmp_path / "download"))
     state = torch.load(weights, weights_only=True)
-    EmphysemaNetwork().load_state_dict(state)  # the deployable classifier, not some other file
+    EmphysemaDetectors().load_state_dict(state)  # the deployable detectors, not some other file
     written = torch.load(model_path, weights_only=True)
     assert all(torch.equal(state[k], written[k]) for k in written)
 

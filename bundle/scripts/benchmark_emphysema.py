@@ -4,7 +4,7 @@ One scan is prepared once (the inference config's preprocessing). Then, in the s
 - each grid setting (``--settings "32:8,32:8:logits"`` = stride:min_stride[:interpolation], interpolation
   ``probabilities`` when not given) maps the WHOLE scan, timed; the first setting is the reference of the
   speed-up column (put the old setting first to measure a change side by side on the same, maybe shared, machine);
-- the step-1 brute force (``probabilities_at`` at every lung voxel) runs on ``--cubes`` cubes of ``--cube``^3
+- the step-1 brute force (``point_probabilities``: one network evaluation per lung voxel) runs on ``--cubes`` cubes of ``--cube``^3
   voxels inside the lung (half of them centred on emphysema of any setting's map, when there is any);
   its time per patch gives the extrapolated step-1 cost of the whole scan;
 - per setting: seconds per scan, network evaluations, speed-up over the first setting and over the extrapolated
@@ -31,12 +31,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from custom import bundle_root  # noqa: E402
-from custom.emphysema.dense_input import LUNG_CHANNEL, probabilities_at  # noqa: E402
+from custom.emphysema.dense_input import LUNG_CHANNEL  # noqa: E402
 from custom.emphysema.finetune import load_emphysema_model  # noqa: E402
-from custom.emphysema.folded_classifier import FoldedClassifier, folded_probabilities_at  # noqa: E402
 from custom.emphysema.network import MAP_LABELS  # noqa: E402
 from custom.emphysema.scan_transforms import preprocessing_chain  # noqa: E402
-from custom.emphysema.sliding_window import EmphysemaInferer, map_labels  # noqa: E402
+from custom.emphysema.sliding_window import EmphysemaInferer, map_labels, point_probabilities  # noqa: E402
 
 LUNG_LABELS = range(1, len(MAP_LABELS))  # every map label but background (the lung mask is the same in all maps)
 
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
 
     if not Path(args.model).is_file():
         parser.error(
-            f"{args.model}: no emphysema model (EmphysemaNetwork state dict); run the fine-tuning first "
+            f"{args.model}: no emphysema model (EmphysemaDetectors state dict); run the fine-tuning first "
             "or pass --model"
         )
     network = load_emphysema_model(args.model)
@@ -136,10 +135,10 @@ def main(argv=None) -> int:
     ]
     speeds = {}
     for name, evaluate in (
-        ("network forward", lambda c: probabilities_at(network, channels, c, batch_size=args.batch_size)),
+        ("network forward", lambda c: point_probabilities(network, channels, c, batch_size=args.batch_size)),
         (
             "folded classifier",
-            lambda c: folded_probabilities_at(FoldedClassifier(network), channels, c, batch_size=args.batch_size),
+            lambda c: point_probabilities(network, channels, c, batch_size=args.batch_size, folded=True),
         ),
     ):
         evaluate(sample[: args.batch_size])  # warm-up
@@ -198,7 +197,7 @@ def main(argv=None) -> int:
         cube_voxels.append(inside)
     centres = torch.from_numpy(np.concatenate(cube_voxels))
     start = time.perf_counter()
-    exact = probabilities_at(network, channels, centres, batch_size=args.batch_size)
+    exact = point_probabilities(network, channels, centres, batch_size=args.batch_size)
     brute_seconds = time.perf_counter() - start
     per_patch = brute_seconds / max(len(centres), 1)
     step1_scan = per_patch * num_lung

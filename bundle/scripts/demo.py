@@ -170,7 +170,7 @@ def main(
 
     stage(
         6,
-        "fine-tune the emphysema classifier on the annotated boxes (-> models/model.pt) and cross-validate "
+        "fine-tune the per-subtype emphysema detectors on the annotated boxes (-> models/model.pt) and cross-validate "
         "box detection",
     )
     _run("emphysema_finetune.yaml", "finetune", epochs=finetune_epochs, progress=True)
@@ -198,7 +198,7 @@ def main(
     first_map = sorted(p for p in maps_dir.glob("*/emphysema_coronal.png"))
     print("Stage timings:\n" + stage.summary())
     print("\nWhere things are (all numbers come from a SYNTHETIC cohort):")
-    print(f"  encoder weights:       {pretrained}  (emphysema classifier: {BUNDLE / 'models' / 'model.pt'})")
+    print(f"  encoder weights:       {pretrained}  (emphysema detectors: {BUNDLE / 'models' / 'model.pt'})")
     print(f"  training curves:       {curves}")
     print(f"  subject embeddings:    {data / 'embeddings' / 'subject_embeddings.csv'}")
     print(

@@ -75,17 +75,22 @@ def patches_at(channels: torch.Tensor, centres: torch.Tensor, pad_intensity: flo
 
 
 @torch.no_grad()
-def probabilities_at(
-    network: torch.nn.Module, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 64, log: bool = False
-) -> torch.Tensor:
-    """(N, C) class probabilities (softmax; ``log``: log-softmax) of the patches centred at ``centres`` of a
-    (5|4, X, Y, Z) scan."""
+def outputs_at(network: torch.nn.Module, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 64):
+    """(N, C) raw network outputs (logits) for the patches centred at ``centres`` of a (5|4, X, Y, Z) scan."""
     device = next(network.parameters()).device
-    normalise = torch.log_softmax if log else torch.softmax
     out = []
     for start in range(0, len(centres), batch_size):
         x = patches_at(channels, centres[start : start + batch_size]).to(device)
-        out.append(normalise(network(x).float(), dim=1).cpu())
-    if not out:
-        return torch.zeros((0, network.classifier.out_features))
-    return torch.cat(out)
+        out.append(network(x).float().cpu())
+    if out:
+        return torch.cat(out)
+    width = network.classifier.out_features if hasattr(network, "classifier") else len(network.detectors)
+    return torch.zeros((0, width))
+
+
+def probabilities_at(
+    network: torch.nn.Module, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 64, log: bool = False
+) -> torch.Tensor:
+    """(N, C) class probabilities (softmax; ``log``: log-softmax) of a classifier's patches (``outputs_at``)."""
+    normalise = torch.log_softmax if log else torch.softmax
+    return normalise(outputs_at(network, channels, centres, batch_size), dim=1)

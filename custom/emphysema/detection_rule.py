@@ -28,9 +28,8 @@ from sklearn.metrics import f1_score, precision_score, recall_score
 from custom.data.location import PATCH_SIZE
 from custom.emphysema.folded_classifier import classifier_probabilities_at
 from custom.emphysema.labelled_patches import CENTRE_IN_REGION, CONTEXT, LabelledPatches
-from custom.emphysema.network import EMPHYSEMA_CLASSES
+from custom.emphysema.network import EMPHYSEMA_CLASSES, SUBTYPES
 
-SUBTYPES = ("centrilobular", "paraseptal")
 VOXEL_THRESHOLD = 0.5
 BOX_FRACTION = 0.25
 DEFAULT_STRIDE = 8

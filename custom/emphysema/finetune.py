@@ -1,13 +1,14 @@
-"""Fine-tune the emphysema patch classifier on annotated boxes (paper §4.3.1).
+"""Fine-tune the emphysema detectors on annotated boxes (paper §4.3.1).
 
-A ``monai.engines.SupervisedTrainer`` trains ``EmphysemaNetwork`` (healthy / centrilobular / paraseptal) with
-cross-entropy on the 32^3 patches centred at the boxes (``custom.emphysema.labelled_patches``), starting from
-the pre-trained DrasCLR encoder (``models/pretrained.pt``) or from a random initialisation (the "from scratch"
-baseline). ``freeze_encoder=True`` is the paper's linear readout (only the linear layer learns, the encoder
-stays bit-identical, BatchNorm statistics included); ``False`` is full fine-tuning. The classes are weighted
-by inverse frequency by default (annotated sets are unbalanced). Given a seed, a run is deterministic on CPU.
-The bundle config ``configs/emphysema_finetune.yaml`` builds the same engine declaratively; ``finetune`` here
-is the Python route the cross-validation uses.
+A ``monai.engines.SupervisedTrainer`` trains ``EmphysemaDetectors`` (the map model: one binary detector per subtype,
+each on healthy boxes vs that subtype's boxes; ``DetectorTrainingStep`` + ``DetectorLoss``) or one
+``EmphysemaNetwork`` (a binary detector of the cross-validation, or the 3-class extra) with cross-entropy on the
+32^3 patches centred at the boxes (``custom.emphysema.labelled_patches``), starting from the pre-trained DrasCLR
+encoder (``models/pretrained.pt``) or from a random initialisation (the "from scratch" baseline).
+``freeze_encoder=True`` is the paper's linear readout (only the linear layers learn, the encoders stay
+bit-identical, BatchNorm statistics included); ``False`` is full fine-tuning. Given a seed, a run is deterministic
+on CPU. The bundle config ``configs/emphysema_finetune.yaml`` builds the engine declaratively; ``finetune`` here is
+the Python route the cross-validation uses.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ignite.engine import Events
 from ignite.metrics import Average
 from monai.engines import SupervisedTrainer
 from monai.transforms import Compose, RandAffine, RandGaussianNoise
 from monai.utils import set_determinism
+from torch import nn
 from torch.utils.data import DataLoader
 
 from custom.atomic_io import atomic_path
@@ -31,9 +34,12 @@ from custom.data.intensity import HALF_RANGE
 from custom.data.location import PATCH_SIZE
 from custom.emphysema.labelled_patches import LabelledPatchDataset, LabelledPatches
 from custom.emphysema.network import (
+    EMPHYSEMA_CLASSES,
     NUM_EMPHYSEMA_CLASSES,
+    EmphysemaDetectors,
     EmphysemaNetwork,
     load_pretrained_encoder,
+    same_encoders,
 )
 from custom.model.network import DrasCLRNetwork
 from custom.model.weights import load_into, read_state
@@ -134,9 +140,85 @@ def encoder_features(network: EmphysemaNetwork, patches: LabelledPatches, indice
     return torch.cat(out) if out else torch.zeros((0, network.classifier.in_features))
 
 
+class DetectorHeads(nn.Module):
+    """The linear layers of ``EmphysemaDetectors`` with fixed encoders, trained on encoder features computed once:
+    input (B, K, D), detector k reads ``[:, k]`` (its own encoder's features)."""
+
+    def __init__(self, network: EmphysemaDetectors):
+        super().__init__()
+        self.heads = nn.ModuleList([network.detectors[name].classifier for name in network.subtypes])
+
+    def detector_logits(self, index: int, features: torch.Tensor) -> torch.Tensor:
+        return self.heads[index](features[:, index])
+
+
+def detector_features(network: EmphysemaDetectors, patches: LabelledPatches, indices) -> torch.Tensor:
+    """(n, K, D) every detector's encoder features of the boxes (computed once when the encoders are identical,
+    as linear readouts of one pre-trained encoder are)."""
+    detectors = [network.detectors[name] for name in network.subtypes]
+    if same_encoders(detectors):
+        features = encoder_features(detectors[0], patches, indices)
+        return features[:, None].expand(-1, len(detectors), -1).contiguous()
+    return torch.stack([encoder_features(d, patches, indices) for d in detectors], dim=1)
+
+
+class DetectorLoss(nn.Module):
+    """Cross-entropy of each subtype's binary detector on its own boxes (healthy = 0, the subtype = 1), summed over
+    the detectors: the paper trains one detector per subtype on healthy vs that subtype's boxes (§4.3.1).
+    ``labels``: the training boxes' class indices, for the optional class balance of each detector."""
+
+    def __init__(self, subtypes, labels=None, balance: bool = False):
+        super().__init__()
+        self.subtypes = tuple(subtypes)
+        self.classes = [EMPHYSEMA_CLASSES.index(name) for name in self.subtypes]
+        labels = np.asarray([] if labels is None else labels, dtype=np.int64)
+        for k, code in enumerate(self.classes):
+            own = labels[np.isin(labels, (0, code))]
+            self.register_buffer(f"weight_{k}", class_weights((own == code).astype(np.int64), 2, balance=balance))
+
+    def rows(self, index: int, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(boxes of detector ``index``: healthy or its subtype, their binary targets)."""
+        rows = (labels == 0) | (labels == self.classes[index])
+        return rows, (labels[rows] == self.classes[index]).long()
+
+    def forward(self, logits: list, targets: list) -> torch.Tensor:
+        losses = [
+            F.cross_entropy(out, target, weight=getattr(self, f"weight_{k}"))
+            for k, (out, target) in enumerate(zip(logits, targets))
+            if out is not None
+        ]
+        return torch.stack(losses).sum()
+
+
+class DetectorTrainingStep:
+    """``SupervisedTrainer(iteration_update=...)`` for ``EmphysemaDetectors`` (or its ``DetectorHeads``): each
+    detector forwards and is scored on the boxes of its own task only (``engine.loss_function``: ``DetectorLoss``),
+    so its BatchNorm never sees the other subtype's boxes; one optimiser step for all. A detector with fewer than
+    2 boxes in a batch sits that batch out (train-mode BatchNorm needs 2)."""
+
+    def __call__(self, engine, batchdata) -> dict:
+        inputs, labels = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        loss_function = engine.loss_function
+        logits, targets = [], []
+        for k in range(len(loss_function.subtypes)):
+            rows, target = loss_function.rows(k, labels)
+            enough = int(rows.sum()) >= 2
+            logits.append(engine.network.detector_logits(k, inputs[rows]) if enough else None)
+            targets.append(target)
+        if all(out is None for out in logits):
+            loss = torch.zeros((), device=inputs.device)
+        else:
+            loss = loss_function(logits, targets)
+            loss.backward()
+            engine.optimizer.step()
+        return {"image": inputs, "label": labels, "loss": loss.detach()}
+
+
 def training_setup(
     patches: LabelledPatches,
-    network: EmphysemaNetwork,
+    network: EmphysemaNetwork | EmphysemaDetectors,
     indices=None,
     batch_size: int = 8,
     augment: bool = False,
@@ -149,10 +231,14 @@ def training_setup(
     the 4-channel patches."""
     indices = np.arange(len(patches)) if indices is None else np.asarray(indices, dtype=np.int64)
     labels = torch.as_tensor(patches.labels[indices], dtype=torch.long)
+    detectors = isinstance(network, EmphysemaDetectors)
     if network.freeze_encoder and not augment:
-        features = encoder_features(network, patches, indices)
+        if detectors:
+            features, module = detector_features(network, patches, indices), DetectorHeads(network)
+        else:
+            features, module = encoder_features(network, patches, indices), network.classifier
         dataset = [{"image": f, "label": y} for f, y in zip(features, labels)]
-        return training_loader(dataset, batch_size, seed, num_workers=0), network.classifier
+        return training_loader(dataset, batch_size, seed, num_workers=0), module
     dataset = LabelledPatchDataset(patches, indices, transform=box_augmentation(seed) if augment else None)
     return training_loader(dataset, batch_size, seed, num_workers), network
 
@@ -222,13 +308,24 @@ class RecalibrateBatchNorm:
         model = getattr(self.network, "module", self.network)
         if getattr(model, "freeze_encoder", False):
             return
+        if isinstance(model, EmphysemaDetectors):  # each detector on the boxes of its own task
+            labels = self.patches.labels[self.indices]
+            for name in model.subtypes:
+                own = self.indices[np.isin(labels, (0, EMPHYSEMA_CLASSES.index(name)))]
+                self._update(model.detectors[name], own)
+        else:
+            self._update(model, self.indices)
+        model.eval()
+
+    def _update(self, model: torch.nn.Module, indices: np.ndarray) -> None:
+        if len(indices) < 2:
+            return
         device = next(model.parameters()).device
         # near-equal chunks of at most batch_size: a trailing batch of one box would fail in train-mode BatchNorm
-        chunks = np.array_split(self.indices, max(1, math.ceil(len(self.indices) / self.batch_size)))
+        chunks = np.array_split(indices, max(1, math.ceil(len(indices) / self.batch_size)))
         batches = (torch.stack([self.patches.inputs(int(i)) for i in chunk]) for chunk in chunks)
         with torch.no_grad():
             torch.optim.swa_utils.update_bn(batches, model, device=device)
-        model.eval()
 
 
 class SaveEmphysemaModel:
@@ -244,10 +341,20 @@ class SaveEmphysemaModel:
         save_model(self.model, self.path)
 
 
-def load_emphysema_model(path: str | Path, device: str | torch.device = "cpu") -> EmphysemaNetwork:
-    """An ``EmphysemaNetwork`` in eval mode with the weights a fine-tuning run wrote."""
-    network = load_into(EmphysemaNetwork(), read_state(path), path, "emphysema classifier")
-    return network.to(device).eval()
+def load_emphysema_model(path: str | Path, device: str | torch.device = "cpu") -> EmphysemaDetectors | EmphysemaNetwork:
+    """The map model a fine-tuning run wrote, in eval mode: ``EmphysemaDetectors`` (keys ``detectors.<subtype>.*``),
+    or a single classifier (``encoder.*`` + ``classifier.*``: the 3-class extra or one binary detector)."""
+    state = read_state(path)
+    subtypes = tuple(dict.fromkeys(k.split(".")[1] for k in state if k.startswith("detectors.")))
+    if subtypes:
+        network = EmphysemaDetectors(subtypes=subtypes)
+    elif "classifier.weight" in state:
+        network = EmphysemaNetwork(num_classes=int(state["classifier.weight"].shape[0]))
+    else:
+        raise ValueError(
+            f"{path}: neither emphysema detectors nor a classifier (keys start {next(iter(state), None)!r})"
+        )
+    return load_into(network, state, path, "emphysema model").to(device).eval()
 
 
 @dataclass

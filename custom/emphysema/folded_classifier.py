@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from custom.emphysema.dense_input import intensity_patches_at, probabilities_at
+from custom.emphysema.network import EmphysemaDetectors, log_odds, same_encoders
 from custom.model.loc_condconv import LocCondConv3d, per_sample_conv3d
 
 # a layer whose output has at most this many voxels per patch convolves with all experts and mixes the outputs
@@ -35,7 +36,10 @@ def _conv_bn_pairs(encoder: nn.Module) -> list:
 
 def supports_folding(network: nn.Module) -> bool:
     """True for an eval-mode classifier (``encoder`` + linear ``classifier``) with the method's Loc-CondConv
-    encoder; anything else (ablation encoders, TorchScript) is evaluated through its own forward."""
+    encoder, or ``EmphysemaDetectors`` of such; anything else (ablation encoders, TorchScript) is evaluated
+    through its own forward."""
+    if isinstance(network, EmphysemaDetectors):
+        return not network.training and all(supports_folding(d) for d in network.detectors.values())
     encoder = getattr(network, "encoder", None)
     return (
         isinstance(network, nn.Module)
@@ -79,6 +83,11 @@ class FoldedClassifier:
 
     @torch.no_grad()
     def __call__(self, patches: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(patches, locations))
+
+    @torch.no_grad()
+    def features(self, patches: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        """(B, D) representations: the encoder's pooled output."""
         x = patches
         b = x.shape[0]
         for layer in self.layers:
@@ -99,27 +108,57 @@ class FoldedClassifier:
                 kernels = torch.mm(alpha, experts.flatten(1)).view(b, *experts.shape[1:])
                 y = per_sample_conv3d(x, kernels, layer["bias"], layer["stride"], layer["padding"])
             x = F.elu_(y)
-        return self.classifier(x.mean(dim=(2, 3, 4)))
+        return x.mean(dim=(2, 3, 4))
+
+
+class FoldedDetectors:
+    """``detectors(patches, locations)``: (B, K) log-odds of ``EmphysemaDetectors`` with every detector folded; one
+    encoder pass serves all detectors when their encoders are identical (linear readout), else one pass each."""
+
+    def __init__(self, network: nn.Module, patch_size: int = 32):
+        detectors = list(network.detectors.values())
+        self.shared = same_encoders(detectors)
+        self.folded = [FoldedClassifier(d, patch_size) for d in (detectors[:1] if self.shared else detectors)]
+        self.heads = [d.classifier for d in detectors]
+        self.num_classes = len(detectors)
+
+    @torch.no_grad()
+    def __call__(self, patches: torch.Tensor, locations: torch.Tensor) -> torch.Tensor:
+        if self.shared:
+            features = self.folded[0].features(patches, locations)
+            logits = [head(features) for head in self.heads]
+        else:
+            logits = [folded(patches, locations) for folded in self.folded]
+        return torch.stack([log_odds(out) for out in logits], dim=1)
+
+
+def fold(network: nn.Module):
+    """The folded form of a classifier (``FoldedClassifier``) or of ``EmphysemaDetectors`` (``FoldedDetectors``)."""
+    return FoldedDetectors(network) if isinstance(network, EmphysemaDetectors) else FoldedClassifier(network)
 
 
 @torch.no_grad()
-def folded_probabilities_at(
-    classifier: FoldedClassifier, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 32, log: bool = False
-) -> torch.Tensor:
-    """(N, C) softmax (``log``: log-softmax) probabilities of the patches centred at ``centres`` (N, 3) of a
-    (5|4, X, Y, Z) scan: the numbers of ``dense_input.probabilities_at`` with the network, faster."""
-    device = classifier.layers[0]["experts"].device
+def folded_outputs_at(classifier, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """(N, C) raw outputs of a folded classifier (``fold``) for the patches centred at ``centres`` (N, 3) of a
+    (5|4, X, Y, Z) scan: the numbers of ``dense_input.outputs_at`` with the network, faster."""
+    folded = classifier.folded[0] if isinstance(classifier, FoldedDetectors) else classifier
+    device = folded.layers[0]["experts"].device
     centres = torch.as_tensor(centres, dtype=torch.long)
-    normalise = torch.log_softmax if log else torch.softmax
     out = []
     for start in range(0, len(centres), batch_size):
         batch = centres[start : start + batch_size]
         patches = intensity_patches_at(channels, batch).to(device)
         locations = channels[1:4, batch[:, 0], batch[:, 1], batch[:, 2]].T.to(device)
-        out.append(normalise(classifier(patches, locations).float(), dim=1).cpu())
-    if not out:
-        return torch.zeros((0, classifier.num_classes))
-    return torch.cat(out)
+        out.append(classifier(patches, locations).float().cpu())
+    return torch.cat(out) if out else torch.zeros((0, classifier.num_classes))
+
+
+def folded_probabilities_at(
+    classifier: FoldedClassifier, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 32, log: bool = False
+) -> torch.Tensor:
+    """(N, C) softmax (``log``: log-softmax) probabilities of a folded classifier's patches (``folded_outputs_at``)."""
+    normalise = torch.log_softmax if log else torch.softmax
+    return normalise(folded_outputs_at(classifier, channels, centres, batch_size), dim=1)
 
 
 def classifier_probabilities_at(

@@ -42,7 +42,7 @@ def write_model_card(model_path: str | Path, annotations: str | Path, sources: d
     card = {
         "model_file": Path(model_path).name,
         "sha1": file_sha1(model_path),
-        "task": "patch classifier: healthy / centrilobular / paraseptal emphysema (32 mm boxes)",
+        "task": "per-subtype binary detectors: healthy vs centrilobular, healthy vs paraseptal emphysema (32 mm boxes)",
         "annotations": str(annotations),
         "boxes": int(boxes),
         "subjects": len(sources),
@@ -74,6 +74,7 @@ def model_provenance(model_path: str | Path) -> dict:
         out["trained_on"] = f"unknown ({card_path(model_path).name} describes another weights file)"
         return out
     out["trained_on"] = card.get("trained_on", out["trained_on"])
+    out["task"] = card.get("task", "unknown")  # which model made the map (detectors, or an older 3-class classifier)
     subjects, synthetic = card.get("subjects") or 0, card.get("synthetic_subjects") or 0
     out["synthetic_training_data"] = bool(subjects) and synthetic > 0
     return out

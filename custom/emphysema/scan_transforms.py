@@ -183,6 +183,7 @@ class EmphysemaReportd(MapTransform):
             "model_file": self._provenance["file"],
             "model_sha1": self._provenance["sha1"],
             "model_trained_on": self._provenance["trained_on"],
+            "model_task": self._provenance.get("task", "unknown"),
             "warning": map_warning(self._provenance, source),
         }
 

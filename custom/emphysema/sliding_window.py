@@ -1,14 +1,19 @@
 """Voxel-wise emphysema probabilities by sliding the patch classifier over the lung (paper §4.3.1, Fig. 3).
 
 The paper slides the 32^3 classifier with a step of 1 voxel: one network evaluation per lung voxel, millions per
-scan. ``EmphysemaInferer`` evaluates the classifier (``dense_input.probabilities_at``: the patch centred at a
+scan. ``EmphysemaInferer`` evaluates the classifier (``dense_input.outputs_at``: the patch centred at a
 voxel, routed by that voxel's atlas location) only at the points of a regular grid with spacing ``stride`` that
 are corners of grid cells holding lung voxels, and fills every lung voxel by trilinear interpolation of its
 cell's corners. Voxels outside the lung are healthy (class probabilities; the map labels them background, see
 ``map_labels``). ``stride=1`` evaluates every lung voxel: the paper's brute force, exactly.
 
-What is interpolated (``interpolation``): ``"probabilities"`` (default), or ``"logits"``: the log-probabilities,
-i.e. the logits (the per-point log-normaliser cancels in the softmax that follows). Interpolated logits are exact
+The map model is ``EmphysemaDetectors``, one binary detector per subtype: a voxel's subtype probability is that
+subtype's detector, and where several reach the threshold the most probable wins (``map_values``); the 3-class
+softmax ``EmphysemaNetwork`` (a documented extra) maps too.
+
+What is interpolated (``interpolation``): ``"probabilities"`` (default), or ``"logits"``: each detector's
+log-odds (of the 3-class softmax: its log-probabilities, whose per-point log-normaliser cancels in the softmax that
+follows). Interpolated logits are exact
 where the logits are affine in space (tested); on the real CT with the demo model they did not let a coarser
 grid reach the brute force (32 refined to 16: Dice 0.80 / 0.91 against it, ``bundle/docs/emphysema.md``), and at
 the default grid both agree with it, so the default keeps the probabilities (the maps of earlier versions).
@@ -30,9 +35,16 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 
-from custom.emphysema.dense_input import LUNG_CHANNEL, probabilities_at
-from custom.emphysema.folded_classifier import FoldedClassifier, folded_probabilities_at, supports_folding
-from custom.emphysema.network import BACKGROUND_LABEL, EMPHYSEMA_CLASSES, HEALTHY_LABEL
+from custom.emphysema.dense_input import LUNG_CHANNEL, outputs_at
+from custom.emphysema.folded_classifier import fold, folded_outputs_at, supports_folding
+from custom.emphysema.network import (
+    BACKGROUND_LABEL,
+    EMPHYSEMA_CLASSES,
+    HEALTHY_LABEL,
+    SUBTYPES,
+    EmphysemaDetectors,
+    detector_probabilities,
+)
 from custom.flags import as_bool
 
 HEALTHY = EMPHYSEMA_CLASSES.index("healthy")  # class index (network output), not a map label
@@ -55,6 +67,59 @@ def map_labels(probabilities: torch.Tensor, lung: torch.Tensor, threshold: float
     the lung, inside it the decided class + 1 (1 healthy lung, 2 centrilobular, 3 paraseptal)."""
     classes = decide_labels(probabilities, threshold).to(torch.uint8) + (HEALTHY_LABEL - HEALTHY)
     return torch.where(torch.as_tensor(lung, dtype=torch.bool), classes, torch.full_like(classes, BACKGROUND_LABEL))
+
+
+class _SoftmaxValues:
+    """What a softmax classifier over ``EMPHYSEMA_CLASSES`` (the 3-class extra) interpolates: its probabilities, or
+    its log-probabilities (``log``), turned into class probabilities after interpolation."""
+
+    def __init__(self, network: torch.nn.Module, log: bool):
+        self.log = log
+        self.width = len(EMPHYSEMA_CLASSES)
+
+    def values(self, outputs: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(outputs, dim=1) if self.log else torch.softmax(outputs, dim=1)
+
+    def probabilities(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(values, dim=0) if self.log else values
+
+
+class _DetectorValues:
+    """What ``EmphysemaDetectors`` interpolates: each subtype detector's probability, or its log-odds (``log``);
+    after interpolation, class probabilities by ``network.detector_probabilities`` (a subtype without a detector
+    has probability 0)."""
+
+    def __init__(self, network: EmphysemaDetectors, log: bool):
+        self.log = log
+        self.width = len(network.subtypes)
+        self.channels = torch.tensor([SUBTYPES.index(name) for name in network.subtypes])
+
+    def values(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs if self.log else torch.sigmoid(outputs)
+
+    def probabilities(self, values: torch.Tensor) -> torch.Tensor:
+        own = torch.sigmoid(values) if self.log else values
+        subtypes = own.new_zeros((len(SUBTYPES), *own.shape[1:]))
+        subtypes[self.channels] = own
+        return detector_probabilities(subtypes, dim=0)
+
+
+def map_values(network: torch.nn.Module, log: bool = False):
+    """How the map reads ``network``'s outputs (``_DetectorValues`` or ``_SoftmaxValues``)."""
+    return (_DetectorValues if isinstance(network, EmphysemaDetectors) else _SoftmaxValues)(network, log)
+
+
+def point_probabilities(
+    network: torch.nn.Module, channels: torch.Tensor, centres: torch.Tensor, batch_size: int = 8, folded: bool = False
+) -> torch.Tensor:
+    """(N, 3) class probabilities of the map at voxels ``centres`` (N, 3), each by its own network evaluation: the
+    step-1 brute force at those points (``folded``: through ``folded_classifier`` when the network supports it)."""
+    head = map_values(network)
+    if folded and supports_folding(network):
+        outputs = folded_outputs_at(fold(network), channels, centres, batch_size)
+    else:
+        outputs = outputs_at(network, channels, centres, batch_size)
+    return head.probabilities(head.values(outputs).T).T
 
 
 class _AxisGrid:
@@ -253,7 +318,8 @@ class EmphysemaInferer(Inferer):
 
         channels = channels.float().contiguous()
         lung = channels[LUNG_CHANNEL] > 0.5
-        num_classes = network.classifier.out_features if hasattr(network, "classifier") else 3
+        head = map_values(network, log=self.interpolation == "logits")
+        num_classes = len(EMPHYSEMA_CLASSES)
         out = torch.zeros((num_classes, *lung.shape), dtype=torch.float32)
         out[HEALTHY] = 1.0
         self.last_evaluations = 0
@@ -264,10 +330,10 @@ class EmphysemaInferer(Inferer):
         lung_box = lung[box]
         result = out[(slice(None), *box)]  # a view: filled level by level
         # evaluated points (sorted flat voxel indices and probabilities): nested grids reuse their shared points
-        cache = {"keys": np.zeros(0, dtype=np.int64), "values": torch.zeros((0, num_classes))}
+        cache = {"keys": np.zeros(0, dtype=np.int64), "values": torch.zeros((0, head.width))}
         bar = tqdm(desc="emphysema map", unit="patch", disable=not self.progress)
         # weights are read now, not at construction: a bundle loads them after building the inferer
-        classifier = FoldedClassifier(network) if self.folded and supports_folding(network) else None
+        classifier = fold(network) if self.folded and supports_folding(network) else None
         strides = self.strides()
         voxels = torch.zeros((0, 3), dtype=torch.long)  # box voxels to redo at the current level
         for level, stride in enumerate(strides):
@@ -279,18 +345,18 @@ class EmphysemaInferer(Inferer):
                 corners = _VoxelCorners(voxels, grids)
                 points = _unique_rows(corners.corners.reshape(-1, 3), [len(g) for g in grids])
             centres = torch.stack([torch.from_numpy(grids[a].positions)[points[:, a]] for a in range(3)], dim=1)
-            values = self._evaluate(network, channels, centres, cache, bar, classifier)
-            grid_values = torch.full((num_classes, *(len(g) for g in grids)), float("nan"))
+            values = self._evaluate(network, channels, centres, cache, bar, head, classifier)
+            grid_values = torch.full((head.width, *(len(g) for g in grids)), float("nan"))
             grid_values[:, points[:, 0], points[:, 1], points[:, 2]] = values.T
             last = level == len(strides) - 1
-            labels = None if last else decide_labels(self._to_probabilities(grid_values), self.threshold)
+            labels = None if last else decide_labels(head.probabilities(grid_values), self.threshold)
             if level == 0:
-                result.copy_(self._to_probabilities(_interpolate(grid_values, grids)))
+                result.copy_(head.probabilities(_interpolate(grid_values, grids)))
                 if last:
                     break
                 voxels = torch.nonzero(lung_box & _straddling(labels, grids))
             else:
-                result[:, voxels[:, 0], voxels[:, 1], voxels[:, 2]] = self._to_probabilities(
+                result[:, voxels[:, 0], voxels[:, 1], voxels[:, 2]] = head.probabilities(
                     corners.interpolate(grid_values)
                 )
                 if last:
@@ -303,14 +369,9 @@ class EmphysemaInferer(Inferer):
         result[HEALTHY, ~lung_box] = 1.0
         return out
 
-    def _to_probabilities(self, values: torch.Tensor) -> torch.Tensor:
-        """Grid or interpolated values (C, ...) -> probabilities: a softmax over C of interpolated log-probabilities
-        (= of interpolated logits: the per-point log-normaliser cancels), or the values themselves."""
-        return torch.softmax(values, dim=0) if self.interpolation == "logits" else values
-
-    def _evaluate(self, network, channels, centres, cache, bar, classifier=None) -> torch.Tensor:
-        """The values to interpolate (log-probabilities, or probabilities) at integer ``centres`` (N, 3),
-        computing only those not already in ``cache`` (sorted flat voxel indices ``keys`` and their ``values``)."""
+    def _evaluate(self, network, channels, centres, cache, bar, head, classifier=None) -> torch.Tensor:
+        """The values to interpolate (``head``: ``map_values``) at integer ``centres`` (N, 3), computing only those
+        not already in ``cache`` (sorted flat voxel indices ``keys`` and their ``values``)."""
         shape = channels.shape[1:]
         keys = ((centres[:, 0] * shape[1] + centres[:, 1]) * shape[2] + centres[:, 2]).numpy()
         todo = np.nonzero(~np.isin(keys, cache["keys"]))[0]
@@ -321,11 +382,11 @@ class EmphysemaInferer(Inferer):
             parts = []
             for start in range(0, len(todo_t), chunk):
                 part = centres[todo_t[start : start + chunk]]
-                log = self.interpolation == "logits"
                 if classifier is not None:
-                    parts.append(folded_probabilities_at(classifier, channels, part, self.batch_size, log=log))
+                    outputs = folded_outputs_at(classifier, channels, part, self.batch_size)
                 else:
-                    parts.append(probabilities_at(network, channels, part, self.batch_size, log=log))
+                    outputs = outputs_at(network, channels, part, self.batch_size)
+                parts.append(head.values(outputs))
                 bar.update(len(part))
             self.last_evaluations += len(todo)
             all_keys = np.concatenate([cache["keys"], keys[todo]])
@@ -333,5 +394,5 @@ class EmphysemaInferer(Inferer):
             order = np.argsort(all_keys, kind="stable")
             cache["keys"], cache["values"] = all_keys[order], all_values[torch.from_numpy(order)]
         if not len(keys):
-            return torch.zeros((0, cache["values"].shape[1] if len(cache["keys"]) else 3))
+            return torch.zeros((0, head.width))
         return cache["values"][torch.from_numpy(np.searchsorted(cache["keys"], keys))]

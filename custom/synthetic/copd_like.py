@@ -13,12 +13,31 @@ import pandas as pd
 
 from custom.flags import as_bool
 from custom.synthetic import labels
-from custom.synthetic.anatomy import AtlasReference
-from custom.synthetic.annotations import ANNOTATION_COLUMNS, BOX_MM, healthy_boxes, lesion_boxes
+from custom.synthetic.anatomy import AtlasReference, lung_height, sample_atlas
+from custom.synthetic.annotations import (
+    ANNOTATION_COLUMNS,
+    BOX_MM,
+    HEALTHY_PLACEMENTS,
+    lesion_boxes,
+    matched_healthy_boxes,
+    random_healthy_boxes,
+)
 from custom.synthetic.clinical import draw_clinical_row, is_healthy_control
 from custom.synthetic.confounders import AIR_TRAPPING_SHIFT_HU, place_air_trapping
-from custom.synthetic.emphysema import LESION_HU, place_emphysema
-from custom.synthetic.geometry import DEFAULT_FOV_MM, SubjectGrid, subject_voxels_to_atlas_voxels
+from custom.synthetic.emphysema import (
+    CLE_RADIUS_MM,
+    LESION_HU,
+    PSE_RADIUS_MM,
+    centrilobular_prior,
+    paraseptal_prior,
+    place_emphysema,
+)
+from custom.synthetic.geometry import (
+    DEFAULT_FOV_MM,
+    SubjectGrid,
+    subject_to_atlas_voxel,
+    subject_voxels_to_atlas_voxels,
+)
 from custom.synthetic.subject import (
     LungRegion,
     SubjectPlan,
@@ -28,13 +47,30 @@ from custom.synthetic.subject import (
     protocol_columns,
 )
 
-DEFAULT_MAX_BOXES = {"centrilobular": 6, "paraseptal": 4, "healthy": 12}  # healthy lung dominates a map
+# healthy lung dominates a map; paraseptal 6 like centrilobular (few subjects have it, each gives up to 6)
+DEFAULT_MAX_BOXES = {"centrilobular": 6, "paraseptal": 6, "healthy": 12, "healthy_other": 4}
+# which subjects give healthy boxes: the paper's protocol (GOLD 0 controls without emphysema), or every subject
+# (controls as above, any other subject up to max_boxes["healthy_other"] boxes free of emphysema)
+HEALTHY_SUBJECTS = ("controls", "all")
+# Healthy boxes matched to each subtype's prior: (prior of (height, depth_mm), minimum lung share of the box,
+# power of the box-mean prior, blur of the centre prior in mm). Minima: about the lowest lung share the subtype's
+# own boxes have (centrilobular boxes are all lung, paraseptal ones sit at the pleura); powers: how sharply the
+# densest-box rule concentrates them; blur: the rms offset of a lesion voxel from its seed (0.45 mean radius).
+HEALTHY_MATCH = {
+    "centrilobular": (centrilobular_prior, 0.9, 4.0, 0.45 * float(np.mean(CLE_RADIUS_MM))),
+    "paraseptal": (paraseptal_prior, 0.45, 1.0, 0.45 * float(np.mean(PSE_RADIUS_MM))),
+}
 
 
 class CopdLikeGenerator(SyntheticCohortGenerator):
     """COPD-like subjects; ``include_panlobular`` lets the clinical model draw panlobular emphysema;
     ``annotation_fraction`` is the share of emphysema subjects that get box annotations (healthy controls always
-    get healthy boxes); ``max_boxes`` caps the boxes per subject and label."""
+    get healthy boxes); ``max_boxes`` caps the boxes per subject and label; ``healthy_placement`` is where healthy
+    boxes go: "matched" (default) at the subtypes' places, "random" anywhere mostly in lung (the earlier behaviour,
+    a location shortcut; see ``custom.synthetic.annotations``); ``healthy_subjects`` who gives them: "all"
+    (default: the controls, and every other subject up to ``max_boxes["healthy_other"]`` emphysema-free boxes, so
+    healthy and emphysema boxes share subjects) or "controls" (the paper's protocol: GOLD-0 subjects without
+    emphysema only; here a subject-level shortcut, bundle/docs/emphysema.md "Maps against the truth")."""
 
     cohort = "copd"
     id_prefix = "SYN"
@@ -53,11 +89,19 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
         annotation_fraction: float = 1.0,
         max_boxes: dict | None = None,
         fov_mm=DEFAULT_FOV_MM,
+        healthy_placement: str = "matched",
+        healthy_subjects: str = "all",
     ):
         super().__init__(num_subjects, seed, voxel_size, deformation_mm, dicom_every, fov_mm)
+        if healthy_subjects not in HEALTHY_SUBJECTS:
+            raise ValueError(f"healthy_subjects must be one of {HEALTHY_SUBJECTS}, got {healthy_subjects!r}")
+        self.healthy_subjects = healthy_subjects
         self.include_panlobular = as_bool(include_panlobular)
         self.annotation_fraction = float(annotation_fraction)
         self.max_boxes = {**DEFAULT_MAX_BOXES, **(max_boxes or {})}
+        if healthy_placement not in HEALTHY_PLACEMENTS:
+            raise ValueError(f"healthy_placement must be one of {HEALTHY_PLACEMENTS}, got {healthy_placement!r}")
+        self.healthy_placement = healthy_placement
 
     def draw_row(self, rng: np.random.Generator, subject_id: str, index: int) -> dict:
         return draw_clinical_row(rng, subject_id, index, self.include_panlobular)
@@ -89,7 +133,17 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
         ``annotation_fraction`` of subjects, drawn from its annotation stream), healthy boxes of controls."""
         rng = plan.streams["annotation"]
         annotate = rng.random() < self.annotation_fraction
-        return annotation_rows(plan.row, volumes, grid, reference, rng, annotate, self.max_boxes)
+        return annotation_rows(
+            plan.row,
+            volumes,
+            grid,
+            reference,
+            rng,
+            annotate,
+            self.max_boxes,
+            self.healthy_placement,
+            self.healthy_subjects,
+        )
 
     def clinical_table(self) -> pd.DataFrame:
         """The clinical table without images (the rows ``clinical.csv`` has, minus the image-measured columns)."""
@@ -100,10 +154,53 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
         return pd.DataFrame(rows)
 
 
+def atlas_height_depth(
+    volumes: dict, grid: SubjectGrid, reference: AtlasReference, crop: tuple
+) -> tuple[np.ndarray, np.ndarray]:
+    """``height`` (0 base .. 1 apex) and pleural ``depth_mm`` of the voxels in ``crop``, the inputs of the
+    emphysema priors, recomputed from the subject's transform record exactly as synthesis computed them (no
+    random draw, so the images stay as they are)."""
+    transform = volumes["transform"]
+    atlas_vox = subject_to_atlas_voxel(
+        grid, np.asarray(transform["atlas_to_subject"]), reference.affine_1mm, transform["deformation"]
+    )[(slice(None), *crop)]
+    _, depth = sample_atlas(reference, atlas_vox)
+    return lung_height(reference, atlas_vox[2]), depth
+
+
+def healthy_box_centres(
+    rng, volumes: dict, grid: SubjectGrid, reference: AtlasReference, crop: tuple, max_boxes: int, placement: str
+) -> list[tuple[np.ndarray, float, str]]:
+    """(centre in ``crop``, lung share, subtype matched or "random") of a healthy control's boxes; "matched"
+    splits ``max_boxes`` between the subtypes of ``HEALTHY_MATCH`` (the first gets the odd one) and draws each
+    share from that subtype's prior. The matched subtype is not written to the table (its columns stay as they
+    are); tests read it here."""
+    lung, lesion = volumes["lung"][crop] > 0, volumes["lesion"][crop]
+    if placement == "random":
+        return [(c, share, "random") for c, share in random_healthy_boxes(rng, lesion, lung, grid.spacing, max_boxes)]
+    height, depth = atlas_height_depth(volumes, grid, reference, crop)
+    counts = np.full(len(HEALTHY_MATCH), max_boxes // len(HEALTHY_MATCH))
+    counts[: max_boxes % len(HEALTHY_MATCH)] += 1
+    quotas = {
+        name: (prior(height, depth), count, min_lung_share, power, blur_mm)
+        for (name, (prior, min_lung_share, power, blur_mm)), count in zip(HEALTHY_MATCH.items(), counts)
+    }
+    return matched_healthy_boxes(rng, lesion, lung, grid.spacing, quotas)
+
+
 def annotation_rows(
-    row: dict, volumes: dict, grid: SubjectGrid, reference: AtlasReference, rng, annotate: bool, max_boxes: dict
+    row: dict,
+    volumes: dict,
+    grid: SubjectGrid,
+    reference: AtlasReference,
+    rng,
+    annotate: bool,
+    max_boxes: dict,
+    healthy_placement: str = "matched",
+    healthy_subjects: str = "all",
 ) -> list[dict]:
-    """Box rows (``ANNOTATION_COLUMNS``): centre voxel, centre in mm, size, centre in the atlas, lesion share."""
+    """Box rows (``ANNOTATION_COLUMNS``): centre voxel, centre in mm, size, centre in the atlas, lesion share
+    (lung share for healthy boxes)."""
     lung = volumes["lung"] > 0
     lesion = volumes["lesion"]
     crop = lung_crop(lung, margin=0)
@@ -114,8 +211,11 @@ def annotation_rows(
             if volumes["measured"][f"measured_{name}_fraction"] > 0:
                 for centre, share in lesion_boxes(lesion[crop], lung[crop], code, grid.spacing, max_boxes[name]):
                     found.append((name, centre + offset, share))
-    if is_healthy_control(row):
-        for centre, share in healthy_boxes(rng, lesion[crop], lung[crop], grid.spacing, max_boxes["healthy"]):
+    control = is_healthy_control(row)
+    if control or healthy_subjects == "all":
+        count = max_boxes["healthy"] if control else max_boxes["healthy_other"]
+        picked = healthy_box_centres(rng, volumes, grid, reference, crop, count, healthy_placement)
+        for centre, share, _ in picked:
             found.append(("healthy", centre + offset, share))
     transform = volumes["transform"]
     out = []
