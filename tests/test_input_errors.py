@@ -286,3 +286,21 @@ def test_picture_keeps_a_numeric_looking_id_as_text(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
     assert json.loads((tmp_path / "cache" / "00" / "qc.json").read_text())["status"] == "ok"
+
+
+def test_a_model_of_another_kind_is_refused_naming_the_file_and_the_override(tmp_path):
+    """A 3-class model.pt of bundle <= 0.6 meets the 0.7 detectors: one InputError line with the file and the
+    override that maps with it, before any scan is read; fitting weights pass."""
+    import torch
+
+    from custom.emphysema.network import EmphysemaDetectors, EmphysemaNetwork, require_fitting_model
+
+    old = tmp_path / "model.pt"
+    torch.save(EmphysemaNetwork(num_classes=3, num_experts=2).state_dict(), old)
+    with pytest.raises(InputError, match=r"model\.pt: a single classifier with 3 outputs.*classifier_def#_target_"):
+        require_fitting_model(EmphysemaDetectors(num_experts=2), old)
+    fitting = tmp_path / "detectors.pt"
+    torch.save(EmphysemaDetectors(num_experts=2).state_dict(), fitting)
+    assert require_fitting_model(EmphysemaDetectors(num_experts=2), fitting) == fitting
+    with pytest.raises(InputError, match="do not fit EmphysemaNetwork"):
+        require_fitting_model(EmphysemaNetwork(num_experts=2), fitting)
