@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from custom.evaluation.ordinal_metrics import accuracy
-from custom.evaluation.paired_bootstrap import out_of_fold, paired_difference
+from custom.evaluation.paired_bootstrap import bootstrap_score, out_of_fold, paired_difference
 from custom.evaluation.readouts import cross_validated_readout
 
 
@@ -84,3 +84,53 @@ def test_out_of_fold_lines_up_two_readouts_with_the_same_folds():
 def test_mismatched_subjects_are_refused():
     with pytest.raises(ValueError, match="same subjects: 5, 5 and 4 rows"):
         paired_difference(np.zeros(5), np.zeros(5), np.zeros(4), accuracy)
+
+
+def test_repeated_predictions_average_the_per_repeat_scores():
+    """With (repeats, n) predictions the estimate is the mean over repeats of the per-repeat difference (and
+    score), and every repeat of a subject travels with it: the interval is as wide as the subjects allow."""
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, 2, 90)
+    a = np.stack([_predictions(rng.random(90) < p, truth) for p in (0.9, 0.8, 0.7)])
+    b = np.stack([_predictions(rng.random(90) < p, truth) for p in (0.6, 0.7, 0.5)])
+    joint = paired_difference(truth, a, b, accuracy, n_resamples=300, seed=1)
+    single = [paired_difference(truth, a[r], b[r], accuracy, n_resamples=300, seed=1).estimate for r in range(3)]
+    assert joint.estimate == pytest.approx(np.mean(single))
+    assert joint.repeats == 3 and joint.n_subjects == 90
+    assert joint.low < joint.estimate < joint.high
+    score = bootstrap_score(truth, a, accuracy, n_resamples=300, seed=1)
+    assert score.estimate == pytest.approx(np.mean([accuracy(truth, a[r]) for r in range(3)]))
+    assert score.low < score.estimate < score.high and score.repeats == 3
+    # the same seed draws the same subjects: the difference of the two scores' draws is the paired draw
+    score_b = bootstrap_score(truth, b, accuracy, n_resamples=300, seed=1)
+    assert score.estimate - score_b.estimate == pytest.approx(joint.estimate)
+    with pytest.raises(ValueError, match="same repeats: 3 and 2"):
+        paired_difference(truth, a, b[:2], accuracy)
+
+
+def test_the_interval_with_repeats_covers_a_known_difference_at_its_nominal_rate():
+    """Three repeats of a cross-validation whose correctness is shared by a subject across repeats half of the
+    time (a hard or easy subject stays so): A is right with probability 0.80 and B with 0.65 in every repeat, so
+    the true difference of the repeat-averaged accuracies is 0.15. Resampling subjects with all their repeats
+    must cover it about 95 % of the time; a score's own interval must cover 0.80 likewise."""
+    rng = np.random.default_rng(11)
+    n, repeats, studies = 120, 3, 150
+
+    def correct(p):
+        fixed = rng.random(n) < 0.5  # subjects whose correctness is the same in every repeat
+        once = rng.random(n) < p
+        each = rng.random((repeats, n)) < p
+        return np.where(fixed, once, each)
+
+    covered = covered_score = 0
+    for _ in range(studies):
+        truth = rng.integers(0, 2, n)
+        a = _predictions(correct(0.80), truth)
+        b = _predictions(correct(0.65), truth)
+        seed = int(rng.integers(1 << 30))
+        result = paired_difference(truth, a, b, accuracy, n_resamples=300, seed=seed)
+        covered += result.low <= 0.15 <= result.high
+        score = bootstrap_score(truth, a, accuracy, n_resamples=300, seed=seed)
+        covered_score += score.low <= 0.80 <= score.high
+    assert 0.88 <= covered / studies <= 0.99, f"coverage {covered / studies:.3f}"
+    assert 0.88 <= covered_score / studies <= 0.99, f"score coverage {covered_score / studies:.3f}"

@@ -64,25 +64,57 @@ def resume_path(checkpoint_dir: str | Path, resume: bool) -> Optional[str]:
 
 class ExportQueryEncoder:
     """At each epoch end and at completion, write the query encoder as ``models/pretrained.pt`` (the pre-trained encoder)
-    (the state dict of ``custom.model.network.DrasCLRNetwork``), atomically. Rank 0 only."""
+    (the state dict of ``custom.model.network.DrasCLRNetwork``), atomically. Rank 0 only.
 
-    def __init__(self, model, path: str | Path):
+    ``snapshot_dir``: also keep the encoder of every epoch end as ``encoder_iteration=N.pt`` there, and the
+    untrained one (N = 0) when a run starts from scratch: the weights at several shares of one budget, which the
+    evidence study reads out (``custom.study``)."""
+
+    def __init__(self, model, path: str | Path, snapshot_dir: str | Path | None = None):
         self.model = model
         self.path = Path(path)
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
 
     def attach(self, engine) -> None:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
         engine.add_event_handler(Events.COMPLETED, self)
+        if self.snapshot_dir is not None:
+            engine.add_event_handler(Events.STARTED, self._snapshot)  # after a resume has loaded its checkpoint
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._snapshot)
+
+    @staticmethod
+    def _rank0() -> bool:
+        return not (
+            torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0
+        )
+
+    def _state(self) -> dict:
+        model = getattr(self.model, "module", self.model)
+        return {f"encoder.{k}": v.detach().cpu() for k, v in model.encoder_q.state_dict().items()}
 
     def __call__(self, engine=None) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0:
+        if not self._rank0():
             return
-        model = getattr(self.model, "module", self.model)
-        state = {f"encoder.{k}": v.detach().cpu() for k, v in model.encoder_q.state_dict().items()}
         with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
+            torch.save(self._state(), tmp)
+
+    def _snapshot(self, engine) -> None:
+        iteration = int(engine.state.iteration or 0)
+        target = self.snapshot_dir / f"encoder_iteration={iteration}.pt"
+        if not self._rank0() or target.is_file():
+            return
+        self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            torch.save(self._state(), tmp)
+
+
+def encoder_snapshots(snapshot_dir: str | Path) -> dict[int, Path]:
+    """{iteration: file} of the encoder snapshots ``ExportQueryEncoder`` kept in ``snapshot_dir``."""
+    snapshot_dir = Path(snapshot_dir)
+    files = snapshot_dir.glob("encoder_iteration=*.pt") if snapshot_dir.is_dir() else []
+    return {_iteration_of(f): f for f in sorted(files, key=_iteration_of)}
 
 
 class TrainingCheckpoint:

@@ -2,6 +2,9 @@
 bundle/docs/synthetic_cohort.md). Demographics and smoking drive a latent disease severity; the severity sets
 the lung shares of each lesion type the image generator then paints; spirometry, visual scores, exacerbations
 and survival follow from those shares plus non-imaging confounders (age, sex, restriction, reader noise).
+This is the "density" model; ``custom.synthetic.regional_disease`` is the "regional" one, which reuses these
+draws: each step's random draws (``draw_*_noise``) are apart from the values they feed (``spirometry``,
+``outcomes``) so that model can draw more after them without moving any of them.
 
 GOLD and PRISm follow the spirometric rules exactly: FEV1/FVC < 0.70 is obstruction, graded by FEV1pp
 (>= 80 GOLD 1, 50-80 GOLD 2, 30-50 GOLD 3, < 30 GOLD 4); FEV1/FVC >= 0.70 with FEV1pp < 80 is PRISm
@@ -28,6 +31,23 @@ HAZARD_COEFS = {
 }
 FOLLOW_UP_YEARS = (5.0, 12.0)  # staggered enrolment: administrative censoring
 DROPOUT_MEAN_YEARS = 25.0
+# spirometry: the disease terms subtracted, in this order, from FEV1pp and from FEV1/FVC (keys of the disease dict)
+FEV1PP_COEFS = {
+    "cle_fraction": 190.0,
+    "panlobular_fraction": 110.0,
+    "paraseptal_fraction": 60.0,
+    "airway_disease": 22.0,
+    "air_trapping_fraction": 140.0,
+}
+FEV1_FVC_COEFS = {
+    "cle_fraction": 1.0,
+    "panlobular_fraction": 0.8,
+    "paraseptal_fraction": 0.4,
+    "airway_disease": 0.08,
+    "air_trapping_fraction": 0.5,
+}
+FEV1PP_RANGE = (12.0, 140.0)
+FEV1_FVC_RANGE = (0.25, 0.92)
 
 
 def gold_stage(fev1pp, fev1_fvc):
@@ -101,54 +121,69 @@ def draw_disease(rng: np.random.Generator, demo: dict, stratum: int, include_pan
     }
 
 
-def draw_spirometry(rng: np.random.Generator, demo: dict, disease: dict) -> dict:
-    """FEV1pp and FEV1/FVC: emphysema and small-airway disease lower both; restriction lowers FEV1pp only."""
+def draw_spirometry_noise(rng: np.random.Generator) -> tuple[float, float]:
+    """The two standard-normal draws of spirometry (FEV1pp, then FEV1/FVC), apart from the values they shift so
+    a model can draw more per subject after them (``custom.synthetic.regional_disease``)."""
+    return float(rng.standard_normal()), float(rng.standard_normal())
+
+
+def spirometry(
+    demo: dict,
+    disease: dict,
+    noise: tuple[float, float],
+    fev1pp_coefs: dict | None = None,
+    ratio_coefs: dict | None = None,
+) -> dict:
+    """FEV1pp and FEV1/FVC: the disease terms (disease key -> coefficient; default the density model's
+    ``FEV1PP_COEFS``, ``FEV1_FVC_COEFS``) lower both; restriction lowers FEV1pp only. Terms are subtracted one by
+    one in the order given, the order the density model's formula has always had, so its numbers stay exact."""
     age = demo["age"] - 62.0
-    cle, pse, ple = disease["cle_fraction"], disease["paraseptal_fraction"], disease["panlobular_fraction"]
-    airway, trap = disease["airway_disease"], disease["air_trapping_fraction"]
-    fev1pp = (
-        102.0
-        - 0.15 * age
-        - 190.0 * cle
-        - 110.0 * ple
-        - 60.0 * pse
-        - 22.0 * airway
-        - 140.0 * trap
-        - disease["restriction_fev1pp"]
-        + 9.0 * rng.standard_normal()
-    )
-    ratio = (
-        0.79
-        - 0.0025 * age
-        - 1.0 * cle
-        - 0.8 * ple
-        - 0.4 * pse
-        - 0.08 * airway
-        - 0.5 * trap
-        + 0.035 * rng.standard_normal()
-    )
-    return {"fev1pp": float(np.clip(fev1pp, 12.0, 140.0)), "fev1_fvc": float(np.clip(ratio, 0.25, 0.92))}
+    fev1pp = 102.0 - 0.15 * age
+    for key, coef in (fev1pp_coefs or FEV1PP_COEFS).items():
+        fev1pp = fev1pp - coef * disease[key]
+    fev1pp = fev1pp - disease["restriction_fev1pp"] + 9.0 * noise[0]
+    ratio = 0.79 - 0.0025 * age
+    for key, coef in (ratio_coefs or FEV1_FVC_COEFS).items():
+        ratio = ratio - coef * disease[key]
+    ratio = ratio + 0.035 * noise[1]
+    return {"fev1pp": float(np.clip(fev1pp, *FEV1PP_RANGE)), "fev1_fvc": float(np.clip(ratio, *FEV1_FVC_RANGE))}
 
 
-def draw_outcomes(rng: np.random.Generator, demo: dict, disease: dict, spiro: dict) -> dict:
-    """Visual scores (with reader noise), exacerbation history and censored Weibull survival."""
-    reader = float(np.exp(0.2 * rng.standard_normal()))  # one reader's bias, shared by both scores
+def draw_spirometry(rng: np.random.Generator, demo: dict, disease: dict) -> dict:
+    """FEV1pp and FEV1/FVC of the density model: emphysema and small-airway disease lower both."""
+    return spirometry(demo, disease, draw_spirometry_noise(rng))
+
+
+def draw_outcome_noise(rng: np.random.Generator) -> dict:
+    """The random draws of ``outcomes``, in their order: reader bias, exacerbation, event time, censoring."""
+    return {
+        "reader": float(np.exp(0.2 * rng.standard_normal())),  # one reader's bias, shared by both scores
+        "exacerbation_u": rng.random(),
+        "event_u": rng.uniform(1e-12, 1.0),
+        "follow_up": rng.uniform(*FOLLOW_UP_YEARS),
+        "dropout": rng.exponential(DROPOUT_MEAN_YEARS),
+    }
+
+
+def outcomes(demo: dict, disease: dict, spiro: dict, noise: dict, hazard_coefs: dict | None = None) -> dict:
+    """Visual scores (with reader noise), exacerbation history and censored Weibull survival; ``hazard_coefs``
+    (disease key -> coefficient) are the disease terms of eta, added in order between FEV1pp and exacerbation."""
+    reader = noise["reader"]
     cle_score = cle_visual_score(disease["cle_fraction"] * reader)
     pse_score = paraseptal_visual_score(disease["paraseptal_fraction"] * reader)
     current = demo["smoking_status"] == "current"
     logit = -1.3 - 0.045 * (spiro["fev1pp"] - 70.0) + 0.4 * current + 1.0 * disease["airway_disease"]
-    exacerbation = int(rng.random() < expit(logit))
-    emphysema = disease["cle_fraction"] + disease["paraseptal_fraction"] + disease["panlobular_fraction"]
+    exacerbation = int(noise["exacerbation_u"] < expit(logit))
     eta = (
         HAZARD_COEFS["age_per_year"] * (demo["age"] - 62.0)
         + HAZARD_COEFS["male"] * (demo["sex"] == "M")
         + HAZARD_COEFS["fev1pp_deficit_per_point"] * (80.0 - spiro["fev1pp"])
-        + HAZARD_COEFS["emphysema_fraction"] * emphysema
-        + HAZARD_COEFS["exacerbation_history"] * exacerbation
-        + HAZARD_COEFS["current_smoker"] * current
     )
-    event_time = (-np.log(rng.uniform(1e-12, 1.0)) / (WEIBULL_SCALE * np.exp(eta))) ** (1.0 / WEIBULL_SHAPE)
-    censor_time = min(rng.uniform(*FOLLOW_UP_YEARS), rng.exponential(DROPOUT_MEAN_YEARS))
+    for key, coef in (hazard_coefs or {"emphysema_fraction": HAZARD_COEFS["emphysema_fraction"]}).items():
+        eta = eta + coef * disease[key]
+    eta = eta + HAZARD_COEFS["exacerbation_history"] * exacerbation + HAZARD_COEFS["current_smoker"] * current
+    event_time = (-np.log(noise["event_u"]) / (WEIBULL_SCALE * np.exp(eta))) ** (1.0 / WEIBULL_SHAPE)
+    censor_time = min(noise["follow_up"], noise["dropout"])
     return {
         "cle_score": cle_score,
         "paraseptal_score": pse_score,
@@ -159,25 +194,37 @@ def draw_outcomes(rng: np.random.Generator, demo: dict, disease: dict, spiro: di
     }
 
 
+def emphysema_fraction(disease: dict) -> float:
+    """The true whole-lung emphysema share: CLE + PSE + PLE."""
+    return disease["cle_fraction"] + disease["paraseptal_fraction"] + disease["panlobular_fraction"]
+
+
+def draw_outcomes(rng: np.random.Generator, demo: dict, disease: dict, spiro: dict) -> dict:
+    """Outcomes of the density model: eta has the whole-lung emphysema share."""
+    return outcomes(
+        demo, {**disease, "emphysema_fraction": emphysema_fraction(disease)}, spiro, draw_outcome_noise(rng)
+    )
+
+
+def clinical_row(subject_id: str, demo: dict, disease: dict, spiro: dict, outcome: dict) -> dict:
+    """The table row (columns in their written order), GOLD staged on the rounded spirometry that is written."""
+    fev1pp, ratio = round(spiro["fev1pp"], 2), round(spiro["fev1_fvc"], 4)
+    gold, prism = gold_stage(fev1pp, ratio)  # rules hold on the rounded values written
+    row = {"subject_id": subject_id, **demo, "age": round(demo["age"], 1), "pack_years": round(demo["pack_years"], 1)}
+    row.update({"fev1pp": fev1pp, "fev1_fvc": ratio, "gold": int(gold), "prism": int(prism)})
+    row["gold_label"] = gold_label(int(gold))
+    row.update(outcome)
+    row.update(disease)
+    row["emphysema_fraction"] = emphysema_fraction(disease)
+    return row
+
+
 def draw_clinical_row(rng: np.random.Generator, subject_id: str, index: int, include_panlobular: bool = True) -> dict:
-    """One subject's clinical record and the disease targets its image is made from."""
+    """One subject's clinical record and the disease targets its image is made from (the density model)."""
     demo = draw_demographics(rng)
     disease = draw_disease(rng, demo, index, include_panlobular)
     spiro = draw_spirometry(rng, demo, disease)
-    gold, prism = gold_stage(spiro["fev1pp"], spiro["fev1_fvc"])
-    outcomes = draw_outcomes(rng, demo, disease, spiro)
-    row = {"subject_id": subject_id, **demo, **spiro, "gold": int(gold), "prism": int(prism)}
-    row["gold_label"] = gold_label(int(gold))
-    row.update(outcomes)
-    row.update(disease)
-    row["emphysema_fraction"] = sum(disease[k] for k in ("cle_fraction", "paraseptal_fraction", "panlobular_fraction"))
-    row["age"] = round(row["age"], 1)
-    row["pack_years"] = round(row["pack_years"], 1)
-    row["fev1pp"] = round(row["fev1pp"], 2)
-    row["fev1_fvc"] = round(row["fev1_fvc"], 4)
-    gold, prism = gold_stage(row["fev1pp"], row["fev1_fvc"])  # rules hold on the rounded values written
-    row["gold"], row["prism"], row["gold_label"] = int(gold), int(prism), gold_label(int(gold))
-    return row
+    return clinical_row(subject_id, demo, disease, spiro, draw_outcomes(rng, demo, disease, spiro))
 
 
 def is_healthy_control(row: dict) -> bool:

@@ -2,6 +2,10 @@
 airway-wall thickening from the stated clinical model (``custom.synthetic.clinical``), and COPDGene-style 32 mm
 box annotations of emphysema and of healthy lung.
 
+Two disease models (``disease_model``): "density" (``custom.synthetic.clinical``, the demo's) and "regional"
+(``custom.synthetic.regional_disease``, the evidence study's: zoned centrilobular emphysema, a subject's own
+emphysema attenuation, phenotypes from regional disease).
+
 ``CopdLikeGenerator`` is the config component (``generate.yaml``: ``copd``); ``custom.synthetic.writer.CohortWriter``
 writes what it generates (``cohort.csv``, ``clinical.csv``, ``annotations.csv``, ``datalist.json``).
 """
@@ -26,9 +30,10 @@ from custom.synthetic.clinical import draw_clinical_row, is_healthy_control
 from custom.synthetic.confounders import AIR_TRAPPING_SHIFT_HU, place_air_trapping
 from custom.synthetic.emphysema import (
     CLE_RADIUS_MM,
-    LESION_HU,
+    LOWER_ZONE_HEIGHT,
     PSE_RADIUS_MM,
     centrilobular_prior,
+    emphysema_hu,
     paraseptal_prior,
     place_emphysema,
 )
@@ -38,6 +43,7 @@ from custom.synthetic.geometry import (
     subject_to_atlas_voxel,
     subject_voxels_to_atlas_voxels,
 )
+from custom.synthetic.regional_disease import draw_regional_row
 from custom.synthetic.subject import (
     LungRegion,
     SubjectPlan,
@@ -47,6 +53,8 @@ from custom.synthetic.subject import (
     protocol_columns,
 )
 
+# disease_model -> the clinical row it draws (custom.synthetic.clinical, custom.synthetic.regional_disease)
+DISEASE_MODELS = {"density": draw_clinical_row, "regional": draw_regional_row}
 # healthy lung dominates a map; paraseptal 6 like centrilobular (few subjects have it, each gives up to 6)
 DEFAULT_MAX_BOXES = {"centrilobular": 6, "paraseptal": 6, "healthy": 12, "healthy_other": 4}
 # which subjects give healthy boxes: the paper's protocol (GOLD 0 controls without emphysema), or every subject
@@ -70,7 +78,9 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
     a location shortcut; see ``custom.synthetic.annotations``); ``healthy_subjects`` who gives them: "all"
     (default: the controls, and every other subject up to ``max_boxes["healthy_other"]`` emphysema-free boxes, so
     healthy and emphysema boxes share subjects) or "controls" (the paper's protocol: GOLD-0 subjects without
-    emphysema only; here a subject-level shortcut, bundle/docs/emphysema.md "Maps against the truth")."""
+    emphysema only; here a subject-level shortcut, bundle/docs/emphysema.md "Maps against the truth");
+    ``disease_model`` one of ``DISEASE_MODELS`` ("density", the default and the demo's; "regional", the evidence
+    study's, bundle/docs/synthetic_cohort.md)."""
 
     cohort = "copd"
     id_prefix = "SYN"
@@ -91,7 +101,11 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
         fov_mm=DEFAULT_FOV_MM,
         healthy_placement: str = "matched",
         healthy_subjects: str = "all",
+        disease_model: str = "density",
     ):
+        if disease_model not in DISEASE_MODELS:
+            raise ValueError(f"disease_model must be one of {tuple(DISEASE_MODELS)}, got {disease_model!r}")
+        self.disease_model = disease_model
         super().__init__(num_subjects, seed, voxel_size, deformation_mm, dicom_every, fov_mm)
         if healthy_subjects not in HEALTHY_SUBJECTS:
             raise ValueError(f"healthy_subjects must be one of {HEALTHY_SUBJECTS}, got {healthy_subjects!r}")
@@ -104,17 +118,21 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
         self.healthy_placement = healthy_placement
 
     def draw_row(self, rng: np.random.Generator, subject_id: str, index: int) -> dict:
-        return draw_clinical_row(rng, subject_id, index, self.include_panlobular)
+        return DISEASE_MODELS[self.disease_model](rng, subject_id, index, self.include_panlobular)
 
     def paint_lesions(
         self, rng: np.random.Generator, region: LungRegion, row: dict, lung_hu: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, float]:
-        """Centrilobular, paraseptal and panlobular emphysema, then air trapping; thickened airway walls."""
-        fractions = {
-            "centrilobular": row["cle_fraction"],
-            "paraseptal": row["paraseptal_fraction"],
-            "panlobular": row["panlobular_fraction"],
-        }
+        """Centrilobular (per zone under the regional model), paraseptal and panlobular emphysema, then air
+        trapping; thickened airway walls."""
+        regional = self.disease_model == "regional"
+        fractions = {"paraseptal": row["paraseptal_fraction"], "panlobular": row["panlobular_fraction"]}
+        if regional:
+            fractions.update(
+                centrilobular_upper=row["cle_upper_fraction"], centrilobular_lower=row["cle_lower_fraction"]
+            )
+        else:
+            fractions["centrilobular"] = row["cle_fraction"]
         lesion, spacing = region.lesion, region.spacing
         place_emphysema(rng, lesion, region.lung, region.height, region.depth, fractions, spacing)
         place_air_trapping(
@@ -122,15 +140,16 @@ class CopdLikeGenerator(SyntheticCohortGenerator):
         )
         lung_hu[lesion == labels.AIR_TRAPPING] += AIR_TRAPPING_SHIFT_HU
         emphysema = np.isin(lesion, labels.EMPHYSEMA_CODES)
-        target = np.full(lesion.shape, LESION_HU[labels.CENTRILOBULAR], dtype=np.float32)
-        for code, value in LESION_HU.items():
-            target[lesion == code] = value
-        lung_hu = blend(lung_hu, target + 8.0 * region.fine, emphysema, spacing)
+        painted = emphysema_hu(lesion, region.fine, row["lesion_hu_mean"] if regional else None)
+        lung_hu = blend(lung_hu, painted, emphysema, spacing)
         return lung_hu, emphysema, row["airway_disease"]
 
     def finish(self, plan: SubjectPlan, volumes: dict, grid: SubjectGrid, reference: AtlasReference) -> list[dict]:
         """The subject's 32 mm boxes: its densest centrilobular / paraseptal regions when it is annotated (a share
-        ``annotation_fraction`` of subjects, drawn from its annotation stream), healthy boxes of controls."""
+        ``annotation_fraction`` of subjects, drawn from its annotation stream), healthy boxes of controls. Under the
+        regional model it first adds ``measured_cle_lower_share`` to the row."""
+        if self.disease_model == "regional":
+            plan.row["measured_cle_lower_share"] = measured_cle_lower_share(volumes, grid, reference)
         rng = plan.streams["annotation"]
         annotate = rng.random() < self.annotation_fraction
         return annotation_rows(
@@ -166,6 +185,19 @@ def atlas_height_depth(
     )[(slice(None), *crop)]
     _, depth = sample_atlas(reference, atlas_vox)
     return lung_height(reference, atlas_vox[2]), depth
+
+
+def measured_cle_lower_share(volumes: dict, grid: SubjectGrid, reference: AtlasReference) -> float:
+    """Share of the centrilobular voxels of the written lesion map below atlas height ``LOWER_ZONE_HEIGHT`` (NaN
+    without any): blobs seeded in one zone may reach into the other, so it differs a little from the drawn
+    ``cle_lower_share``."""
+    lung = volumes["lung"] > 0
+    crop = lung_crop(lung, margin=0)
+    cle = volumes["lesion"][crop] == labels.CENTRILOBULAR
+    if not cle.any():
+        return float("nan")
+    height, _ = atlas_height_depth(volumes, grid, reference, crop)
+    return round(float(np.mean(height[cle] < LOWER_ZONE_HEIGHT)), 5)
 
 
 def healthy_box_centres(
@@ -237,7 +269,11 @@ def annotation_rows(
     return out
 
 
-def draw_clinical_table(num_subjects: int, seed: int = 0, include_panlobular: bool = True) -> pd.DataFrame:
+def draw_clinical_table(
+    num_subjects: int, seed: int = 0, include_panlobular: bool = True, disease_model: str = "density"
+) -> pd.DataFrame:
     """The COPD clinical table without images (identical to the one the cohort writes, minus the image-measured
     columns): cheap enough for hundreds of draws in tests and power calculations."""
-    return CopdLikeGenerator(num_subjects, seed, include_panlobular=include_panlobular).clinical_table()
+    return CopdLikeGenerator(
+        num_subjects, seed, include_panlobular=include_panlobular, disease_model=disease_model
+    ).clinical_table()

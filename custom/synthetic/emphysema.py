@@ -6,7 +6,10 @@
 
 Priors are functions of ``height`` (0 base .. 1 apex) and ``depth_mm`` (distance to the pleura) measured in
 the atlas, so they follow the anatomy of every subject. Lesions are placed until a target share of the lung
-is reached, so the image carries the disease burden the clinical model was driven by.
+is reached, so the image carries the disease burden the clinical model was driven by. Under the regional
+disease model (``custom.synthetic.regional_disease``) centrilobular seeds are drawn per zone (upper / lower half
+of the lung, each with its own target) and centrilobular and paraseptal tissue takes the subject's own mean
+attenuation, so part of it lies above -950 HU.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ LESION_HU = {labels.CENTRILOBULAR: -990.0, labels.PARASEPTAL: -995.0, labels.PAN
 CLE_RADIUS_MM = (2.5, 5.5)  # grows with severity (confluent clusters in advanced disease)
 PSE_RADIUS_MM = (3.5, 8.0)
 PSE_BAND_MM = 4.0  # seeds of paraseptal lesions lie this close to the pleura
+TEXTURE_HU = 8.0  # amplitude of the fine texture on emphysema painted at LESION_HU
+SUBJECT_TEXTURE_HU = 30.0  # amplitude of the fine texture on emphysema painted at the subject's own mean HU
+CLE_ZONES = ("centrilobular_upper", "centrilobular_lower")  # keys of zoned centrilobular targets
+LOWER_ZONE_HEIGHT = 0.5  # atlas height (0 base .. 1 apex) below which a voxel is in the lower zone
 
 
 def centrilobular_prior(height: np.ndarray, depth_mm: np.ndarray) -> np.ndarray:
@@ -115,9 +122,12 @@ def place_emphysema(
     depth_mm: np.ndarray,
     fractions: dict,
     spacing,
+    lower_height: float = LOWER_ZONE_HEIGHT,
 ) -> dict:
-    """Place all subtypes for target lung shares ``fractions`` (keys centrilobular/paraseptal/panlobular);
-    returns the voxels placed per subtype. Panlobular goes first: it is diffuse and sets the background."""
+    """Place all subtypes for target lung shares ``fractions`` (keys centrilobular/paraseptal/panlobular, or
+    ``CLE_ZONES`` instead of centrilobular: seeds from the centrilobular prior restricted to height >=
+    ``lower_height``, then to height < ``lower_height``); returns the voxels placed per subtype (and zone).
+    Panlobular goes first: it is diffuse and sets the background."""
     n_lung = int(lung.sum())
     placed = {}
     placed["panlobular"] = place_diffuse(
@@ -129,19 +139,21 @@ def place_emphysema(
         labels.PANLOBULAR,
         spacing,
     )
-    cle = fractions.get("centrilobular", 0.0)
+    zoned = any(zone in fractions for zone in CLE_ZONES)
+    cle = sum(fractions.get(zone, 0.0) for zone in CLE_ZONES) if zoned else fractions.get("centrilobular", 0.0)
     grow = min(cle / 0.25, 1.0)  # larger, confluent clusters as the burden grows
     cle_radius = (CLE_RADIUS_MM[0], CLE_RADIUS_MM[0] + grow * (CLE_RADIUS_MM[1] - CLE_RADIUS_MM[0]) + 1.0)
-    placed["centrilobular"] = place_blobs(
-        rng,
-        lesion,
-        lung,
-        centrilobular_prior(height, depth_mm),
-        round(cle * n_lung),
-        cle_radius,
-        labels.CENTRILOBULAR,
-        spacing,
-    )
+    cle_prior = centrilobular_prior(height, depth_mm)
+    if zoned:
+        upper = height >= lower_height
+        for zone, prior in zip(CLE_ZONES, (cle_prior * upper, cle_prior * ~upper)):
+            target = round(fractions.get(zone, 0.0) * n_lung)
+            placed[zone] = place_blobs(rng, lesion, lung, prior, target, cle_radius, labels.CENTRILOBULAR, spacing)
+        placed["centrilobular"] = placed[CLE_ZONES[0]] + placed[CLE_ZONES[1]]
+    else:
+        placed["centrilobular"] = place_blobs(
+            rng, lesion, lung, cle_prior, round(cle * n_lung), cle_radius, labels.CENTRILOBULAR, spacing
+        )
     placed["paraseptal"] = place_blobs(
         rng,
         lesion,
@@ -153,3 +165,17 @@ def place_emphysema(
         spacing,
     )
     return placed
+
+
+def emphysema_hu(lesion: np.ndarray, fine: np.ndarray, lesion_hu_mean: float | None = None) -> np.ndarray:
+    """What emphysema voxels are painted with: ``LESION_HU`` of their subtype plus ``TEXTURE_HU`` of the fine
+    texture; given ``lesion_hu_mean`` (the regional model), centrilobular and paraseptal voxels take
+    ``lesion_hu_mean + SUBJECT_TEXTURE_HU * fine`` instead (panlobular keeps its ``LESION_HU``)."""
+    target = np.full(lesion.shape, LESION_HU[labels.CENTRILOBULAR], dtype=np.float32)
+    for code, value in LESION_HU.items():
+        target[lesion == code] = value
+    painted = target + TEXTURE_HU * fine
+    if lesion_hu_mean is not None:
+        own = np.isin(lesion, (labels.CENTRILOBULAR, labels.PARASEPTAL))
+        painted[own] = np.float32(lesion_hu_mean) + SUBJECT_TEXTURE_HU * fine[own]
+    return painted
