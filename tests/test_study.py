@@ -98,6 +98,14 @@ def test_the_study_runs_every_stage_with_one_budget_and_resumes(tmp_path):
     assert method_record.stat().st_mtime_ns == trained_at
     pd.testing.assert_frame_equal(pd.read_csv(out / "paired_differences.csv"), paired)
 
+    # the same folder with another budget is refused before any work, naming what changed
+    workflow = ConfigWorkflow(
+        config_file=CONFIG, workflow_type=None, preset="tiny", seed=11, output_dir=str(out), iterations=8
+    )
+    workflow.initialize()
+    with pytest.raises(ValueError, match=r"study with other settings \(settings.iterations\)"):
+        workflow.parser.get_parsed_content("study").run()  # the run expression's own error, not MONAI's wrapper
+
 
 def test_shares_must_fall_on_the_kept_encoders(tmp_path):
     with pytest.raises(ValueError, match="multiple of snapshots"):
@@ -156,3 +164,17 @@ def test_every_feature_set_gets_the_same_folds_and_a_prediction_per_subject():
     assert r2["a"] > 0.6 > r2["b"], r2  # the features that carry the signal predict it out of fold
     with pytest.raises(ValueError, match="not the same subjects"):
         readouts.predictions("copd", clinical, good.iloc[::-1], "A", 1.0, "a.csv")
+
+
+def test_a_study_folder_is_resumed_only_with_its_own_settings(tmp_path):
+    from custom.study.workflow import Study
+
+    record = {"preset": "cpu", "seed": 7, "settings": {"iterations": 400, "shares": [0.0, 1.0]}, "started": "t0"}
+    study = Study(tmp_path, {**record, "started": None}, {}, None, None, None, {}, {})
+    study.check_same_study({})  # a new folder
+    study.check_same_study({**record, "finished": "t1", "notes": ["x"], "bundle_version": "0.0.1"})  # run-only keys
+    changed = {**record, "settings": {"iterations": 800, "shares": [0.0, 1.0]}}
+    with pytest.raises(ValueError, match=r"other settings \(settings.iterations\); give another --output_dir"):
+        study.check_same_study(changed)
+    with pytest.raises(ValueError, match=r"other settings \(seed\)"):
+        study.check_same_study({**record, "seed": 8})

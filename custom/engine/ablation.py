@@ -340,7 +340,7 @@ def family_run(
     )
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (data-loader workers): unlike wall time,
     it does not grow when other jobs share the machine."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -379,16 +379,16 @@ def run_variant(
         "budget": None,
         "settings": None,
     }
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    start, cpu = time.perf_counter(), cpu_seconds()
     weights, trained = pretrain_variant(variant.name, dataset_dir, out_dir, paper, seed=seed, **train_overrides)
     record.update(trained)
     record["weights"] = str(weights)
     record["train_seconds"] = round(time.perf_counter() - start, 1)
-    record["train_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
-    start, cpu = time.perf_counter(), _cpu_seconds()
+    record["train_cpu_seconds"] = round(cpu_seconds() - cpu, 1)
+    start, cpu = time.perf_counter(), cpu_seconds()
     embed_cohort(dataset_dir, weights, out_dir, network=DrasCLRNetwork(**record["architecture"]), progress=progress)
     record["embed_seconds"] = round(time.perf_counter() - start, 1)
-    record["embed_cpu_seconds"] = round(_cpu_seconds() - cpu, 1)
+    record["embed_cpu_seconds"] = round(cpu_seconds() - cpu, 1)
     with atomic_path(out_dir / "variant.json") as tmp:
         Path(tmp).write_text(json.dumps(record, indent=2, default=str))
     return record

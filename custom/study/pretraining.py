@@ -18,7 +18,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from custom.atomic_io import atomic_path
-from custom.engine.ablation import _cpu_seconds, get_variant, pretrain_variant
+from custom.engine.ablation import cpu_seconds, get_variant, pretrain_variant
 from custom.engine.checkpointing import encoder_snapshots
 from custom.flags import as_bool
 
@@ -110,7 +110,7 @@ class StudyPretraining:
                 continue
             out_dir = self.method_dir(method)
             logger.info("pre-training %s (%s): %d iterations x %d", method, variant, self.iterations, self.batch_size)
-            start, cpu = time.perf_counter(), _cpu_seconds()
+            start, cpu = time.perf_counter(), cpu_seconds()
             try:
                 _, trained = pretrain_variant(variant, dataset_dir, out_dir, seed=self.seed, **self.overrides())
             except Exception as error:  # recorded; the other methods still train
@@ -123,7 +123,7 @@ class StudyPretraining:
                 "status": "ok",
                 **trained,
                 "train_seconds": round(time.perf_counter() - start, 1),
-                "train_cpu_seconds": round(_cpu_seconds() - cpu, 1),
+                "train_cpu_seconds": round(cpu_seconds() - cpu, 1),
                 "mlflow_run_id": self._run_id(out_dir),
             }
             for share in self.shares:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from custom.atomic_io import atomic_path
-from custom.engine.ablation import _cpu_seconds
+from custom.engine.ablation import cpu_seconds
 from custom.evaluation.baselines import LAA, LAA_PATCH, laa_features
 from custom.flags import as_bool
 from custom.study.embedding import cohort_embeddings
@@ -82,7 +82,7 @@ class Study:
         entry["detail"] = "running when this table was written"
         stages[name] = entry
         self._save_stages(stages)
-        start, cpu = time.perf_counter(), _cpu_seconds()
+        start, cpu = time.perf_counter(), cpu_seconds()
         failed = None
         try:
             result = work()
@@ -90,7 +90,7 @@ class Study:
             failed = error
         spent = time.perf_counter() - start
         entry["seconds"] = round(entry["seconds"] + spent, 1)
-        entry["cpu_seconds"] = round(entry["cpu_seconds"] + _cpu_seconds() - cpu, 1)
+        entry["cpu_seconds"] = round(entry["cpu_seconds"] + cpu_seconds() - cpu, 1)
         entry["calls"] += 1
         entry["status"] = "failed" if failed else "ok"
         entry["detail"] = f"{type(failed).__name__}: {failed}" if failed else detail(result)
@@ -243,12 +243,34 @@ class Study:
         return write_report(self.output_dir, record, scores, paired, stage_times, budgets)
 
     # ------------------------------------------------------------------ the whole study
+    def check_same_study(self, before: dict) -> None:
+        """Refuse to resume a study folder made with other settings: its cohorts, weights and predictions would
+        be reused as if they were this study's."""
+        ignored = {"started", "finished", "notes", "bundle_version"}
+
+        def flat(record: dict) -> dict:
+            plain = json.loads(json.dumps({k: v for k, v in record.items() if k not in ignored}, default=str))
+            out = {}
+            for key, value in plain.items():
+                items = value.items() if isinstance(value, dict) else [(None, value)]
+                out.update({f"{key}.{sub}" if sub else key: v for sub, v in items})
+            return out
+
+        old, new = flat(before), flat(self.record)
+        if old and old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ValueError(
+                f"{self.output_dir}/study.json: this folder holds a study with other settings ({', '.join(changed)}); "
+                "give another --output_dir, or delete the folder to start again"
+            )
+
     def run(self) -> Path:
         """Every stage in order (finished work is reused); returns the report."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
         earlier = self.output_dir / "study.json"
-        started = json.loads(earlier.read_text()).get("started") if earlier.is_file() else None
-        self.record["started"] = started or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        before = json.loads(earlier.read_text()) if earlier.is_file() else {}
+        self.check_same_study(before)
+        self.record["started"] = before.get("started") or datetime.now(timezone.utc).isoformat(timespec="seconds")
         with atomic_path(earlier) as tmp:
             Path(tmp).write_text(json.dumps(self.record, indent=2, default=str))
         tracking = self.tracking
