@@ -108,14 +108,22 @@ def random_init_network(seed: int, architecture: dict | None = None) -> DrasCLRN
 
 @torch.no_grad()
 def landmark_major_means(
-    network: DrasCLRNetwork, patch_arrays: Sequence[np.ndarray], locations: np.ndarray, batch_size: int = 64
+    network: DrasCLRNetwork,
+    patch_arrays: Sequence[np.ndarray],
+    locations: np.ndarray,
+    batch_size: int = 64,
+    progress: str | None = None,
 ) -> np.ndarray:
     """(subjects, D) mean over landmarks of e(x_i^j, p^j), batching one landmark across subjects.
 
     Same numbers as ``custom.embed.cohort.embed_patches`` per subject, but a batch that shares one location lets
-    every Loc-CondConv run one plain convolution (its shared-location path): about 3x less CPU time here."""
+    every Loc-CondConv run one plain convolution (its shared-location path): about 3x less CPU time here.
+    ``progress``: the label of a progress bar over the landmarks (none when None)."""
+    from tqdm.auto import tqdm
+
     total = None
-    for j, location in enumerate(locations):
+    bar = tqdm(locations, desc=progress, unit="landmark", disable=progress is None, leave=False)
+    for j, location in enumerate(bar):
         for start in range(0, len(patch_arrays), batch_size):
             chunk = patch_arrays[start : start + batch_size]
             hu = torch.as_tensor(np.stack([np.asarray(p[j], dtype=np.float32) for p in chunk]))

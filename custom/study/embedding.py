@@ -42,9 +42,10 @@ def cohort_embeddings(
     landmark_stride: int = 1,
     atlas_dir=None,
     batch_size: int = 64,
+    progress: str | None = None,
 ) -> pd.DataFrame:
     """Subject embeddings (mean over the picked landmarks) of the encoder in ``weights`` for every subject of the
-    prepared ``cache_dir``; cached in ``out_dir/<sha1>_<stride>.csv``."""
+    prepared ``cache_dir``; cached in ``out_dir/<sha1>_<stride>.csv``. ``progress``: a progress bar's label."""
     out_dir = Path(out_dir)
     stamp = {"weights_sha1": file_sha1(weights), "architecture": dict(architecture), "landmark_stride": landmark_stride}
     key = f"{stamp['weights_sha1'][:16]}_stride{landmark_stride}"
@@ -61,7 +62,7 @@ def cohort_embeddings(
     for (_, path), patches in zip(subjects, arrays):
         if len(patches) != len(locations):
             raise ValueError(f"{path}: {len(patches)} patches at stride {landmark_stride}, expected {len(locations)}")
-    means = landmark_major_means(network, arrays, locations, batch_size)
+    means = landmark_major_means(network, arrays, locations, batch_size, progress)
     table = embedding_table([s for s, _ in subjects], means)
     write_embedding_table(table, table_path)
     with atomic_path(stamp_path) as tmp:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
 
 from custom.atomic_io import atomic_path
 from custom.engine.ablation import cpu_seconds
@@ -162,6 +163,7 @@ class Study:
                     self.output_dir / "embeddings" / cohort,
                     self.landmark_stride,
                     self.atlas_dir,
+                    progress=f"embed {cohort}: {method} at {share:.0%}" if self.progress else None,
                 )
         if self.baselines:
             subject, patch = laa_features(self.cache_dir(cohort), atlas_dir=self.atlas_dir)
@@ -197,7 +199,8 @@ class Study:
             clinical = clinical.loc[common]
             folder = self.output_dir / "readouts" / f"{cohort}_{readout.fingerprint()}"  # other settings: new folder
             folder.mkdir(parents=True, exist_ok=True)
-            for (method, share), table in sets.items():
+            bar = tqdm(sets.items(), desc=f"readouts {cohort}", unit="feature set", disable=not self.progress)
+            for (method, share), table in bar:
                 name = method if np.isnan(share) else f"{method}@{_share_name(share)}"
                 path = folder / f"{name.replace(' ', '_').replace('/', '_')}.csv"
                 if path.is_file():
