@@ -203,11 +203,15 @@ class Study:
             for (method, share), table in bar:
                 name = method if np.isnan(share) else f"{method}@{_share_name(share)}"
                 path = folder / f"{name.replace(' ', '_').replace('/', '_')}.csv"
+                notes_path = path.with_suffix(".notes.json")  # written first: a cached set keeps its notes
                 if path.is_file():
                     frames.append(pd.read_csv(path, dtype={"subject_id": str}))
+                    self.notes.extend(json.loads(notes_path.read_text()) if notes_path.is_file() else [])
                     continue
                 frame, notes = readout.predictions(cohort, clinical, table.loc[common], method, share, str(path))
                 self.notes.extend(notes)
+                with atomic_path(notes_path) as tmp:
+                    Path(tmp).write_text(json.dumps(notes))
                 with atomic_path(path) as tmp:
                     frame.to_csv(tmp, index=False)
                 frames.append(frame)
