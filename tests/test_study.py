@@ -178,3 +178,20 @@ def test_a_study_folder_is_resumed_only_with_its_own_settings(tmp_path):
         study.check_same_study(changed)
     with pytest.raises(ValueError, match=r"other settings \(seed\)"):
         study.check_same_study({**record, "seed": 8})
+
+
+def test_budgets_without_mlflow_come_from_the_trainer_record_and_say_so():
+    from custom.study.pretraining import mlflow_budgets
+    from custom.study.report import _budget_table
+
+    budget = {"iterations": 400, "batch_size": 16, "max_epochs": 4, "epoch_length": 100, "order": "mixed"}
+    records = {
+        "DrasCLR": {"variant": "neighbours_2", "status": "ok", "budget": budget, "mlflow_run_id": None},
+        "Plain MoCo": {"variant": "plain_moco", "status": "failed", "reason": "boom"},
+    }
+    rows = pd.DataFrame(mlflow_budgets(records, None))
+    assert rows.loc[0, "iterations"] == 400 and rows.loc[0, "patches_seen"] == 6400
+    assert rows.loc[0, "source"] == "trainer record (no MLflow run)"
+    assert pd.isna(rows.loc[1, "iterations"])  # a failed method has no budget: shown as n/a, not invented
+    table = _budget_table(rows)
+    assert list(table["Read from"]) == ["trainer record (no MLflow run)"] * 2

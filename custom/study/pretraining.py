@@ -142,7 +142,8 @@ class StudyPretraining:
 def mlflow_budgets(records: dict, tracking_uri: str | None) -> list[dict]:
     """Each method's budget as its pre-training run logged it to MLflow (params ``iterations``,
     ``batch_size``, ``max_epochs``, ``epoch_length``, ``order``, ``queue_size``, ``num_queues``): what the
-    report and the like-for-like test read, rather than what the study asked for."""
+    report and the like-for-like test read, rather than what the study asked for. Without an MLflow run, the
+    trainer's record of the same values (column ``source`` says which)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else None
@@ -150,11 +151,13 @@ def mlflow_budgets(records: dict, tracking_uri: str | None) -> list[dict]:
     for method, record in records.items():
         row = {"method": method, "variant": record.get("variant"), "status": record.get("status")}
         run_id = record.get("mlflow_run_id")
+        keys = ("iterations", "batch_size", "max_epochs", "epoch_length", "order", "queue_size", "num_queues")
         if client is not None and run_id:
             params = client.get_run(run_id).data.params
-            for key in ("iterations", "batch_size", "max_epochs", "epoch_length", "order", "queue_size", "num_queues"):
-                row[key] = params.get(key)
-            row["mlflow_run_id"] = run_id
+            row.update({key: params.get(key) for key in keys}, mlflow_run_id=run_id, source="MLflow params")
+        else:  # tracking off (or a failed method): the trainer's own record, said so in the report
+            budget = record.get("budget") or {}
+            row.update({key: budget.get(key) for key in keys}, source="trainer record (no MLflow run)")
         if row.get("iterations") is not None and row.get("batch_size") is not None:
             row["patches_seen"] = int(row["iterations"]) * int(row["batch_size"])
         row["trained_iterations"] = (record.get("budget") or {}).get("iterations")

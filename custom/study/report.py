@@ -172,6 +172,7 @@ def _budget_table(budgets: pd.DataFrame) -> pd.DataFrame:
         "num_queues": "Queues",
         "train_seconds": "Train time",
         "mlflow_run_id": "MLflow run",
+        "source": "Read from",
     }
     table = pd.DataFrame(
         {
@@ -361,7 +362,8 @@ def write_report(
         _section(
             budget,
             "Budget of every pre-trained method",
-            caption="Read back from each pre-training run's MLflow params; patches seen = iterations × batch.",
+            caption="Read back from each pre-training run's MLflow params (column 'Read from'); patches seen = "
+            "iterations × batch.",
         ),
         "## Run time per stage",
         _section(stages, "Wall-clock and CPU time of every stage", caption=f"Preset `{record['preset']}`."),
